@@ -1,0 +1,16 @@
+"""dyngraph: a declarative compiler and profiler for dynamic neural networks."""
+
+from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
+from .blocks import register_block
+from .compiler.compile import compile
+from .constructs import register_construct
+from .runtime.model import DynamicModel, DynamicOutput
+from .runtime.trace import Trace
+from .spec.errors import Problem, SpecError
+from .spec.load import LoadedSpec, load_spec
+
+__all__ = [
+    "DynamicModel", "DynamicOutput", "LoadedSpec", "Problem", "SpecError", "Trace",
+    "compile", "load_spec", "register_block", "register_construct",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,302 @@
+"""Decision makers: gate policies, the Composer controller, halting units, stop policies.
+
+A decision block is built at its first use and then asked for one *site* per place that uses
+it (`add_site`), so that one named controller can be shared by many gates or metalayers. A
+site returns the module that runs there; its call signature depends on the block's `style`:
+
+- gate policies, `ff`:        call(x) -> prob [B]
+- gate policies, `recurrent`: call(x, h) -> (prob [B], h')       state `state_shape`
+- gate policies, `oneshot`:   call(r) -> probs [B, K] (run once, at the first site)
+- routers:                    call(x, h, gamma) -> (logits [B, choices], h')
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .registry import BlockParams, Shape, ShapeError, register_block
+
+
+def _pool_flat(x: torch.Tensor) -> torch.Tensor:
+    """Images are average-pooled to their channels (as SkipNet's gates do); others flattened."""
+    return x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1)
+
+
+def _pooled_dim(shape: Shape) -> int:
+    return shape[0] if len(shape) == 3 else math.prod(shape)
+
+
+class LinearGRU(nn.Module):
+    """A GRU cell from nn.Linear layers (counted exactly by fvcore and FlopCounterMode)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.x2h, self.h2h = nn.Linear(in_dim, 3 * dim), nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        xr, xz, xn = self.x2h(x).chunk(3, dim=1)
+        hr, hz, hn = self.h2h(h).chunk(3, dim=1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        return (1 - z) * torch.tanh(xn + r * hn) + z * h
+
+
+# ----------------------------------------------------------------------------- gate policies
+
+
+class FFGate(nn.Module):
+    """SkipNet feed-forward gate: prob = sigmoid(MLP(pool(x)))."""
+
+    style = "ff"
+
+    def __init__(self, dim: int, hidden: int, bias: float):
+        super().__init__()
+        self.dim = dim
+        layers: list[nn.Module] = [nn.Linear(dim, hidden), nn.ReLU()] if hidden else []
+        layers.append(nn.Linear(hidden or dim, 1))
+        self.net = nn.Sequential(*layers)
+        nn.init.constant_(self.net[-1].bias, bias)
+
+    def add_site(self, in_shape: Shape) -> nn.Module:
+        if _pooled_dim(in_shape) != self.dim:
+            raise ShapeError(f"the gate was built for dim={self.dim}, its input here is {list(in_shape)}")
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(_pool_flat(x))).squeeze(1)
+
+
+class FFGateParams(BlockParams):
+    dim: int | None = Field(None, gt=0)
+    hidden: int = Field(0, ge=0)
+    bias: float = 2.0
+
+
+@register_block("ff_gate", FFGateParams, role="gate_policy")
+def ff_gate(p: FFGateParams, shapes: list[Shape]) -> nn.Module:
+    """SkipNet feed-forward gate, one per block (or shared by naming it): prob of running."""
+    d = _pooled_dim(shapes[0])
+    if p.dim is not None and p.dim != d:
+        raise ShapeError(f"dim={p.dim} but the gate's input has shape {list(shapes[0])}")
+    return FFGate(d, p.hidden, p.bias)
+
+
+class RNNGate(nn.Module):
+    """SkipNet recurrent gate: one GRU shared by every gate that names it."""
+
+    style = "recurrent"
+
+    def __init__(self, dim: int, hidden: int, bias: float):
+        super().__init__()
+        self.dim, self.state_shape = dim, (hidden,)
+        self.proj = nn.Linear(dim, hidden)
+        self.cell = LinearGRU(hidden, hidden)
+        self.out = nn.Linear(hidden, 1)
+        nn.init.constant_(self.out.bias, bias)
+
+    def add_site(self, in_shape: Shape) -> nn.Module:
+        if _pooled_dim(in_shape) != self.dim:
+            raise ShapeError(f"rnn_gate has dim={self.dim}, its input here is {list(in_shape)}")
+        return self
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.cell(torch.relu(self.proj(_pool_flat(x))), h)
+        return torch.sigmoid(self.out(h)).squeeze(1), h
+
+
+class RNNGateParams(BlockParams):
+    dim: int | None = Field(None, gt=0)
+    hidden: int = Field(16, gt=0)
+    bias: float = 2.0
+
+
+@register_block("rnn_gate", RNNGateParams, role="gate_policy")
+def rnn_gate(p: RNNGateParams, shapes: list[Shape]) -> nn.Module:
+    """SkipNet recurrent gate: a GRU shared by the gates that name it, state carried across them."""
+    d = _pooled_dim(shapes[0])
+    if p.dim is not None and p.dim != d:
+        raise ShapeError(f"dim={p.dim} but the gate's input has shape {list(shapes[0])}")
+    return RNNGate(d, p.hidden, p.bias)
+
+
+class BlockDropPolicy(nn.Module):
+    """BlockDrop policy network: every gate's probability from one read of `reads`, at once."""
+
+    style = "oneshot"
+
+    def __init__(self, reads: str, read_shape: Shape, hidden: int, bias: float):
+        super().__init__()
+        self.reads, self.read_shape, self.hidden, self.bias = reads, read_shape, hidden, bias
+        self.sites = 0
+        self.net: nn.Module | None = None
+
+    def add_site(self, in_shape: Shape) -> int:
+        if self.net is not None:
+            raise ShapeError("blockdrop_policy is already finalized")
+        self.sites += 1
+        return self.sites - 1
+
+    def finalize(self) -> None:
+        """Build the network once the number of gates (sites) is known."""
+        d = _pooled_dim(self.read_shape)
+        self.net = nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.sites))
+        nn.init.constant_(self.net[-1].bias, self.bias)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(_pool_flat(r)))
+
+
+class BlockDropParams(BlockParams):
+    reads: str = "input"
+    hidden: int = Field(64, gt=0)
+    bias: float = 2.0
+
+
+@register_block("blockdrop_policy", BlockDropParams, role="gate_policy")
+def blockdrop_policy(p: BlockDropParams, shapes: list[Shape]) -> nn.Module:
+    """BlockDrop: one policy net reads `reads` (default the model input) and decides every gate."""
+    return BlockDropPolicy(p.reads, shapes[0], p.hidden, p.bias)
+
+
+# ----------------------------------------------------------------------------- routers
+
+
+class GammaDist(BaseModel):
+    """A distribution of the preference value gamma during training."""
+
+    model_config = ConfigDict(extra="forbid")
+    uniform: tuple[float, float] | None = None
+    constant: float | None = None
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.uniform is not None:
+            a, b = self.uniform
+            return a + (b - a) * torch.rand(n, generator=generator)
+        return torch.full((n,), float(self.constant if self.constant is not None else 0.0))
+
+
+class GammaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: GammaDist = GammaDist(constant=0.0)
+    test: float = 0.0
+
+
+class Preference(BaseModel):
+    """A policy preference of Composer: a cost of the chosen module, weighed by gamma."""
+
+    model_config = ConfigDict(extra="forbid")
+    cost: Literal["params", "batch_entropy"] = "params"
+    gamma: GammaSpec = GammaSpec()
+
+
+class ComposerRNN(nn.Module):
+    """Composer's controller: a GRU shared by the metalayers that name it; sees gamma."""
+
+    style = "router"
+
+    def __init__(self, hidden: int, preferences: dict[str, Preference]):
+        super().__init__()
+        self.preferences = preferences
+        self.n_pref = len(preferences)
+        self.state_shape = (hidden,)
+        self.cell = LinearGRU(hidden + self.n_pref, hidden)
+        self.proj, self.heads = nn.ModuleList(), nn.ModuleList()
+
+    def add_site(self, in_shape: Shape, choices: int) -> nn.Module:
+        hidden = self.state_shape[0]
+        self.proj.append(nn.Linear(_pooled_dim(in_shape), hidden))
+        self.heads.append(nn.Linear(hidden, choices))
+        return ComposerSite(self, len(self.proj) - 1)
+
+
+class ComposerSite(nn.Module):
+    """The controller as seen from one metalayer."""
+
+    def __init__(self, ctl: ComposerRNN, site: int):
+        super().__init__()
+        self.ctl, self.site = ctl, site
+
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.relu(self.ctl.proj[self.site](_pool_flat(x)))
+        h = self.ctl.cell(torch.cat([z, gamma], dim=1), h)
+        return self.ctl.heads[self.site](h), h
+
+
+class ComposerParams(BlockParams):
+    hidden: int = Field(32, gt=0)
+    preferences: dict[str, Preference] = {}
+
+
+@register_block("composer_rnn", ComposerParams, role="router")
+def composer_rnn(p: ComposerParams, shapes: list[Shape]) -> nn.Module:
+    """Composer controller shared by metalayers; gamma of each preference is one of its inputs."""
+    return ComposerRNN(p.hidden, dict(p.preferences))
+
+
+# ----------------------------------------------------------------------------- halting
+
+
+class HaltUnit(nn.Module):
+    """prob = sigmoid(w . state + b)."""
+
+    def __init__(self, dim: int, bias: float):
+        super().__init__()
+        self.fc = nn.Linear(dim, 1)
+        nn.init.constant_(self.fc.bias, bias)
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc(state.flatten(1))).squeeze(1)
+
+
+class HaltUnitParams(BlockParams):
+    bias: float = 1.0
+
+
+class LambdaUnitParams(BlockParams):
+    bias: float = -1.0
+
+
+@register_block("act_unit", HaltUnitParams, role="halting_unit")
+def act_unit(p: HaltUnitParams, shapes: list[Shape]) -> nn.Module:
+    """ACT halting unit: h_n = sigmoid(W s_n + b), bias +1 by default (Graves)."""
+    return HaltUnit(math.prod(shapes[0]), p.bias)
+
+
+@register_block("lambda_unit", LambdaUnitParams, role="halting_unit")
+def lambda_unit(p: LambdaUnitParams, shapes: list[Shape]) -> nn.Module:
+    """PonderNet's lambda_n = sigmoid(W s_n + b): the probability of halting at step n."""
+    return HaltUnit(math.prod(shapes[0]), p.bias)
+
+
+class StopMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, layers: int, bias: float):
+        super().__init__()
+        mods: list[nn.Module] = []
+        d = dim
+        for _ in range(layers - 1):
+            mods += [nn.Linear(d, hidden), nn.ReLU()]
+            d = hidden
+        mods.append(nn.Linear(d, 1))
+        self.net = nn.Sequential(*mods)
+        nn.init.constant_(self.net[-1].bias, bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(features)).squeeze(1)
+
+
+class StopMLPParams(BlockParams):
+    hidden: int = Field(32, gt=0)
+    layers: int = Field(2, ge=1)
+    bias: float = -2.0
+
+
+@register_block("stop_mlp", StopMLPParams, role="stop_policy")
+def stop_mlp(p: StopMLPParams, shapes: list[Shape]) -> nn.Module:
+    """L2S stop policy pi(x, x_t): an MLP on [input, state, one-hot step] -> stop probability."""
+    return StopMLP(math.prod(shapes[0]), p.hidden, p.layers, p.bias)

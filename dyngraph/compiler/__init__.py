@@ -1,0 +1,1 @@
+"""The compiler: build pass, fx segments, units, torch.compile."""

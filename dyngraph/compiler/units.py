@@ -1,0 +1,45 @@
+"""Units: the static pieces a compiled model runs (segments and decision units).
+
+Every unit is a plain nn.Module with a static graph; its cost is counted once at batch 1 and
+it is compiled once, with a dynamic batch dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+Shape = tuple[int, ...]
+
+
+@dataclass(eq=False)
+class Unit:
+    """A static piece of the model: a segment of layers or a decision unit.
+
+    Attributes:
+        index: its position in the model's unit table (a column of the trace's unit counts).
+        name: what a person reads ("segment 0", "exit 2 head", "gate 1 policy").
+        kind: "segment" or "decision".
+        module: the eager module (an fx GraphModule for segments).
+        in_shapes: per-sample shapes of its inputs, all batched along dimension 0.
+        construct: the construct node it belongs to ("exit 2"), or "" for top-level segments.
+    """
+
+    index: int
+    name: str
+    kind: str
+    module: nn.Module
+    in_shapes: list[Shape]
+    construct: str = ""
+    fn: Callable | None = field(default=None, repr=False)
+
+    def __call__(self, *args: torch.Tensor):
+        return (self.fn or self.module)(*args)
+
+    def example_inputs(self, batch: int = 1, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        """Random inputs of the unit's shapes, for counting and timing."""
+        g = torch.Generator().manual_seed(0)
+        return tuple(torch.randn(batch, *s, generator=g).to(device) for s in self.in_shapes)

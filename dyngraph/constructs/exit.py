@@ -1,0 +1,138 @@
+"""`exit`: early exits (MSDNet, BranchyNet, SCAN, DeeBERT, PABEE).
+
+A head reads the node's input; samples that meet the criterion leave with its prediction, the
+rest go on with the node's input unchanged. The last exit of a graph takes every sample left.
+
+Criteria, on softmax(logits / temperature):
+- `max_prob`: leave when the top probability >= threshold;
+- `entropy`: leave when the entropy (nats) <= threshold;
+- `patience` (PABEE): leave when the predicted class has stayed the same for `patience`
+  consecutive exits (counted from the previous exit on).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import torch
+from pydantic import Field
+
+from ..runtime.context import split
+from ..spec.types import ModuleRef, Strict
+from .registry import register_construct
+
+
+class MaxProb(Strict):
+    type: Literal["max_prob"]
+    threshold: float = Field(ge=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class Entropy(Strict):
+    type: Literal["entropy"]
+    threshold: float = Field(ge=0.0)
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class Patience(Strict):
+    type: Literal["patience"]
+    patience: int = Field(ge=1)
+
+
+Criterion = Annotated[Union[MaxProb, Entropy, Patience], Field(discriminator="type")]  # noqa: UP007
+
+
+class ExitSpec(Strict):
+    """`exit: {head: MODULE, criterion: {...}, weight: 1.0}`."""
+
+    head: ModuleRef
+    criterion: Criterion | None = None
+    weight: float = Field(1.0, ge=0.0, description="weight of this exit's loss in training")
+
+
+def confidence(logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """The score a criterion thresholds: top probability or (for `entropy`) the entropy."""
+    p = torch.softmax(logits / temperature, dim=1)
+    if kind == "max_prob":
+        return p.max(dim=1).values
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
+
+
+class ExitRuntime:
+    """One exit in each execution mode."""
+
+    def __init__(self, index: int, head, spec: ExitSpec, reads: str, writes: str, head_shape):
+        self.index, self.head, self.spec = index, head, spec
+        self.reads, self.writes, self.head_shape = [reads], writes, head_shape
+        crit = spec.criterion
+        self.kind = None if crit is None else crit.type
+        self.threshold = getattr(crit, "threshold", None)
+        self.temperature = getattr(crit, "temperature", 1.0)
+        self.patience = getattr(crit, "patience", None)
+        self.last = False  # set by the compiler for the graph's final exit
+        self.force: float | None = None  # benchmarks/tests: leave with this probability
+        self.live_after: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return f"exit {self.index}"
+
+    def decide(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+        """Which rows leave here (bool, one per current row)."""
+        if self.last:
+            return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        if self.force is not None:  # a fixed, per-sample pseudo-random decision (benchmarks, tests)
+            g = torch.Generator(device="cpu").manual_seed(1000 + self.index)
+            u = torch.rand(ctx.batch, generator=g).to(logits.device)
+            rows = ctx.idx if ctx.compacting else torch.arange(ctx.batch, device=logits.device)
+            return u[rows] < self.force
+        if self.kind == "patience":
+            pred = logits.argmax(dim=1)
+            prev = ctx.states.get("exit/pred")
+            count = ctx.states.get("exit/count")
+            count = torch.zeros_like(pred) if prev is None else torch.where(pred == prev, count + 1, 0)
+            ctx.states["exit/pred"], ctx.states["exit/count"] = pred, count
+            return count >= self.patience
+        score = confidence(logits, self.kind, self.temperature)
+        return score >= self.threshold if self.kind == "max_prob" else score <= self.threshold
+
+    def run(self, ctx) -> None:
+        x = ctx.env[self.reads[0]]
+        logits = ctx.call(self.head, x)
+        leave = self.decide(logits, ctx)
+        if not ctx.compacting:
+            ctx.extras["exit_logits"].append(logits)
+            newly = ctx.live & leave
+            ctx.record("exit", None, torch.full_like(ctx.trace["exit"], self.index), where=leave)
+            ctx.emit(leave, logits)
+            ctx.live = ctx.live & ~newly
+            return
+        going, staying, k = split(leave)
+        ctx.record("exit", None, torch.full_like(going, self.index), where=going)
+        ctx.emit(going, logits)
+        if k:
+            ctx.keep(staying, self.live_after)
+
+
+@register_construct("exit", ExitSpec, trace_field="exit")
+def build_exit(spec: ExitSpec, b, site) -> tuple[ExitRuntime, tuple] | None:
+    """Check and build one exit node."""
+    index = b.next_index("exit")
+    task = b.spec.task
+    if spec.criterion is not None and task.type != "classification" and spec.criterion.type != "patience":
+        b.problem(site.path + ("criterion",), f"criterion '{spec.criterion.type}' needs a classification task")
+        return None
+    if spec.criterion is not None and spec.criterion.type == "patience" and task.type != "classification":
+        b.problem(site.path + ("criterion",), "criterion 'patience' needs a classification task")
+        return None
+    head = b.module(spec.head, site.path + ("head",), [site.in_shape])
+    if head is None:
+        return None
+    out = b.shapes_of(head, [site.in_shape], site.path + ("head",), "the exit head")
+    if out is None:
+        return None
+    if task.type == "classification" and out != (task.classes,):
+        b.problem(site.path + ("head",), f"shape mismatch: the head outputs {list(out)}; the task needs [{task.classes}] (classes)")
+        return None
+    unit = b.unit(f"exit {index} head", head, [site.in_shape], construct=f"exit {index}")
+    return ExitRuntime(index, unit, spec, site.in_id, site.node_id, out), site.in_shape

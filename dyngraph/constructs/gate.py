@@ -1,0 +1,152 @@
+"""`gate`: skip gates (SkipNet, BlockDrop).
+
+A policy gives each sample a probability of running the body; gated-off samples skip it (the
+node outputs its input unchanged), so the body must keep the shape. Policies, by style:
+- `ff` (ff_gate): one small gate per block, reading the block's input;
+- `recurrent` (rnn_gate): one GRU shared by every gate that names it, state carried along;
+- `oneshot` (blockdrop_policy): one network reads the model input (or `reads`) once and
+  decides every gate that names it.
+
+Infer: the body runs only on the rows whose probability >= threshold. Train, by `train:`:
+`straight_through` (hard forward, sigmoid gradient; the default), `soft` (output mixes
+body and identity by the probability; seen to collapse when then tested hard — a documented
+negative result, not the default), `sample` (Bernoulli actions with log-probs, for
+REINFORCE), `hard`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..runtime.context import split
+from ..spec.types import ModuleRef, Strict
+from .registry import register_construct
+
+TRAIN_MODES = ("straight_through", "soft", "sample", "hard")
+
+
+class GateSpec(Strict):
+    """`gate: {body: MODULE or [MODULE, ...], policy: CONTROLLER or {type: ff_gate, ...}}`."""
+
+    body: ModuleRef | list[ModuleRef]
+    policy: ModuleRef
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    train: Literal["straight_through", "soft", "sample", "hard"] = "straight_through"
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+class GateRuntime:
+    """One gate in each execution mode."""
+
+    def __init__(self, index: int, spec: GateSpec, body, policy, style: str, key: str, column: int,
+                 state_shape, reads: list[str], writes: str):
+        self.index, self.body, self.policy, self.style = index, body, policy, style
+        self.key, self.column, self.state_shape = key, column, state_shape
+        self.threshold, self.train_mode = spec.threshold, spec.train
+        self.reads, self.writes = reads, writes
+        self.force: float | None = None  # benchmarks/tests: run the body with this probability
+        self.live_after: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return f"gate {self.index}"
+
+    def probs(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "ff":
+            return ctx.call(self.policy, x)
+        if self.style == "recurrent":
+            h = ctx.states.get(self.key)
+            if h is None:
+                h = x.new_zeros((x.shape[0], *self.state_shape))
+            p, ctx.states[self.key] = ctx.call(self.policy, x, h)
+            return p
+        if self.column == 0:  # one-shot: the policy runs once, at its first gate
+            ctx.states[self.key] = ctx.call(self.policy, ctx.env[self.reads[1]])
+        return ctx.states[self.key][:, self.column]
+
+    def run(self, ctx) -> None:
+        x = ctx.env[self.reads[0]]
+        p = self.probs(ctx, x)
+        if self.force is not None:
+            g = torch.Generator(device="cpu").manual_seed(2000 + self.index)
+            u = torch.rand(ctx.batch, generator=g).to(x.device)
+            p = (u[ctx.idx if ctx.compacting else slice(None)] < self.force).to(x.dtype)
+        on = p >= self.threshold
+        ctx.record("gates", self.index, on.long())
+        if ctx.compacting:
+            run, _, k = split(on)
+            if k == x.shape[0]:
+                y = ctx.call(self.body, x)
+            elif k == 0:
+                y = x
+            else:
+                y = x.index_copy(0, run, ctx.call(self.body, x.index_select(0, run), count=run))
+            ctx.env[self.writes] = y
+            return
+        yb = ctx.call(self.body, x, count=on)
+        if ctx.mode == "dense":
+            ctx.env[self.writes] = torch.where(_bcast(on, x), yb, x)
+            return
+        hard = on.to(x.dtype)
+        if self.train_mode == "soft":
+            g, act = p, hard
+        elif self.train_mode == "straight_through":
+            g, act = hard + p - p.detach(), hard
+        elif self.train_mode == "sample":
+            act = torch.bernoulli(p.detach())
+            g = act
+        else:
+            g, act = hard, hard
+        logp = act * torch.log(p.clamp_min(1e-8)) + (1 - act) * torch.log((1 - p).clamp_min(1e-8))
+        ctx.extras["gates"].append({"prob": p, "action": act, "logp": logp})
+        ctx.env[self.writes] = x + _bcast(g, x) * (yb - x)
+
+
+@register_construct("gate", GateSpec, trace_field="gates")
+def build_gate(spec: GateSpec, b, site) -> tuple[GateRuntime, tuple] | None:
+    """Check and build one gate node."""
+    index = b.next_index("gate")
+    b.trace_sizes["gates"] += 1
+    name = f"gate {index}"
+    body, out = b.program(spec.body, site.path + ("body",), site.in_shape, f"{name} body", name)
+    got = b.controller(spec.policy, site.path + ("policy",), site.in_shape, ("gate_policy",))
+    if body is None or got is None:
+        return None
+    if out != site.in_shape:
+        b.problem(site.path + ("body",), f"shape mismatch: a gated body must keep its input's shape "
+                  f"(skipped samples pass through): in {list(site.in_shape)}, out {list(out)}")
+        return None
+    ctl, key = got
+    style = ctl.style
+    reads = [site.in_id]
+    column, state_shape = 0, None
+    try:
+        site_mod = ctl.add_site(site.in_shape)
+    except ValueError as e:
+        b.problem(site.path + ("policy",), f"shape mismatch: {e}")
+        return None
+    if style == "ff":
+        unit = b.unit(f"{name} policy", site_mod, [site.in_shape], construct=name)
+    elif style == "recurrent":
+        state_shape = ctl.state_shape
+        unit = b.unit(f"{name} policy", site_mod, [site.in_shape, state_shape], construct=name)
+    else:  # oneshot: one unit per policy, run at its first gate
+        column = site_mod
+        unit = b.shared.get(key)
+        if unit is None:
+            read_shape = b.shapes.get(ctl.reads)
+            if read_shape is None:
+                b.problem(site.path + ("policy",), f"blockdrop_policy reads '{ctl.reads}', which is not "
+                          "the model input or a node before its first gate")
+                return None
+            ctl.read_shape = read_shape
+            unit = b.unit(f"{key} policy", ctl, [read_shape], construct=name)
+            b.shared[key] = unit
+            reads = [site.in_id, ctl.reads]
+    return GateRuntime(index, spec, body, unit, style, f"gate/{key}", column, state_shape, reads, site.node_id), site.in_shape

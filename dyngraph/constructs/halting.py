@@ -1,0 +1,280 @@
+"""`halting`: a step applied until each sample halts (ACT, Learning to Stop, PonderNet).
+
+The step sees the previous state and the input that entered the node; the state starts from
+zeros or an `init` module. Rules:
+- `act` (Graves): a halting unit gives h_n; a sample halts at the first N with
+  sum h_n >= 1 - epsilon (or at max_steps); the output is the halting-weighted mean of the
+  step outputs, the last weight being the remainder R = 1 - sum_{n<N} h_n. Ponder cost N + R.
+- `l2s` (Chen et al.): a stop policy pi(x, x_t) on [input, state, one-hot step] gives a stop
+  probability; a sample stops at the first step where it is >= threshold; output x_t there.
+- `pondernet`: lambda_n from a unit; a sample halts at the first step where the probability of
+  having halted, 1 - prod(1 - lambda_j), reaches `threshold` (0.5: the median of its halting
+  distribution, deterministic so that a batch and a single sample agree); output x_n there.
+
+Infer compacts: halted samples leave the loop. Dense and train run every step for every sample
+and return every step's output (train) for the objectives.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import torch
+from pydantic import AliasChoices, Field
+from torch import nn
+
+from ..runtime.context import split
+from ..spec.types import InlineModule, ModuleRef, Strict
+from .registry import register_construct
+
+_steps = Field(validation_alias=AliasChoices("max_steps", "steps"), ge=1, le=1000,
+               description="number of steps at most (`steps` is accepted too)")
+
+
+class _Common(Strict):
+    step: ModuleRef
+    max_steps: int = _steps
+    shared: bool = Field(True, description="one step module for every step (false: one per step)")
+    init: ModuleRef | None = None
+
+
+class ActSpec(_Common):
+    rule: Literal["act"]
+    unit: ModuleRef | None = None
+    epsilon: float = Field(0.01, gt=0.0, lt=1.0)
+    ponder_cost: float = Field(1e-3, ge=0.0)
+    step_flag: bool = Field(False, description="append a first-step flag to the input (ACT)")
+
+
+class L2SSpec(_Common):
+    rule: Literal["l2s"]
+    policy: ModuleRef
+    beta: float = Field(1.0, gt=0.0)
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class PonderSpec(_Common):
+    rule: Literal["pondernet"]
+    unit: ModuleRef | None = None
+    prior: float = Field(0.2, gt=0.0, lt=1.0, description="lambda_p of the geometric prior")
+    kl_weight: float = Field(0.01, ge=0.0)
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+HaltingSpec = Annotated[Union[ActSpec, L2SSpec, PonderSpec], Field(discriminator="rule")]  # noqa: UP007
+
+
+class FlagStep(nn.Module):
+    """A step whose input gets a first-step flag column (ACT)."""
+
+    def __init__(self, step: nn.Module):
+        super().__init__()
+        self.step = step
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+        return self.step(h, torch.cat([x, flag], dim=1))
+
+
+class StopFeatures(nn.Module):
+    """L2S: the stop policy sees [input, state, one-hot step]."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        return self.policy(torch.cat([x.flatten(1), h.flatten(1), onehot], dim=1))
+
+
+class HaltingRuntime:
+    """One halting node in each execution mode."""
+
+    def __init__(self, index: int, spec, steps: list, unit, init, state_shape, reads, writes):
+        self.index, self.spec, self.rule = index, spec, spec.rule
+        self.steps, self.unit, self.init, self.state_shape = steps, unit, init, state_shape
+        self.max_steps = spec.max_steps
+        self.threshold = getattr(spec, "threshold", None)
+        self.epsilon = getattr(spec, "epsilon", None)
+        self.flag = getattr(spec, "step_flag", False)
+        self.reads, self.writes = reads, writes
+        self.force: torch.Tensor | None = None  # benchmarks/tests: steps per sample (global index)
+        self.live_after: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return f"halting {self.index}"
+
+    def _step(self, ctx, t: int, h, x, count=None):
+        unit = self.steps[t if len(self.steps) > 1 else 0]
+        if self.flag:
+            flag = x.new_full((x.shape[0], 1), 1.0 if t == 0 else 0.0)
+            return ctx.call(unit, h, x, flag, count=count)
+        return ctx.call(unit, h, x, count=count)
+
+    def _decide(self, ctx, t: int, h, x, carry, count=None):
+        """The halting quantity after step t: (halts now [rows], new carry, raw probability)."""
+        last = t == self.max_steps - 1
+        if self.rule == "act":
+            p = ctx.call(self.unit, h, count=count)
+            halt = (carry + p >= 1 - self.epsilon) | last
+            return halt, carry + p, p
+        if self.rule == "l2s":
+            onehot = x.new_zeros((x.shape[0], self.max_steps))
+            onehot[:, t] = 1.0
+            q = ctx.call(self.unit, x, h, onehot, count=count)
+            return (q >= self.threshold) | last, carry, q
+        lam = ctx.call(self.unit, h, count=count)  # pondernet: carry = prob. of not having halted
+        carry = carry * (1 - lam)
+        return (1 - carry >= self.threshold) | last, carry, lam
+
+    def _forced(self, ctx, t: int, rows) -> torch.Tensor | None:
+        if self.force is None:
+            return None
+        return self.force.to(rows.device)[rows] <= t + 1
+
+    def _init(self, ctx, x):
+        if self.init is not None:
+            return ctx.call(self.init, x)
+        return x.new_zeros((x.shape[0], *self.state_shape))
+
+    def run(self, ctx) -> None:
+        x = ctx.env[self.reads[0]]
+        if ctx.compacting:
+            ctx.env[self.writes] = self._infer(ctx, x)
+        else:
+            ctx.env[self.writes] = self._all_steps(ctx, x)
+
+    def _infer(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        h = self._init(ctx, x)
+        out = torch.empty_like(h)
+        steps = torch.zeros(n, dtype=torch.long, device=x.device)
+        pos = torch.arange(n, device=x.device)  # rows of the context still in the loop
+        carry = x.new_ones(n) if self.rule == "pondernet" else x.new_zeros(n)
+        acc = torch.zeros_like(h) if self.rule == "act" else None
+        xa = x
+        for t in range(self.max_steps):
+            cnt = None if pos.shape[0] == n else pos
+            h = self._step(ctx, t, h, xa, cnt)
+            halt, new_carry, p = self._decide(ctx, t, h, xa, carry, cnt)
+            forced = self._forced(ctx, t, ctx.idx[pos])
+            if forced is not None:
+                halt = forced | (t == self.max_steps - 1)
+            if acc is not None:
+                w = torch.where(halt, 1 - carry, p)
+                acc = acc + w.view(-1, *([1] * (h.dim() - 1))) * h
+            res = acc if acc is not None else h
+            going, staying, k = split(halt)
+            if k:
+                out.index_copy_(0, pos[going], res[going])
+                steps.index_fill_(0, pos[going], t + 1)
+            if k == pos.shape[0]:
+                break
+            pos, h, xa, carry = pos[staying], h[staying], xa[staying], new_carry[staying]
+            if acc is not None:
+                acc = acc[staying]
+        ctx.record("steps", self.index, steps)
+        return out
+
+    def _all_steps(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        """Dense/train: every step for every row; outputs follow the infer rule exactly."""
+        n = x.shape[0]
+        h = self._init(ctx, x)
+        running = torch.ones(n, dtype=torch.bool, device=x.device)
+        carry = x.new_ones(n) if self.rule == "pondernet" else x.new_zeros(n)
+        out = torch.zeros_like(h)
+        acc = torch.zeros_like(h)
+        steps = torch.zeros(n, dtype=torch.long, device=x.device)
+        remainder = x.new_zeros(n)
+        states, probs = [], []
+        view = (-1, *([1] * (h.dim() - 1)))
+        for t in range(self.max_steps):
+            h = self._step(ctx, t, h, x, count=running)
+            halt, new_carry, p = self._decide(ctx, t, h, x, carry, count=running)
+            forced = self._forced(ctx, t, torch.arange(n, device=x.device))
+            if forced is not None:
+                halt = forced | (t == self.max_steps - 1)
+            states.append(h)
+            probs.append(p)
+            now = running & halt
+            if self.rule == "act":
+                w = torch.where(now, 1 - carry, p) * running
+                acc = acc + w.view(view) * h
+                remainder = torch.where(now, 1 - carry, remainder)
+                out = acc
+            else:
+                out = torch.where(now.view(view), h, out)
+            steps = torch.where(now, t + 1, steps)
+            carry = torch.where(running, new_carry, carry)
+            running = running & ~halt
+            if ctx.mode == "train" and self.rule == "act" and not bool(running.any()):
+                break
+        ctx.record("steps", self.index, steps)
+        if ctx.mode == "train":
+            ctx.extras["halting"].append({
+                "rule": self.rule, "states": states, "probs": probs, "steps": steps,
+                "remainder": remainder, "ponder": steps.to(x.dtype) + remainder,
+            })
+        return out
+
+
+@register_construct("halting", HaltingSpec, trace_field="steps")
+def build_halting(spec, b, site) -> tuple[HaltingRuntime, tuple] | None:
+    """Check and build one halting node."""
+    index = b.next_index("halting")
+    b.trace_sizes["steps"] += 1
+    name, path = f"halting {index}", site.path
+    x_shape = site.in_shape
+    step_in = (*x_shape[:-1], x_shape[-1] + 1) if getattr(spec, "step_flag", False) else x_shape
+    if not spec.shared and not isinstance(spec.step, InlineModule):
+        b.problem(path + ("shared",), "`shared: false` needs an inline step (a named module is one instance)")
+        return None
+    n_mods = 1 if spec.shared else spec.max_steps
+    mods = [b.module(spec.step, path + ("step",), [step_in], roles=("step",)) for _ in range(n_mods)]
+    if any(m is None for m in mods):
+        return None
+    state_shape = tuple(mods[0].state_shape)
+    out = b.shapes_of(mods[0], [state_shape, step_in], path + ("step",), "the step")
+    if out is None:
+        return None
+    if out != state_shape:
+        b.problem(path + ("step",), f"shape mismatch: the step returns {list(out)}, its state is {list(state_shape)}")
+        return None
+    init_unit = None
+    if spec.init is not None:
+        im = b.module(spec.init, path + ("init",), [x_shape])
+        if im is None:
+            return None
+        s = b.shapes_of(im, [x_shape], path + ("init",), "init")
+        if s != state_shape:
+            if s is not None:
+                b.problem(path + ("init",), f"shape mismatch: init outputs {list(s)}, the state is {list(state_shape)}")
+            return None
+        init_unit = b.unit(f"{name} init", im, [x_shape], "segment", name)
+    step_shapes = [state_shape, x_shape] + ([(1,)] if getattr(spec, "step_flag", False) else [])
+    steps = []
+    for t, m in enumerate(mods):
+        mod = FlagStep(m) if getattr(spec, "step_flag", False) else m
+        label = f"{name} step" if n_mods == 1 else f"{name} step {t}"
+        steps.append(b.unit(label, mod, step_shapes, "segment", name))
+    if spec.rule == "l2s":
+        feat = (_numel(x_shape) + _numel(state_shape) + spec.max_steps,)
+        pm = b.module(spec.policy, path + ("policy",), [feat], roles=("stop_policy",))
+        if pm is None:
+            return None
+        unit = b.unit(f"{name} stop policy", StopFeatures(pm), [x_shape, state_shape, (spec.max_steps,)], construct=name)
+    else:
+        default = InlineModule(type="act_unit" if spec.rule == "act" else "lambda_unit")
+        um = b.module(spec.unit or default, path + ("unit",), [state_shape], roles=("halting_unit",))
+        if um is None:
+            return None
+        unit = b.unit(f"{name} halting unit", um, [state_shape], construct=name)
+    rt = HaltingRuntime(index, spec, steps, unit, init_unit, state_shape, [site.in_id], site.node_id)
+    return rt, state_shape
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

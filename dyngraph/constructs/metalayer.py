@@ -1,0 +1,140 @@
+"""`metalayer`: Composer (Odena et al.): a controller picks one choice per sample.
+
+The controller (composer_rnn, usually one shared by every metalayer) sees the activation and the
+preference values gamma, and scores the choices. Infer: the argmax; each choice runs once per
+batch on the samples routed to it (grouped dispatch, like MoE routing). Train: a choice is
+sampled (a fraction `explore` of samples routed uniformly at random, which keeps the policy from
+locking onto one rule), with its log-prob, for REINFORCE.
+
+gamma: per preference, sampled from its `train` distribution in training (one value per sample,
+the same at every metalayer of a forward pass); at test time the `test` value, which can be
+changed on a compiled model with `model.set_gamma(...)` without recompiling.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ..spec.types import ModuleRef, Strict
+from .registry import register_construct
+
+
+class MetalayerSpec(Strict):
+    """`metalayer: {choices: [MODULE, ...], controller: CONTROLLER, explore: 0.1}`."""
+
+    choices: list[ModuleRef] = Field(min_length=2)
+    controller: ModuleRef
+    explore: float = Field(0.0, ge=0.0, le=1.0, description="fraction of samples routed at random in training")
+
+
+class MetalayerRuntime:
+    """One metalayer in each execution mode."""
+
+    def __init__(self, index: int, spec: MetalayerSpec, choices, router, key: str, ctl, state_shape,
+                 choice_params: list[int], reads: list[str], writes: str, out_shape):
+        self.index, self.choices, self.router, self.key = index, choices, router, key
+        self.ctl, self.state_shape, self.explore = ctl, state_shape, spec.explore
+        self.choice_names = [c if isinstance(c, str) else c.type for c in spec.choices]
+        self.choice_params = torch.tensor(choice_params, dtype=torch.float32)
+        self.reads, self.writes, self.out_shape = reads, writes, out_shape
+        self.force: list[float] | None = None  # benchmarks/tests: route with these probabilities
+        self.live_after: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return f"metalayer {self.index}"
+
+    def gamma(self, ctx, n: int, like: torch.Tensor) -> torch.Tensor:
+        """[rows, preferences]: sampled once per forward in training, else the test values."""
+        key = f"gamma/{self.key}"
+        if key not in ctx.states:
+            prefs = list(self.ctl.preferences.values())
+            if ctx.mode == "train":
+                cols = [p.gamma.train.sample(n) for p in prefs]
+            else:
+                test = ctx.gamma_overrides.get(self.key, {})
+                cols = [torch.full((n,), float(test.get(k, p.gamma.test))) for k, p in self.ctl.preferences.items()]
+            g = torch.stack(cols, dim=1) if cols else torch.zeros(n, 0)
+            ctx.states[key] = g.to(device=like.device, dtype=like.dtype)
+        return ctx.states[key]
+
+    def route(self, ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Controller scores [rows, choices] and the choice per row."""
+        h = ctx.states.get(self.key)
+        if h is None:
+            h = x.new_zeros((x.shape[0], *self.state_shape))
+        logits, ctx.states[self.key] = ctx.call(self.router, x, h, self.gamma(ctx, x.shape[0], x))
+        if self.force is not None:
+            g = torch.Generator(device="cpu").manual_seed(3000 + self.index)
+            c = torch.multinomial(torch.tensor(self.force), ctx.batch, replacement=True, generator=g).to(x.device)
+            return logits, c[ctx.idx if ctx.compacting else slice(None)]
+        if ctx.mode != "train":
+            return logits, logits.argmax(dim=1)
+        c = torch.multinomial(torch.softmax(logits.detach(), dim=1), 1).squeeze(1)
+        if self.explore > 0:
+            rand = torch.rand(c.shape, device=c.device) < self.explore
+            c = torch.where(rand, torch.randint_like(c, len(self.choices)), c)
+        return logits, c
+
+    def run(self, ctx) -> None:
+        x = ctx.env[self.reads[0]]
+        logits, c = self.route(ctx, x)
+        ctx.record("choices", self.index, c)
+        if ctx.mode == "dense":
+            y = None
+            for j, unit in enumerate(self.choices):
+                yj = ctx.call(unit, x, count=c == j)
+                sel = (c == j).view(-1, *([1] * (yj.dim() - 1)))
+                y = yj if y is None else torch.where(sel, yj, y)
+            ctx.env[self.writes] = y
+            return
+        counts = torch.bincount(c, minlength=len(self.choices)).tolist()  # the one host sync
+        if max(counts) == x.shape[0]:
+            j = counts.index(x.shape[0])
+            y = ctx.call(self.choices[j], x)
+        else:
+            y = x.new_empty((x.shape[0], *self.out_shape))
+            for j, unit in enumerate(self.choices):
+                if counts[j]:
+                    rows = torch.nonzero_static(c == j, size=counts[j]).squeeze(1)
+                    y.index_copy_(0, rows, ctx.call(unit, x.index_select(0, rows), count=rows))
+        if ctx.mode == "train":
+            logp = torch.log_softmax(logits, dim=1).gather(1, c[:, None]).squeeze(1)
+            ctx.extras["choices"].append({"logits": logits, "action": c, "logp": logp,
+                                          "gamma": ctx.states[f"gamma/{self.key}"],
+                                          "params": self.choice_params.to(x.device)[c]})
+        ctx.env[self.writes] = y
+
+
+def _n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@register_construct("metalayer", MetalayerSpec, trace_field="choices")
+def build_metalayer(spec: MetalayerSpec, b, site) -> tuple[MetalayerRuntime, tuple] | None:
+    """Check and build one metalayer node."""
+    index = b.next_index("metalayer")
+    b.trace_sizes["choices"] += 1
+    name = f"metalayer {index}"
+    units, shapes = [], []
+    for j, choice in enumerate(spec.choices):
+        label = choice if isinstance(choice, str) else choice.type
+        u, out = b.program(choice, site.path + ("choices", j), site.in_shape, f"{name} choice {j} ({label})", name)
+        units.append(u)
+        shapes.append(out)
+    got = b.controller(spec.controller, site.path + ("controller",), site.in_shape, ("router",))
+    if got is None or any(u is None for u in units):
+        return None
+    if len(set(shapes)) != 1:
+        b.problem(site.path + ("choices",), f"shape mismatch: every choice must output the same shape, got {[list(s) for s in shapes]}")
+        return None
+    ctl, key = got
+    router = ctl.add_site(site.in_shape, len(units))
+    n_pref = ctl.n_pref
+    unit = b.unit(f"{name} controller", router, [site.in_shape, ctl.state_shape, (n_pref,)], construct=name)
+    params = [_n_params(u.module) for u in units]
+    rt = MetalayerRuntime(index, spec, units, unit, f"router/{key}", ctl, ctl.state_shape, params,
+                          [site.in_id], site.node_id, shapes[0])
+    rt.ctl_name = key
+    return rt, shapes[0]

@@ -1,0 +1,37 @@
+"""The construct registry: a spec key, its schema, and a builder of its runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class ConstructDef:
+    """A registered construct.
+
+    `build(spec, builder, site) -> (runtime, out_shape)` checks and builds one node of this
+    construct; the runtime has `reads`, `writes` and `run(ctx)` (see runtime/context.py).
+    """
+
+    key: str
+    schema: type[BaseModel]
+    build: Callable
+    trace_field: str  # the Trace column group this construct's decisions fill
+
+
+CONSTRUCTS: dict[str, ConstructDef] = {}
+
+
+def register_construct(key: str, schema: type[BaseModel], trace_field: str) -> Callable:
+    """Register a construct builder under spec key `key`."""
+
+    def deco(fn: Callable) -> Callable:
+        if key in CONSTRUCTS:
+            raise ValueError(f"construct {key!r} is registered twice")
+        CONSTRUCTS[key] = ConstructDef(key, schema, fn, trace_field)
+        return fn
+
+    return deco

@@ -1,0 +1,1 @@
+"""The runtime: execution context, model, trace."""

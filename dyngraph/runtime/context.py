@@ -1,0 +1,129 @@
+"""The state of one forward pass, and the helpers every construct's runtime uses.
+
+In **infer** mode the context holds only the *active* rows of the batch: `idx` maps them to
+their sample index, and `keep()` compacts every live value when samples leave (an exit). A
+construct that runs a unit on part of its rows slices its inputs itself and says which rows
+ran (`count=`), so that the trace knows exactly which units each sample executed.
+
+In **dense** and **train** modes no row ever leaves: every unit runs on the whole batch, and
+`live` marks the rows that infer mode would still hold (used for the trace and the counts).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+MODES = ("infer", "dense", "train")
+
+
+def split(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Positions where `mask` is true and where it is false, with one host sync."""
+    n = mask.shape[0]
+    k = int(mask.sum())
+    if k == n:
+        return torch.arange(n, device=mask.device), mask.new_empty(0, dtype=torch.long), k
+    if k == 0:
+        return mask.new_empty(0, dtype=torch.long), torch.arange(n, device=mask.device), k
+    yes = torch.nonzero_static(mask, size=k).squeeze(1)
+    no = torch.nonzero_static(~mask, size=n - k).squeeze(1)
+    return yes, no, k
+
+
+class RunContext:
+    """Everything one forward pass reads and writes."""
+
+    def __init__(self, x: torch.Tensor, mode: str, trace_sizes: dict[str, int]):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        b, dev = x.shape[0], x.device
+        self.mode, self.batch, self.device = mode, b, dev
+        self.idx = torch.arange(b, device=dev)
+        self.live = torch.ones(b, dtype=torch.bool, device=dev)
+        self.env: dict[str, torch.Tensor] = {"input": x}
+        self.states: dict[str, torch.Tensor] = {}
+        self.out: torch.Tensor | None = None
+        self.events: list[tuple[int, torch.Tensor]] = []
+        self.extras: dict[str, Any] = defaultdict(list)
+        self.trace = {
+            "exit": torch.full((b,), -1, dtype=torch.long, device=dev),
+            "gates": torch.full((b, trace_sizes["gates"]), -1, dtype=torch.long, device=dev),
+            "choices": torch.full((b, trace_sizes["choices"]), -1, dtype=torch.long, device=dev),
+            "steps": torch.zeros((b, trace_sizes["steps"]), dtype=torch.long, device=dev),
+        }
+
+    @property
+    def compacting(self) -> bool:
+        return self.mode == "infer"
+
+    @property
+    def rows(self) -> int:
+        """The number of rows the values in `env` have now."""
+        return self.idx.shape[0] if self.compacting else self.batch
+
+    @property
+    def done(self) -> bool:
+        return self.rows == 0
+
+    def _global(self, count: torch.Tensor | None) -> torch.Tensor:
+        """Which samples `count` (positions or a mask over the current rows) stands for."""
+        if self.compacting:
+            if count is None:
+                return self.idx
+            return self.idx[count] if count.dtype != torch.bool else self.idx[count]
+        if count is None:
+            return self.live
+        if count.dtype == torch.bool:
+            return self.live & count
+        mask = torch.zeros_like(self.live)
+        mask[count] = True
+        return self.live & mask
+
+    def call(self, unit, *args: torch.Tensor, count: torch.Tensor | None = None):
+        """Run `unit` and record which samples executed it (all current rows by default)."""
+        self.events.append((unit.index, self._global(count)))
+        return unit(*args)
+
+    def record(self, field: str, col: int | None, values: torch.Tensor, where: torch.Tensor | None = None) -> None:
+        """Write decisions `values` (one per current row, or per `where` positions) to the trace."""
+        t = self.trace[field]
+        if self.compacting:
+            rows = self.idx if where is None else self.idx[where]
+            if col is None:
+                t[rows] = values
+            else:
+                t[rows, col] = values
+        else:
+            sel = self.live if where is None else self._global(where)
+            if col is None:
+                t.copy_(torch.where(sel, values, t))
+            else:
+                t[:, col] = torch.where(sel, values, t[:, col])
+
+    def emit(self, leaving: torch.Tensor, logits: torch.Tensor) -> None:
+        """Samples at positions (infer) or in the mask (dense/train) `leaving` output `logits`."""
+        if self.out is None:
+            self.out = logits.new_zeros((self.batch, *logits.shape[1:]))
+        if self.compacting:
+            self.out.index_copy_(0, self.idx[leaving], logits[leaving])
+        else:
+            sel = (self.live & leaving).view(-1, *([1] * (logits.dim() - 1)))
+            self.out = torch.where(sel, logits, self.out)
+
+    def keep(self, rows: torch.Tensor, live_ids: set[str]) -> None:
+        """Infer: only the rows at positions `rows` go on; compact every live value to them."""
+        self.idx = self.idx[rows]
+        self.env = {k: v.index_select(0, rows) for k, v in self.env.items() if k in live_ids}
+        self.states = {k: v.index_select(0, rows) for k, v in self.states.items()}
+
+    def unit_counts(self, n_units: int) -> torch.Tensor:
+        """[batch, units]: how many times each sample executed each unit."""
+        counts = torch.zeros((self.batch, n_units), dtype=torch.long, device=self.device)
+        for u, rows in self.events:
+            if rows.dtype == torch.bool:
+                counts[:, u] += rows.long()
+            else:
+                counts[rows, u] += 1
+        return counts

@@ -1,0 +1,138 @@
+"""DynamicModel: the compiled model, its three execution modes, its decision settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .context import MODES, RunContext
+from .trace import PathTable, Trace
+
+
+@dataclass
+class DynamicOutput:
+    """What a forward pass returns.
+
+    Attributes:
+        logits: [B, ...] each sample's prediction (the exit it took, or the last node's output).
+        trace: the per-sample record of decisions and executed units.
+        extras: train/dense mode only: what the objectives need (every exit's logits, gate
+            probabilities and actions, controller log-probs, halting probabilities and steps).
+    """
+
+    logits: torch.Tensor
+    trace: Trace
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class DynamicModel(nn.Module):
+    """A compiled dynamic network.
+
+    `model.eval()(x)` runs in **infer** mode (hard decisions, compacted batches),
+    `model.train()(x)` in **train** mode, and `model(x, mode="dense")` in **dense** mode
+    (every branch for every sample, every decision recorded).
+    """
+
+    def __init__(self, plan, backend: str):
+        super().__init__()
+        self.spec = plan.spec
+        self.name = plan.spec.name
+        self.blocks = plan.blocks
+        self.controllers = plan.controllers
+        self.backend = backend
+        self._plan = plan
+        self.units = plan.units
+        self.exits = plan.runtimes.get("exit", [])
+        self.gates = plan.runtimes.get("gate", [])
+        self.metalayers = plan.runtimes.get("metalayer", [])
+        self.haltings = plan.runtimes.get("halting", [])
+        self.paths = PathTable(plan.trace_sizes["gates"], plan.trace_sizes["choices"], plan.trace_sizes["steps"])
+        self._gamma: dict[str, dict[str, float]] = {}
+        self._macs: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ running
+    def forward(self, x: torch.Tensor, mode: str | None = None) -> DynamicOutput:
+        """Run a batch; `mode` defaults to train when `self.training`, else infer."""
+        mode = mode or ("train" if self.training else "infer")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        expected = tuple(self.spec.input.shape)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"{self.name}: expected input [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        ctx = RunContext(x, mode, self._plan.trace_sizes)
+        ctx.gamma_overrides = self._gamma
+        with torch.set_grad_enabled(torch.is_grad_enabled() and mode == "train"):
+            for step in self._plan.steps:
+                if ctx.done:
+                    break
+                step.run(ctx)
+            if not self._plan.has_exits:
+                ctx.out = ctx.env[self._plan.output_id]
+        counts = ctx.unit_counts(len(self.units))
+        decisions = torch.cat([ctx.trace["exit"][:, None], ctx.trace["gates"], ctx.trace["choices"], ctx.trace["steps"]], 1)
+        trace = Trace(**ctx.trace, path_id=self.paths.assign(decisions), unit_counts=counts)
+        return DynamicOutput(ctx.out, trace, dict(ctx.extras))
+
+    # ------------------------------------------------------------------ decision settings
+    def set_threshold(self, value: float | list[float], construct: str = "exit") -> None:
+        """Set exit (or gate, or halting) thresholds without recompiling: one value or one per node."""
+        nodes = {"exit": self.exits[:-1], "gate": self.gates, "halting": self.haltings}[construct]
+        values = value if isinstance(value, list | tuple) else [value] * len(nodes)
+        if len(values) != len(nodes):
+            raise ValueError(f"{len(values)} thresholds for {len(nodes)} {construct} nodes")
+        for node, v in zip(nodes, values, strict=True):
+            node.threshold = float(v)
+
+    def set_gamma(self, value: float, preference: str | None = None, controller: str | None = None) -> None:
+        """Set the test-time preference value gamma of Composer controllers (no recompiling)."""
+        found = False
+        for m in self.metalayers:
+            if controller is not None and m.ctl_name != controller:
+                continue
+            for pref in m.ctl.preferences:
+                if preference is None or pref == preference:
+                    self._gamma.setdefault(m.key, {})[pref] = float(value)
+                    found = True
+        if not found:
+            raise ValueError(f"no preference {preference!r} on controller {controller!r}")
+
+    # ------------------------------------------------------------------ description
+    def choice_names(self) -> list[list[str]]:
+        return [m.choice_names for m in self.metalayers]
+
+    def describe_path(self, path_id: int) -> str:
+        return self.paths.describe(path_id, self.choice_names())
+
+    def unit_macs(self, counter: str = "fvcore") -> torch.Tensor:
+        """[U] static MACs of every unit at batch 1 (fvcore, or `torch` = FlopCounterMode / 2)."""
+        if counter not in self._macs:
+            from ..cost import unit_macs
+
+            self._macs[counter] = torch.tensor([unit_macs(u, counter) for u in self.units], dtype=torch.long)
+        return self._macs[counter]
+
+    def per_input_macs(self, trace: Trace, counter: str = "fvcore") -> torch.Tensor:
+        """[B] MACs each sample executed, read off its trace."""
+        return trace.unit_counts.cpu() @ self.unit_macs(counter)
+
+    def static_macs(self, counter: str = "fvcore") -> int:
+        """MACs of one sample run through every unit (halting steps at max_steps)."""
+        return int(_dense_counts(self) @ self.unit_macs(counter))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, units={len(self.units)}, backend={self.backend!r}"
+
+
+def _dense_counts(model: DynamicModel) -> torch.Tensor:
+    """How many times each unit runs in a full static pass of one sample."""
+    counts = torch.zeros(len(model.units), dtype=torch.long)
+    for u in model.units:
+        counts[u.index] = 1
+    for h in model.haltings:
+        for s in h.steps:
+            counts[s.index] = h.max_steps if len(h.steps) == 1 else 1
+        counts[h.unit.index] = h.max_steps
+    return counts

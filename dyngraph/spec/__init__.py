@@ -1,0 +1,1 @@
+"""Spec loading, schema and errors."""

@@ -1,0 +1,128 @@
+"""Loading a spec: YAML (with positions) -> schema (pydantic) -> semantic and shape checks."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from .errors import Problem, SpecError, did_you_mean, format_path
+from .schema import Spec, json_schema
+from .types import TAG
+from .yaml_loader import LocDict, load_yaml, locate
+
+
+@functools.cache
+def _known_keys() -> frozenset[str]:
+    """Every key the spec format knows anywhere (for "did you mean" on unknown keys)."""
+    keys: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            keys.update(node.get("properties", {}))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json_schema())
+    return frozenset(keys)
+
+
+def problem_text(err: dict) -> tuple[str, bool]:
+    """A person's wording of one pydantic error, and whether it points at a key (not a value)."""
+    typ, loc, ctx = err["type"], [p for p in err["loc"] if not str(p).startswith(TAG)], err.get("ctx") or {}
+    last = loc[-1] if loc else ""
+    if typ == "missing":
+        if last == "dyngraph":
+            return "missing required key 'dyngraph' (the schema version: add `dyngraph: 1`)", True
+        return f"missing required key '{last}'", True
+    if typ == "extra_forbidden":
+        return f"unknown key '{last}'{did_you_mean(last, _known_keys())}", True
+    if typ == "union_tag_invalid":
+        tags = [t.strip("'") for t in str(ctx.get("expected_tags", "")).split(", ")]
+        return (f"unknown {ctx.get('discriminator', 'tag').strip(chr(39))} '{ctx.get('tag')}'"
+                f"{did_you_mean(ctx.get('tag'), tags)}; expected one of {', '.join(tags)}"), False
+    if typ == "union_tag_not_found":
+        return f"missing key {ctx.get('discriminator', '')}", False
+    if typ == "literal_error":
+        expected = str(ctx.get("expected", ""))
+        choices = [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",")]
+        return f"expected {expected}, got {err.get('input')!r}{did_you_mean(err.get('input'), choices)}", False
+    msg = err["msg"]
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    if typ.endswith(("_type", "_parsing")) or typ in ("greater_than", "greater_than_equal", "less_than_equal", "too_short"):
+        return f"{msg} (got {err.get('input')!r})", False
+    return msg, False
+
+
+def _schema_problems(raw: Any, file: str, e: pydantic.ValidationError) -> list[Problem]:
+    out = []
+    for err in e.errors():
+        loc = tuple(p for p in err["loc"] if not str(p).startswith(TAG))
+        msg, key = problem_text(err)
+        if err["type"] == "missing":  # point at the mapping that lacks it
+            line, col = locate(raw, loc[:-1])
+        else:
+            line, col = locate(raw, loc, key_position=key)
+        out.append(Problem(file, line, col, format_path(loc), msg))
+    return out
+
+
+def parse_spec(source: str | Path | dict, file: str | None = None) -> tuple[Spec, Any, str]:
+    """YAML and schema only: the validated Spec, the raw document (with positions), the file name."""
+    if isinstance(source, dict):
+        raw, file = source, file or "<dict>"
+    else:
+        text, name = _read(source)
+        file = file or name
+        raw = load_yaml(text, file)
+    if not isinstance(raw, dict):
+        raise SpecError([Problem(file, 1, 1, "", "a spec is a mapping of keys (dyngraph, name, input, task, graph, ...)")])
+    try:
+        spec = Spec.model_validate(raw)
+    except pydantic.ValidationError as e:
+        raise SpecError(_schema_problems(raw, file, e)) from None
+    return spec, raw, file
+
+
+def _read(source: str | Path) -> tuple[str, str]:
+    if isinstance(source, Path) or ("\n" not in str(source) and str(source).endswith((".yaml", ".yml"))):
+        p = Path(source)
+        try:
+            return p.read_text(), str(source)
+        except OSError as e:
+            raise SpecError([Problem(str(source), 0, 0, "", f"cannot read: {e.strerror}")]) from None
+    return str(source), "<string>"
+
+
+class LoadedSpec:
+    """A spec that passed every check, with what is needed to report later problems in place."""
+
+    def __init__(self, spec: Spec, raw: LocDict | dict, file: str, trust_imports: bool):
+        self.spec, self.raw, self.file, self.trust_imports = spec, raw, file, trust_imports
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __repr__(self) -> str:
+        return f"LoadedSpec({self.file!r}, name={self.spec.name!r})"
+
+
+def load_spec(source: str | Path | dict | LoadedSpec, trust_imports: bool = False) -> LoadedSpec:
+    """Load and check a spec: a file path, YAML text, or a dict.
+
+    Every problem is collected — schema, references, graph, shapes — and raised together as
+    one SpecError whose lines read `FILE:LINE:COL: PATH: message`.
+    """
+    if isinstance(source, LoadedSpec):
+        return source
+    from ..compiler.build import build_plan
+
+    spec, raw, file = parse_spec(source)
+    build_plan(spec, raw, file, trust_imports)  # semantic and shape checks; the result is dropped
+    return LoadedSpec(spec, raw, file, trust_imports)
