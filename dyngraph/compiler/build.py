@@ -115,6 +115,7 @@ class Builder:
         self._named: dict[str, tuple[nn.Module, list[Shape]]] = {}
         self._named_failed: set[str] = set()
         self._used_controllers: set[str] = set()
+        self._referenced: set[str] = set()
         self.runtimes: dict[str, list[Any]] = {}
 
     # ------------------------------------------------------------------ problems
@@ -173,6 +174,8 @@ class Builder:
 
     def module(self, ref: str | InlineModule, path: tuple, in_shapes: list[Shape], roles: tuple[str, ...] = ("module",)) -> nn.Module | None:
         """The module a reference names (built at first use) or an inline block, built and checked."""
+        if isinstance(ref, str):
+            self._referenced.add(ref)
         if any(s is None for s in in_shapes):
             return None
         if isinstance(ref, InlineModule):
@@ -210,6 +213,7 @@ class Builder:
         if isinstance(ref, InlineModule):
             m = self.module(ref, path, [in_shape], roles)
             return None if m is None else (m, format_path(path))
+        self._referenced.add(ref)
         if ref not in self.spec.controllers:
             if ref in self.spec.modules and BLOCKS.get(self.spec.modules[ref].type, None) and BLOCKS[self.spec.modules[ref].type].role in roles:
                 m = self.module(ref, path, [in_shape], roles)
@@ -323,6 +327,8 @@ class Builder:
             key = _construct_key(node)
             if key is None:  # a static module node
                 ref = node
+                if isinstance(ref, str):
+                    self._referenced.add(ref)
                 m = self.module(ref, path, in_shapes) if all(s is not None for s in in_shapes) else None
                 arity_ok = True
                 bd = BLOCKS.get(self.spec.modules[ref].type if isinstance(ref, str) and ref in self.spec.modules else getattr(ref, "type", ""), None)
@@ -367,10 +373,10 @@ class Builder:
         flush()
 
         for name in self.spec.controllers:
-            if name not in self._used_controllers:
+            if name not in self._referenced:
                 self.problem(("controllers", name), f"controller '{name}' is never used", key=True)
         for name in self.spec.modules:
-            if name not in self._named and name not in self._named_failed:
+            if name not in self._referenced:
                 self.problem(("modules", name), f"module '{name}' is never used", key=True)
         if self.runtimes.get("exit"):
             self.runtimes["exit"][-1].last = True

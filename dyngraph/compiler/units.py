@@ -37,7 +37,7 @@ class Unit:
     fn: Callable | None = field(default=None, repr=False)
 
     def __call__(self, *args: torch.Tensor):
-        return (self.fn or self.module)(*args)
+        return (self.fn if self.fn is not None else self.module)(*args)
 
     def example_inputs(self, batch: int = 1, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
         """Random inputs of the unit's shapes, for counting and timing."""

@@ -42,12 +42,21 @@ class Patience(Strict):
 Criterion = Annotated[Union[MaxProb, Entropy, Patience], Field(discriminator="type")]  # noqa: UP007
 
 
+class Distill(Strict):
+    """SCAN-style self-distillation of this exit from the last one (used in training)."""
+
+    temperature: float = Field(3.0, gt=0.0)
+    kl_weight: float = Field(0.5, ge=0.0, description="weight of KL(last exit || this exit) at T")
+    feature_weight: float = Field(0.0, ge=0.0, description="weight of the L2 feature alignment")
+
+
 class ExitSpec(Strict):
-    """`exit: {head: MODULE, criterion: {...}, weight: 1.0}`."""
+    """`exit: {head: MODULE, criterion: {...}, weight: 1.0, distill: {...}}`."""
 
     head: ModuleRef
     criterion: Criterion | None = None
     weight: float = Field(1.0, ge=0.0, description="weight of this exit's loss in training")
+    distill: Distill | None = None
 
 
 def confidence(logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:

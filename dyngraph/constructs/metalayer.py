@@ -23,7 +23,7 @@ from .registry import register_construct
 class MetalayerSpec(Strict):
     """`metalayer: {choices: [MODULE, ...], controller: CONTROLLER, explore: 0.1}`."""
 
-    choices: list[ModuleRef] = Field(min_length=2)
+    choices: list[ModuleRef | list[ModuleRef]] = Field(min_length=2, description="modules, or lists run in order")
     controller: ModuleRef
     explore: float = Field(0.0, ge=0.0, le=1.0, description="fraction of samples routed at random in training")
 
@@ -35,7 +35,7 @@ class MetalayerRuntime:
                  choice_params: list[int], reads: list[str], writes: str, out_shape):
         self.index, self.choices, self.router, self.key = index, choices, router, key
         self.ctl, self.state_shape, self.explore = ctl, state_shape, spec.explore
-        self.choice_names = [c if isinstance(c, str) else c.type for c in spec.choices]
+        self.choice_names = [choice_label(c) for c in spec.choices]
         self.choice_params = torch.tensor(choice_params, dtype=torch.float32)
         self.reads, self.writes, self.out_shape = reads, writes, out_shape
         self.force: list[float] | None = None  # benchmarks/tests: route with these probabilities
@@ -107,6 +107,12 @@ class MetalayerRuntime:
         ctx.env[self.writes] = y
 
 
+def choice_label(choice) -> str:
+    """A short name of a choice: its module name(s) or block type(s)."""
+    items = choice if isinstance(choice, list) else [choice]
+    return "+".join(c if isinstance(c, str) else c.type for c in items)
+
+
 def _n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -117,22 +123,23 @@ def build_metalayer(spec: MetalayerSpec, b, site) -> tuple[MetalayerRuntime, tup
     index = b.next_index("metalayer")
     b.trace_sizes["choices"] += 1
     name = f"metalayer {index}"
+    got = b.controller(spec.controller, site.path + ("controller",), site.in_shape, ("router",))
+    unit = None
+    if got is not None:
+        ctl, key = got
+        router = ctl.add_site(site.in_shape, len(spec.choices))
+        unit = b.unit(f"{name} controller", router, [site.in_shape, ctl.state_shape, (ctl.n_pref,)], construct=name)
     units, shapes = [], []
     for j, choice in enumerate(spec.choices):
-        label = choice if isinstance(choice, str) else choice.type
+        label = choice_label(choice)
         u, out = b.program(choice, site.path + ("choices", j), site.in_shape, f"{name} choice {j} ({label})", name)
         units.append(u)
         shapes.append(out)
-    got = b.controller(spec.controller, site.path + ("controller",), site.in_shape, ("router",))
-    if got is None or any(u is None for u in units):
+    if unit is None or any(u is None for u in units):
         return None
     if len(set(shapes)) != 1:
         b.problem(site.path + ("choices",), f"shape mismatch: every choice must output the same shape, got {[list(s) for s in shapes]}")
         return None
-    ctl, key = got
-    router = ctl.add_site(site.in_shape, len(units))
-    n_pref = ctl.n_pref
-    unit = b.unit(f"{name} controller", router, [site.in_shape, ctl.state_shape, (n_pref,)], construct=name)
     params = [_n_params(u.module) for u in units]
     rt = MetalayerRuntime(index, spec, units, unit, f"router/{key}", ctl, ctl.state_shape, params,
                           [site.in_id], site.node_id, shapes[0])

@@ -74,9 +74,12 @@ def load_yaml(text: str, file: str = "<spec>") -> Any:
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
+        # the context (where the broken construct opened) is where the fix goes, when known
+        mark = e.context_mark or e.problem_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
         msg = " ".join(str(part) for part in (e.context, e.problem) if part) or str(e)
+        if e.context_mark and e.problem_mark:
+            msg += f" (at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1})"
         raise SpecError([Problem(file, line, col, "", f"YAML: {msg}")]) from None
     except yaml.YAMLError as e:
         raise SpecError([Problem(file, 0, 0, "", f"YAML: {e}")]) from None
