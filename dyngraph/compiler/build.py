@@ -128,7 +128,8 @@ class Builder:
         return self.counters[kind] - 1
 
     # ------------------------------------------------------------------ blocks
-    def _build_inline(self, m: InlineModule, path: tuple, in_shapes: list[Shape], roles: tuple[str, ...]) -> nn.Module | None:
+    def _check_inline(self, m: InlineModule, path: tuple, roles: tuple[str, ...]):
+        """The block definition and validated params of an inline block, or None (a problem)."""
         bd = BLOCKS.get(m.type)
         if bd is None:
             self.problem(path + ("type",), f"unknown block type '{m.type}'{did_you_mean(m.type, BLOCKS)}")
@@ -146,11 +147,17 @@ class Builder:
             )
             return None
         try:
-            params = bd.params.model_validate(m.params)
+            return bd, bd.params.model_validate(m.params)
         except pydantic.ValidationError as e:
             for err in e.errors():
                 self._pydantic_problem(path, err)
             return None
+
+    def _build_inline(self, m: InlineModule, path: tuple, in_shapes: list[Shape], roles: tuple[str, ...]) -> nn.Module | None:
+        checked = self._check_inline(m, path, roles)
+        if checked is None or any(s is None for s in in_shapes):
+            return None
+        bd, params = checked
         try:
             module = bd.build(params, in_shapes)
         except ShapeError as e:
@@ -174,13 +181,12 @@ class Builder:
 
     def module(self, ref: str | InlineModule, path: tuple, in_shapes: list[Shape], roles: tuple[str, ...] = ("module",)) -> nn.Module | None:
         """The module a reference names (built at first use) or an inline block, built and checked."""
-        if isinstance(ref, str):
-            self._referenced.add(ref)
-        if any(s is None for s in in_shapes):
-            return None
         if isinstance(ref, InlineModule):
             return self._build_inline(ref, path, in_shapes, roles)
+        self._referenced.add(ref)
         if ref in self.spec.modules:
+            if any(s is None for s in in_shapes):
+                return None
             if ref in self._named_failed:
                 return None
             if ref not in self._named:
@@ -329,7 +335,7 @@ class Builder:
                 ref = node
                 if isinstance(ref, str):
                     self._referenced.add(ref)
-                m = self.module(ref, path, in_shapes) if all(s is not None for s in in_shapes) else None
+                m = self.module(ref, path, in_shapes)
                 arity_ok = True
                 bd = BLOCKS.get(self.spec.modules[ref].type if isinstance(ref, str) and ref in self.spec.modules else getattr(ref, "type", ""), None)
                 if bd is not None:

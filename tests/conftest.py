@@ -1,0 +1,72 @@
+"""Shared fixtures: every spec in specs/, compiled once per backend per session."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import dyngraph as dg
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "specs").glob("*.yaml"))
+BAD = sorted((ROOT / "tests" / "fixtures" / "bad").glob("*.yaml"))
+
+torch.set_num_threads(1)
+
+
+def spec_id(p: Path) -> str:
+    return p.stem
+
+
+_CACHE: dict[tuple[str, str], dg.DynamicModel] = {}
+
+
+def compiled(path: Path, backend: str) -> dg.DynamicModel:
+    """A model compiled once per session per backend, with the same seed-0 weights."""
+    key = (str(path), backend)
+    if key not in _CACHE:
+        torch.manual_seed(0)
+        model = dg.compile(path, backend=backend).eval()
+        diversify(model)
+        _CACHE[key] = model
+    return _CACHE[key]
+
+
+def random_batch(model: dg.DynamicModel, n: int = 64, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 2 * torch.randn(n, *model.spec.input.shape, generator=g)
+
+
+@torch.no_grad()
+def diversify(model: dg.DynamicModel) -> None:
+    """Make an untrained model's decisions depend on its input, so that tests see many paths.
+
+    Decision units get larger random weights and zero biases (probabilities spread around 0.5);
+    exit thresholds are set to the 70th percentile of each exit's confidence on a random batch.
+    """
+    g = torch.Generator().manual_seed(123)
+    for u in model.units:
+        if u.kind != "decision" or u.construct.startswith("exit"):
+            continue
+        for mod in u.module.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * 2 / math.sqrt(mod.in_features))
+                if mod.bias is not None:
+                    mod.bias.zero_()
+    if model.exits:
+        from dyngraph.constructs.exit import confidence
+
+        out = model(random_batch(model, 256, seed=99), mode="dense")
+        for e, logits in zip(model.exits[:-1], out.extras["exit_logits"], strict=False):
+            if e.kind == "patience":
+                continue
+            c = confidence(logits, e.kind, e.temperature)
+            e.threshold = float(torch.quantile(c, 0.7 if e.kind == "max_prob" else 0.3))
+
+
+@pytest.fixture(params=SPECS, ids=spec_id)
+def spec_path(request) -> Path:
+    return request.param

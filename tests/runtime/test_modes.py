@@ -1,0 +1,93 @@
+"""The three modes: compaction changes cost, never answers; nothing is wasted."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.conftest import compiled, random_batch
+
+
+def test_decisions_vary(spec_path):
+    """The other tests are only meaningful if samples take different paths."""
+    model = compiled(spec_path, "none")
+    out = model(random_batch(model))
+    assert out.trace.path_id.unique().numel() >= 2
+
+
+def test_batch_equals_each_sample_alone(spec_path):
+    model = compiled(spec_path, "none")
+    x = random_batch(model)
+    batch = model(x)
+    for i in range(x.shape[0]):
+        one = model(x[i : i + 1])
+        torch.testing.assert_close(one.logits, batch.logits[i : i + 1], atol=1e-5, rtol=1e-4)
+        assert torch.equal(one.trace.decisions()[0], batch.trace.decisions()[i])
+        assert torch.equal(one.trace.unit_counts[0], batch.trace.unit_counts[i])
+
+
+def test_dense_mode_records_what_infer_does(spec_path):
+    model = compiled(spec_path, "none")
+    x = random_batch(model)
+    inf, den = model(x), model(x, mode="dense")
+    torch.testing.assert_close(den.logits, inf.logits, atol=1e-5, rtol=1e-4)
+    assert torch.equal(den.trace.decisions(), inf.trace.decisions())
+    assert torch.equal(den.trace.unit_counts, inf.trace.unit_counts)
+    assert torch.equal(den.trace.path_id, inf.trace.path_id)
+
+
+def test_nothing_wasted(spec_path):
+    """MACs executed by a batched infer run = the sum of each sample's units' static MACs."""
+    model = compiled(spec_path, "none")
+    x = random_batch(model)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        out = model(x)
+    executed = fc.get_total_flops()
+    assert executed % 2 == 0
+    ideal = int(model.per_input_macs(out.trace, counter="torch").sum())
+    assert executed // 2 == ideal
+    full = model(x, mode="dense").trace.unit_counts.shape[0] * model.static_macs("torch")
+    assert ideal < full  # and it did skip work
+
+
+def test_counters_agree_on_linear_units(spec_path):
+    model = compiled(spec_path, "none")
+    fv, th = model.unit_macs("fvcore"), model.unit_macs("torch")
+    norms = (torch.nn.LayerNorm, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+    for u, a, b in zip(model.units, fv.tolist(), th.tolist(), strict=True):
+        if not any(isinstance(m, norms) for m in u.module.modules()):
+            assert a == b, (u.name, a, b)
+
+
+def test_train_mode_returns_what_objectives_need(spec_path):
+    model = compiled(spec_path, "none")
+    x = random_batch(model, 16)
+    model.train()
+    try:
+        out = model(x)
+        if model.exits:
+            assert len(out.extras["exit_logits"]) == len(model.exits)
+        if model.gates:
+            assert {"prob", "action", "logp"} <= set(out.extras["gates"][0])
+        if model.metalayers:
+            assert {"logits", "action", "logp", "gamma"} <= set(out.extras["choices"][0])
+        if model.haltings:
+            assert len(out.extras["halting"][0]["states"]) >= 1
+        loss = sum(v.float().pow(2).mean() for v in _tensors(out))
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def _tensors(out):
+    yield out.logits
+    for v in out.extras.get("exit_logits", []):
+        yield v
+    for g in out.extras.get("gates", []):
+        yield g["prob"]
+    for c in out.extras.get("choices", []):
+        yield c["logp"]
+    for h in out.extras.get("halting", []):
+        yield h["probs"][0]

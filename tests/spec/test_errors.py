@@ -1,0 +1,128 @@
+"""Broken specs: exit 2, the right line, every problem, no traceback."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+import dyngraph as dg
+from dyngraph.cli import main
+from tests.conftest import BAD, SPECS, spec_id
+
+
+def expectation(path) -> tuple[int, str]:
+    """Each fixture's first line: `# expect: LINE text-in-the-message`."""
+    m = re.match(r"# expect: (\d+) (.*)", path.read_text().splitlines()[0])
+    assert m, f"{path} lacks its '# expect:' line"
+    return int(m.group(1)), m.group(2)
+
+
+def test_ten_kinds_of_broken_spec_are_kept():
+    names = {p.stem for p in BAD}
+    assert names >= {"misspelled_type", "unknown_reference", "cycle", "shape_mismatch", "duplicate_key",
+                     "wrong_value_type", "unknown_key", "missing_version", "untrusted_import", "malformed"}
+
+
+@pytest.mark.parametrize("path", BAD, ids=spec_id)
+def test_broken_spec_reports_line_and_exits_2(path, capsys):
+    line, text = expectation(path)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    hits = [ln for ln in err.splitlines() if text in ln]
+    assert hits, f"no message containing {text!r} in:\n{err}"
+    assert re.match(rf"{re.escape(str(path))}:{line}:\d+: ", hits[0]), hits[0]
+
+
+def test_cli_process_prints_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "dyngraph", "validate", *map(str, BAD)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) >= len(BAD)
+
+
+def test_all_shipped_specs_validate(capsys):
+    assert main(["validate", *map(str, SPECS)]) == 0
+
+
+def test_every_problem_is_reported_together():
+    text = """
+dyngraph: 1
+name: many
+input: {shape: [16]}
+task: {type: classification, classes: 3}
+modules:
+  block: {type: residual_mlp, hidden: 8}
+graph:
+  - {type: linaer, out: 32}
+  - blok
+  - {type: mlp, hidden: 8, out: 8, colour: red}
+  - {type: classifier, classes: 3}
+"""
+    with pytest.raises(dg.SpecError) as info:
+        dg.load_spec(text)
+    msgs = [p.message for p in info.value.problems]
+    assert any("unknown block type 'linaer' (did you mean 'linear'?)" in m for m in msgs)
+    assert any("unknown module 'blok' (did you mean 'block'?)" in m for m in msgs)
+    assert any("unknown key 'colour'" in m for m in msgs)
+    assert [p.line for p in info.value.problems] == sorted(p.line for p in info.value.problems)
+
+
+def test_unsafe_yaml_tags_are_refused():
+    with pytest.raises(dg.SpecError, match="YAML"):
+        dg.load_spec("dyngraph: 1\nname: !!python/object/apply:os.system ['true']\n")
+
+
+def test_trusted_import_builds_user_block():
+    text = """
+dyngraph: 1
+name: trusted
+input: {shape: [16]}
+task: {type: classification, classes: 3}
+graph:
+  - {type: custom, target: torch.nn.Tanh}
+  - {type: classifier, classes: 3}
+"""
+    with pytest.raises(dg.SpecError, match="refused unless"):
+        dg.load_spec(text)
+    model = dg.compile(text, backend="none", trust_imports=True)
+    assert model.eval()(dg_input := __import__("torch").zeros(2, 16)).logits.shape == (2, 3)
+    del dg_input
+
+
+@pytest.mark.parametrize(
+    "graph, message",
+    [
+        ("  - {type: linear, out: 8}\n  - exit: {head: {type: classifier, classes: 3}, criterion: {type: max_prob, threshold: 0.5}}\n  - {type: linear, out: 8}",
+         "must end with an exit"),
+        ("  - {type: linear, out: 16}\n  - gate: {body: {type: linear, out: 8}, policy: {type: ff_gate}}\n  - {type: classifier, classes: 3}",
+         "must keep its input's shape"),
+        ("  - {type: linear, out: 16, id: a}\n  - {type: add, inputs: [a]}\n  - {type: classifier, classes: 3}",
+         "takes at least 2 input(s), got 1"),
+        ("  - {type: linear, out: 16, id: a}\n  - {type: linear, out: 16, inputs: [input]}\n  - {type: classifier, classes: 3}",
+         "never used"),
+        ("  - {type: linear, out: 16}\n  - {type: classifier, classes: 4}", "the task needs [3]"),
+        ("  - halting: {rule: act, step: {type: gru_step, dim: 8}, max_steps: 3, policy: {type: stop_mlp}}\n  - {type: classifier, classes: 3}",
+         "unknown key 'policy'"),
+        ("  - {type: linear, out: 16, inputs: [nope]}\n  - {type: classifier, classes: 3}", "unknown input 'nope'"),
+    ],
+)
+def test_semantic_errors(graph, message):
+    text = f"dyngraph: 1\nname: t\ninput: {{shape: [16]}}\ntask: {{type: classification, classes: 3}}\ngraph:\n{graph}\n"
+    with pytest.raises(dg.SpecError) as info:
+        dg.load_spec(text)
+    assert any(message in p.message for p in info.value.problems), str(info.value)
+
+
+def test_schema_command_prints_json_schema(capsys):
+    import json
+
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    titles = {v["title"] for v in schema["$defs"]["InlineModule"]["oneOf"]}
+    assert {"linear", "residual_mlp", "ff_gate", "gru_step", "lista_layer"} <= titles
+    assert "graph" in schema["properties"]
