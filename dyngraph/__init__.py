@@ -10,7 +10,15 @@ from .spec.errors import Problem, SpecError
 from .spec.load import LoadedSpec, load_spec
 
 __all__ = [
-    "DynamicModel", "DynamicOutput", "LoadedSpec", "Problem", "SpecError", "Trace",
-    "compile", "load_spec", "register_block", "register_construct",
+    "DynamicModel",
+    "DynamicOutput",
+    "LoadedSpec",
+    "Problem",
+    "SpecError",
+    "Trace",
+    "compile",
+    "load_spec",
+    "register_block",
+    "register_construct",
 ]
 __version__ = "0.1.0"

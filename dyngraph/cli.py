@@ -62,7 +62,9 @@ def _blocks(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dyngraph", description="compile and profile dynamic neural networks")
+    p = argparse.ArgumentParser(
+        prog="dyngraph", description="compile and profile dynamic neural networks"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check specs; exit 2 with FILE:LINE:COL messages")
     v.add_argument("specs", nargs="+")

@@ -22,7 +22,9 @@ def torch_macs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int
     return fc.get_total_flops() // 2
 
 
-def fvcore_macs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[int, dict[str, int]]:
+def fvcore_macs(
+    module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[int, dict[str, int]]:
     """MACs by fvcore's jit-traced count, and the ops it could not count (name -> occurrences)."""
     from fvcore.nn import FlopCountAnalysis
 

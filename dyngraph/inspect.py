@@ -57,6 +57,12 @@ def inspect_text(model: DynamicModel, counter: str = "fvcore") -> str:
         lines.append("exits (cumulative MACs of a sample leaving there):")
         full = exit_macs(model, counter)
         for e, m in zip(model.exits, full, strict=True):
-            crit = "takes every sample left" if e.last else f"{e.kind} {e.threshold if e.kind != 'patience' else e.patience}"
-            lines.append(f"  exit {e.index}: {m:>12,} MACs ({m / full[-1]:.0%} of the last)  [{crit}]")
+            crit = (
+                "takes every sample left"
+                if e.last
+                else f"{e.kind} {e.threshold if e.kind != 'patience' else e.patience}"
+            )
+            lines.append(
+                f"  exit {e.index}: {m:>12,} MACs ({m / full[-1]:.0%} of the last)  [{crit}]"
+            )
     return "\n".join(lines)

@@ -53,7 +53,9 @@ def diversify(model: dg.DynamicModel) -> None:
             continue
         for mod in u.module.modules():
             if isinstance(mod, torch.nn.Linear):
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * 2 / math.sqrt(mod.in_features))
+                mod.weight.copy_(
+                    torch.randn(mod.weight.shape, generator=g) * 2 / math.sqrt(mod.in_features)
+                )
                 if mod.bias is not None:
                     mod.bias.zero_()
     if model.exits:

@@ -26,5 +26,16 @@ def test_inspect_lists_every_exit_with_cumulative_macs(capsys):
 def test_blocks_lists_the_registry(capsys):
     assert main(["blocks"]) == 0
     out = capsys.readouterr().out
-    for name in ("residual_mlp", "ff_gate", "rnn_gate", "blockdrop_policy", "composer_rnn", "gru_step", "lista_layer", "act_unit", "stop_mlp", "lambda_unit"):
+    for name in (
+        "residual_mlp",
+        "ff_gate",
+        "rnn_gate",
+        "blockdrop_policy",
+        "composer_rnn",
+        "gru_step",
+        "lista_layer",
+        "act_unit",
+        "stop_mlp",
+        "lambda_unit",
+    ):
         assert name in out

@@ -305,5 +305,7 @@ def add(p: NoParams, shapes: list[Shape]) -> nn.Module:
 def concat(p: NoParams, shapes: list[Shape]) -> nn.Module:
     """Concatenates its inputs along the last dimension."""
     if any(s[:-1] != shapes[0][:-1] for s in shapes):
-        raise ShapeError(f"inputs differ in more than the last dimension: {[list(s) for s in shapes]}")
+        raise ShapeError(
+            f"inputs differ in more than the last dimension: {[list(s) for s in shapes]}"
+        )
     return Concat()

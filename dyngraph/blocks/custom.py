@@ -17,7 +17,9 @@ from .registry import BlockParams, Shape, ShapeError, register_block
 
 
 class CustomParams(BlockParams):
-    target: str = Field(pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$", description="pkg.module.Class")
+    target: str = Field(
+        pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$", description="pkg.module.Class"
+    )
     kwargs: dict[str, Any] = {}
 
 

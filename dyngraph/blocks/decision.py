@@ -63,7 +63,9 @@ class FFGate(nn.Module):
 
     def add_site(self, in_shape: Shape) -> nn.Module:
         if _pooled_dim(in_shape) != self.dim:
-            raise ShapeError(f"the gate was built for dim={self.dim}, its input here is {list(in_shape)}")
+            raise ShapeError(
+                f"the gate was built for dim={self.dim}, its input here is {list(in_shape)}"
+            )
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +145,9 @@ class BlockDropPolicy(nn.Module):
     def finalize(self) -> None:
         """Build the network once the number of gates (sites) is known."""
         d = _pooled_dim(self.read_shape)
-        self.net = nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.sites))
+        self.net = nn.Sequential(
+            nn.Linear(d, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.sites)
+        )
         nn.init.constant_(self.net[-1].bias, self.bias)
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:

@@ -132,11 +132,16 @@ class Builder:
         """The block definition and validated params of an inline block, or None (a problem)."""
         bd = BLOCKS.get(m.type)
         if bd is None:
-            self.problem(path + ("type",), f"unknown block type '{m.type}'{did_you_mean(m.type, BLOCKS)}")
+            self.problem(
+                path + ("type",), f"unknown block type '{m.type}'{did_you_mean(m.type, BLOCKS)}"
+            )
             return None
         if bd.role not in roles:
             want = " or ".join(ROLES[r].split(":")[0] for r in roles)
-            self.problem(path + ("type",), f"'{m.type}' is a {bd.role} block ({ROLES[bd.role]}); here a {want} is needed")
+            self.problem(
+                path + ("type",),
+                f"'{m.type}' is a {bd.role} block ({ROLES[bd.role]}); here a {want} is needed",
+            )
             return None
         if m.type == "custom" and not self.trust_imports:
             target = m.params.get("target", "?")
@@ -153,7 +158,9 @@ class Builder:
                 self._pydantic_problem(path, err)
             return None
 
-    def _build_inline(self, m: InlineModule, path: tuple, in_shapes: list[Shape], roles: tuple[str, ...]) -> nn.Module | None:
+    def _build_inline(
+        self, m: InlineModule, path: tuple, in_shapes: list[Shape], roles: tuple[str, ...]
+    ) -> nn.Module | None:
         checked = self._check_inline(m, path, roles)
         if checked is None or any(s is None for s in in_shapes):
             return None
@@ -179,7 +186,13 @@ class Builder:
         msg, key = problem_text(err)
         self.problem(loc, msg, key=key)
 
-    def module(self, ref: str | InlineModule, path: tuple, in_shapes: list[Shape], roles: tuple[str, ...] = ("module",)) -> nn.Module | None:
+    def module(
+        self,
+        ref: str | InlineModule,
+        path: tuple,
+        in_shapes: list[Shape],
+        roles: tuple[str, ...] = ("module",),
+    ) -> nn.Module | None:
         """The module a reference names (built at first use) or an inline block, built and checked."""
         if isinstance(ref, InlineModule):
             return self._build_inline(ref, path, in_shapes, roles)
@@ -197,21 +210,31 @@ class Builder:
                 self._named[ref] = (m, in_shapes)
             m, shapes = self._named[ref]
             if shapes != in_shapes:
-                self.problem(path, f"shape mismatch: module '{ref}' is shared, built for inputs "
-                             f"{[list(s) for s in shapes]} and used here with {[list(s) for s in in_shapes]}")
+                self.problem(
+                    path,
+                    f"shape mismatch: module '{ref}' is shared, built for inputs "
+                    f"{[list(s) for s in shapes]} and used here with {[list(s) for s in in_shapes]}",
+                )
                 return None
             role = BLOCKS[self.spec.modules[ref].type].role
             if role not in roles:
-                self.problem(path, f"'{ref}' is a {role} block; here a {' or '.join(roles)} is needed")
+                self.problem(
+                    path, f"'{ref}' is a {role} block; here a {' or '.join(roles)} is needed"
+                )
                 return None
             return m
         if ref in self.spec.controllers:
-            self.problem(path, f"'{ref}' is a controller; name it as a gate's policy or a metalayer's controller")
+            self.problem(
+                path,
+                f"'{ref}' is a controller; name it as a gate's policy or a metalayer's controller",
+            )
             return None
         self.problem(path, f"unknown module '{ref}'{did_you_mean(ref, self.spec.modules)}")
         return None
 
-    def controller(self, ref: str | InlineModule, path: tuple, in_shape: Shape, roles: tuple[str, ...]) -> tuple[nn.Module, str] | None:
+    def controller(
+        self, ref: str | InlineModule, path: tuple, in_shape: Shape, roles: tuple[str, ...]
+    ) -> tuple[nn.Module, str] | None:
         """A decision maker: a named controller (shared, built at first use) or an inline one.
 
         Returns the module and the key its per-sample state is kept under.
@@ -221,16 +244,25 @@ class Builder:
             return None if m is None else (m, format_path(path))
         self._referenced.add(ref)
         if ref not in self.spec.controllers:
-            if ref in self.spec.modules and BLOCKS.get(self.spec.modules[ref].type, None) and BLOCKS[self.spec.modules[ref].type].role in roles:
+            if (
+                ref in self.spec.modules
+                and BLOCKS.get(self.spec.modules[ref].type, None)
+                and BLOCKS[self.spec.modules[ref].type].role in roles
+            ):
                 m = self.module(ref, path, [in_shape], roles)
                 return None if m is None else (m, ref)
-            self.problem(path, f"unknown controller '{ref}'{did_you_mean(ref, list(self.spec.controllers) + list(self.spec.modules))}")
+            self.problem(
+                path,
+                f"unknown controller '{ref}'{did_you_mean(ref, list(self.spec.controllers) + list(self.spec.modules))}",
+            )
             return None
         self._used_controllers.add(ref)
         if ref in self._named_failed:
             return None
         if ref not in self.controllers:
-            m = self._build_inline(self.spec.controllers[ref], ("controllers", ref), [in_shape], roles)
+            m = self._build_inline(
+                self.spec.controllers[ref], ("controllers", ref), [in_shape], roles
+            )
             if m is None:
                 self._named_failed.add(ref)
                 return None
@@ -239,7 +271,9 @@ class Builder:
         m = self.controllers[ref]
         role = BLOCKS[self.spec.controllers[ref].type].role
         if role not in roles:
-            self.problem(path, f"controller '{ref}' is a {role}; here a {' or '.join(roles)} is needed")
+            self.problem(
+                path, f"controller '{ref}' is a {role}; here a {' or '.join(roles)} is needed"
+            )
             return None
         return m, ref
 
@@ -253,13 +287,22 @@ class Builder:
             return None
 
     # ------------------------------------------------------------------ units
-    def unit(self, name: str, module: nn.Module, in_shapes: list[Shape], kind: str = "decision", construct: str = "") -> Unit:
+    def unit(
+        self,
+        name: str,
+        module: nn.Module,
+        in_shapes: list[Shape],
+        kind: str = "decision",
+        construct: str = "",
+    ) -> Unit:
         u = Unit(len(self.units), name, kind, module, [tuple(s) for s in in_shapes], construct)
         u.order = (getattr(self, "_cur_step", 0), len(self.units))
         self.units.append(u)
         return u
 
-    def program(self, body: Any, path: tuple, in_shape: Shape, name: str, construct: str) -> tuple[Unit | None, Shape | None]:
+    def program(
+        self, body: Any, path: tuple, in_shape: Shape, name: str, construct: str
+    ) -> tuple[Unit | None, Shape | None]:
         """A static body (one module, or a list of them run in order) as one segment unit."""
         items = list(body) if isinstance(body, list) else [body]
         item_paths = [path + (i,) for i in range(len(items))] if isinstance(body, list) else [path]
@@ -298,7 +341,9 @@ class Builder:
             dag.add_node(nid)
             for i, src in enumerate(inputs):
                 if src not in all_ids and src != "input":
-                    self.problem(path + ("inputs", i), f"unknown input '{src}'{did_you_mean(src, defined)}")
+                    self.problem(
+                        path + ("inputs", i), f"unknown input '{src}'{did_you_mean(src, defined)}"
+                    )
                 else:
                     dag.add_edge(src, nid)
             items.append((nid, node, path, inputs))
@@ -311,9 +356,15 @@ class Builder:
         reach = set().union(*(nx.ancestors(dag, s) | {s} for s in sinks)) if sinks else set()
         for nid, _node, path, _ in items:
             if nid not in reach:
-                self.problem(path, f"the output of node '{nid}' is never used: it reaches no exit and not the graph's output")
+                self.problem(
+                    path,
+                    f"the output of node '{nid}' is never used: it reaches no exit and not the graph's output",
+                )
         if exits and _construct_key(flat[-1][1]) != "exit":
-            self.problem(flat[-1][2], "a graph with exits must end with an exit (the last exit takes every sample left)")
+            self.problem(
+                flat[-1][2],
+                "a graph with exits must end with an exit (the last exit takes every sample left)",
+            )
 
         steps: list[Any] = []
         pending: list[StaticNode] = []
@@ -337,18 +388,35 @@ class Builder:
                     self._referenced.add(ref)
                 m = self.module(ref, path, in_shapes)
                 arity_ok = True
-                bd = BLOCKS.get(self.spec.modules[ref].type if isinstance(ref, str) and ref in self.spec.modules else getattr(ref, "type", ""), None)
+                bd = BLOCKS.get(
+                    self.spec.modules[ref].type
+                    if isinstance(ref, str) and ref in self.spec.modules
+                    else getattr(ref, "type", ""),
+                    None,
+                )
                 if bd is not None:
                     lo, hi = bd.arity
                     if len(inputs) < lo or (hi is not None and len(inputs) > hi):
-                        want = f"{lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+                        want = (
+                            f"{lo}"
+                            if lo == hi
+                            else f"at least {lo}"
+                            if hi is None
+                            else f"{lo} to {hi}"
+                        )
                         self.problem(path, f"'{bd.name}' takes {want} input(s), got {len(inputs)}")
                         arity_ok = False
-                shape = self.shapes_of(m, in_shapes, path, f"'{bd.name if bd else ref}'") if (m is not None and arity_ok) else None
+                shape = (
+                    self.shapes_of(m, in_shapes, path, f"'{bd.name if bd else ref}'")
+                    if (m is not None and arity_ok)
+                    else None
+                )
                 shapes[nid] = shape
                 if m is not None:
                     inside = {n.node_id for n in pending}
-                    pending_reads.extend(i for i in inputs if i not in pending_reads and i not in inside)
+                    pending_reads.extend(
+                        i for i in inputs if i not in pending_reads and i not in inside
+                    )
                     pending.append(StaticNode(nid, m, inputs, path))
                 continue
             flush()
@@ -394,7 +462,9 @@ class Builder:
             return None
         return self._plan(steps, flat[-1][0], shapes, aliases, bool(exits))
 
-    def _unroll(self, nodes: list, path: tuple, in_repeat: bool = False) -> list[tuple[str, Any, tuple]]:
+    def _unroll(
+        self, nodes: list, path: tuple, in_repeat: bool = False
+    ) -> list[tuple[str, Any, tuple]]:
         out = []
         seen: dict[str, tuple] = getattr(self, "_seen_ids", {})
         self._seen_ids = seen
@@ -408,11 +478,16 @@ class Builder:
             nid = getattr(node, "id", None)
             if nid is not None:
                 if in_repeat:
-                    self.problem(p + ("id",), "ids are not allowed inside `repeat` (each repetition would redefine it)")
+                    self.problem(
+                        p + ("id",),
+                        "ids are not allowed inside `repeat` (each repetition would redefine it)",
+                    )
                 elif nid == "input":
                     self.problem(p + ("id",), "'input' is reserved for the model input")
                 elif nid in seen:
-                    self.problem(p + ("id",), f"duplicate id '{nid}' (first at {format_path(seen[nid])})")
+                    self.problem(
+                        p + ("id",), f"duplicate id '{nid}' (first at {format_path(seen[nid])})"
+                    )
                 seen[nid] = p
             if in_repeat and getattr(node, "inputs", None):
                 self.problem(p + ("inputs",), "`inputs` are not allowed inside `repeat`")
@@ -431,7 +506,10 @@ class Builder:
                         ring = " -> ".join([cyc[0][0], *[v for _, v in cyc]])
                         self.problem(path + ("inputs", i), f"cycle: {ring}")
                     except nx.NetworkXNoCycle:
-                        self.problem(path + ("inputs", i), f"reads '{src}', which is defined later (nodes run in order)")
+                        self.problem(
+                            path + ("inputs", i),
+                            f"reads '{src}', which is defined later (nodes run in order)",
+                        )
 
     def _check_task(self, flat, shapes, exits, aliases) -> None:
         task = self.spec.task
@@ -440,7 +518,10 @@ class Builder:
         if not exits:
             s = shapes.get(flat[-1][0])
             if s is not None and s != (task.classes,):
-                self.problem(flat[-1][2], f"the graph's output has shape {list(s)}; the task needs [{task.classes}] (classes)")
+                self.problem(
+                    flat[-1][2],
+                    f"the graph's output has shape {list(s)}; the task needs [{task.classes}] (classes)",
+                )
 
     def _plan(self, steps, last_id, shapes, aliases, has_exits) -> Plan:
         # liveness: which ids are read after each step
@@ -462,7 +543,12 @@ class Builder:
                 outs = [d for d in defined if d in live_after[k]]
                 gm = segment_module(nodes, reads, outs)
                 self._cur_step = k
-                u = self.unit(f"segment {self.next_index('segment')}", gm, [shapes[i] for i in reads], "segment")
+                u = self.unit(
+                    f"segment {self.next_index('segment')}",
+                    gm,
+                    [shapes[i] for i in reads],
+                    "segment",
+                )
                 plan_steps.append(SegmentStep(u, reads, outs))
             else:
                 obj.live_after = live_after[k]
@@ -471,10 +557,16 @@ class Builder:
         for i, u in enumerate(self.units):
             u.index = i
         return Plan(
-            spec=self.spec, steps=plan_steps, units=self.units, output_id=out_id,
+            spec=self.spec,
+            steps=plan_steps,
+            units=self.units,
+            output_id=out_id,
             out_shape=self.runtimes["exit"][-1].head_shape if has_exits else shapes[out_id],
-            has_exits=has_exits, trace_sizes=dict(self.trace_sizes), blocks=self.blocks,
-            controllers=self.controllers, runtimes=self.runtimes,
+            has_exits=has_exits,
+            trace_sizes=dict(self.trace_sizes),
+            blocks=self.blocks,
+            controllers=self.controllers,
+            runtimes=self.runtimes,
         )
 
 

@@ -42,7 +42,9 @@ def compile(  # noqa: A001 - the public name in DESIGN §6
         backend: overrides the spec's `compile: {backend: ...}`; `none` runs eagerly.
         trust_imports: allow `type: custom` blocks that import user code.
     """
-    loaded = load_spec(spec, trust_imports=trust_imports) if not isinstance(spec, LoadedSpec) else spec
+    loaded = (
+        load_spec(spec, trust_imports=trust_imports) if not isinstance(spec, LoadedSpec) else spec
+    )
     plan = build_plan(loaded.spec, loaded.raw, loaded.file, trust_imports or loaded.trust_imports)
     model = DynamicModel(plan, backend or loaded.spec.compile.backend)
     compile_units(model, model.backend, loaded.spec.compile.dynamic)

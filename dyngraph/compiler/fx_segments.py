@@ -22,7 +22,9 @@ def _safe(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
-def segment_module(nodes: list[StaticNode], in_ids: list[str], out_ids: list[str], single: bool = False) -> fx.GraphModule:
+def segment_module(
+    nodes: list[StaticNode], in_ids: list[str], out_ids: list[str], single: bool = False
+) -> fx.GraphModule:
     """One GraphModule running `nodes` in order from `in_ids`, returning `out_ids`.
 
     Args:

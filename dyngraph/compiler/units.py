@@ -39,7 +39,9 @@ class Unit:
     def __call__(self, *args: torch.Tensor):
         return (self.fn if self.fn is not None else self.module)(*args)
 
-    def example_inputs(self, batch: int = 1, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    def example_inputs(
+        self, batch: int = 1, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, ...]:
         """Random inputs of the unit's shapes, for counting and timing."""
         g = torch.Generator().manual_seed(0)
         return tuple(torch.randn(batch, *s, generator=g).to(device) for s in self.in_shapes)

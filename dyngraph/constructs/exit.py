@@ -99,7 +99,9 @@ class ExitRuntime:
             pred = logits.argmax(dim=1)
             prev = ctx.states.get("exit/pred")
             count = ctx.states.get("exit/count")
-            count = torch.zeros_like(pred) if prev is None else torch.where(pred == prev, count + 1, 0)
+            count = (
+                torch.zeros_like(pred) if prev is None else torch.where(pred == prev, count + 1, 0)
+            )
             ctx.states["exit/pred"], ctx.states["exit/count"] = pred, count
             return count >= self.patience
         score = confidence(logits, self.kind, self.temperature)
@@ -128,10 +130,21 @@ def build_exit(spec: ExitSpec, b, site) -> tuple[ExitRuntime, tuple] | None:
     """Check and build one exit node."""
     index = b.next_index("exit")
     task = b.spec.task
-    if spec.criterion is not None and task.type != "classification" and spec.criterion.type != "patience":
-        b.problem(site.path + ("criterion",), f"criterion '{spec.criterion.type}' needs a classification task")
+    if (
+        spec.criterion is not None
+        and task.type != "classification"
+        and spec.criterion.type != "patience"
+    ):
+        b.problem(
+            site.path + ("criterion",),
+            f"criterion '{spec.criterion.type}' needs a classification task",
+        )
         return None
-    if spec.criterion is not None and spec.criterion.type == "patience" and task.type != "classification":
+    if (
+        spec.criterion is not None
+        and spec.criterion.type == "patience"
+        and task.type != "classification"
+    ):
         b.problem(site.path + ("criterion",), "criterion 'patience' needs a classification task")
         return None
     head = b.module(spec.head, site.path + ("head",), [site.in_shape])
@@ -141,7 +154,10 @@ def build_exit(spec: ExitSpec, b, site) -> tuple[ExitRuntime, tuple] | None:
     if out is None:
         return None
     if task.type == "classification" and out != (task.classes,):
-        b.problem(site.path + ("head",), f"shape mismatch: the head outputs {list(out)}; the task needs [{task.classes}] (classes)")
+        b.problem(
+            site.path + ("head",),
+            f"shape mismatch: the head outputs {list(out)}; the task needs [{task.classes}] (classes)",
+        )
         return None
     unit = b.unit(f"exit {index} head", head, [site.in_shape], construct=f"exit {index}")
     return ExitRuntime(index, unit, spec, site.in_id, site.node_id, out), site.in_shape

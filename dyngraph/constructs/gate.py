@@ -44,8 +44,19 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class GateRuntime:
     """One gate in each execution mode."""
 
-    def __init__(self, index: int, spec: GateSpec, body, policy, style: str, key: str, column: int,
-                 state_shape, reads: list[str], writes: str):
+    def __init__(
+        self,
+        index: int,
+        spec: GateSpec,
+        body,
+        policy,
+        style: str,
+        key: str,
+        column: int,
+        state_shape,
+        reads: list[str],
+        writes: str,
+    ):
         self.index, self.body, self.policy, self.style = index, body, policy, style
         self.key, self.column, self.state_shape = key, column, state_shape
         self.threshold, self.train_mode = spec.threshold, spec.train
@@ -119,8 +130,11 @@ def build_gate(spec: GateSpec, b, site) -> tuple[GateRuntime, tuple] | None:
     if body is None or got is None:
         return None
     if out != site.in_shape:
-        b.problem(site.path + ("body",), f"shape mismatch: a gated body must keep its input's shape "
-                  f"(skipped samples pass through): in {list(site.in_shape)}, out {list(out)}")
+        b.problem(
+            site.path + ("body",),
+            f"shape mismatch: a gated body must keep its input's shape "
+            f"(skipped samples pass through): in {list(site.in_shape)}, out {list(out)}",
+        )
         return None
     ctl, key = got
     style = ctl.style
@@ -142,11 +156,16 @@ def build_gate(spec: GateSpec, b, site) -> tuple[GateRuntime, tuple] | None:
         if unit is None:
             read_shape = b.shapes.get(ctl.reads)
             if read_shape is None:
-                b.problem(site.path + ("policy",), f"blockdrop_policy reads '{ctl.reads}', which is not "
-                          "the model input or a node before its first gate")
+                b.problem(
+                    site.path + ("policy",),
+                    f"blockdrop_policy reads '{ctl.reads}', which is not "
+                    "the model input or a node before its first gate",
+                )
                 return None
             ctl.read_shape = read_shape
             unit = b.unit(f"{key} policy", ctl, [read_shape], construct=name)
             b.shared[key] = unit
             reads = [site.in_id, ctl.reads]
-    return GateRuntime(index, spec, body, unit, style, f"gate/{key}", column, state_shape, reads, site.node_id), site.in_shape
+    return GateRuntime(
+        index, spec, body, unit, style, f"gate/{key}", column, state_shape, reads, site.node_id
+    ), site.in_shape

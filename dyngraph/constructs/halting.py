@@ -27,8 +27,12 @@ from ..runtime.context import split
 from ..spec.types import InlineModule, ModuleRef, Strict
 from .registry import register_construct
 
-_steps = Field(validation_alias=AliasChoices("max_steps", "steps"), ge=1, le=1000,
-               description="number of steps at most (`steps` is accepted too)")
+_steps = Field(
+    validation_alias=AliasChoices("max_steps", "steps"),
+    ge=1,
+    le=1000,
+    description="number of steps at most (`steps` is accepted too)",
+)
 
 
 class _Common(Strict):
@@ -211,10 +215,16 @@ class HaltingRuntime:
                 break
         ctx.record("steps", self.index, steps)
         if ctx.mode == "train":
-            ctx.extras["halting"].append({
-                "rule": self.rule, "states": states, "probs": probs, "steps": steps,
-                "remainder": remainder, "ponder": steps.to(x.dtype) + remainder,
-            })
+            ctx.extras["halting"].append(
+                {
+                    "rule": self.rule,
+                    "states": states,
+                    "probs": probs,
+                    "steps": steps,
+                    "remainder": remainder,
+                    "ponder": steps.to(x.dtype) + remainder,
+                }
+            )
         return out
 
 
@@ -227,10 +237,15 @@ def build_halting(spec, b, site) -> tuple[HaltingRuntime, tuple] | None:
     x_shape = site.in_shape
     step_in = (*x_shape[:-1], x_shape[-1] + 1) if getattr(spec, "step_flag", False) else x_shape
     if not spec.shared and not isinstance(spec.step, InlineModule):
-        b.problem(path + ("shared",), "`shared: false` needs an inline step (a named module is one instance)")
+        b.problem(
+            path + ("shared",),
+            "`shared: false` needs an inline step (a named module is one instance)",
+        )
         return None
     n_mods = 1 if spec.shared else spec.max_steps
-    mods = [b.module(spec.step, path + ("step",), [step_in], roles=("step",)) for _ in range(n_mods)]
+    mods = [
+        b.module(spec.step, path + ("step",), [step_in], roles=("step",)) for _ in range(n_mods)
+    ]
     if any(m is None for m in mods):
         return None
     state_shape = tuple(mods[0].state_shape)
@@ -238,7 +253,10 @@ def build_halting(spec, b, site) -> tuple[HaltingRuntime, tuple] | None:
     if out is None:
         return None
     if out != state_shape:
-        b.problem(path + ("step",), f"shape mismatch: the step returns {list(out)}, its state is {list(state_shape)}")
+        b.problem(
+            path + ("step",),
+            f"shape mismatch: the step returns {list(out)}, its state is {list(state_shape)}",
+        )
         return None
     init_unit = None
     if spec.init is not None:
@@ -248,7 +266,10 @@ def build_halting(spec, b, site) -> tuple[HaltingRuntime, tuple] | None:
         s = b.shapes_of(im, [x_shape], path + ("init",), "init")
         if s != state_shape:
             if s is not None:
-                b.problem(path + ("init",), f"shape mismatch: init outputs {list(s)}, the state is {list(state_shape)}")
+                b.problem(
+                    path + ("init",),
+                    f"shape mismatch: init outputs {list(s)}, the state is {list(state_shape)}",
+                )
             return None
         init_unit = b.unit(f"{name} init", im, [x_shape], "segment", name)
     step_shapes = [state_shape, x_shape] + ([(1,)] if getattr(spec, "step_flag", False) else [])
@@ -262,14 +283,23 @@ def build_halting(spec, b, site) -> tuple[HaltingRuntime, tuple] | None:
         pm = b.module(spec.policy, path + ("policy",), [feat], roles=("stop_policy",))
         if pm is None:
             return None
-        unit = b.unit(f"{name} stop policy", StopFeatures(pm), [x_shape, state_shape, (spec.max_steps,)], construct=name)
+        unit = b.unit(
+            f"{name} stop policy",
+            StopFeatures(pm),
+            [x_shape, state_shape, (spec.max_steps,)],
+            construct=name,
+        )
     else:
         default = InlineModule(type="act_unit" if spec.rule == "act" else "lambda_unit")
-        um = b.module(spec.unit or default, path + ("unit",), [state_shape], roles=("halting_unit",))
+        um = b.module(
+            spec.unit or default, path + ("unit",), [state_shape], roles=("halting_unit",)
+        )
         if um is None:
             return None
         unit = b.unit(f"{name} halting unit", um, [state_shape], construct=name)
-    rt = HaltingRuntime(index, spec, steps, unit, init_unit, state_shape, [site.in_id], site.node_id)
+    rt = HaltingRuntime(
+        index, spec, steps, unit, init_unit, state_shape, [site.in_id], site.node_id
+    )
     return rt, state_shape
 
 

@@ -23,16 +23,32 @@ from .registry import register_construct
 class MetalayerSpec(Strict):
     """`metalayer: {choices: [MODULE, ...], controller: CONTROLLER, explore: 0.1}`."""
 
-    choices: list[ModuleRef | list[ModuleRef]] = Field(min_length=2, description="modules, or lists run in order")
+    choices: list[ModuleRef | list[ModuleRef]] = Field(
+        min_length=2, description="modules, or lists run in order"
+    )
     controller: ModuleRef
-    explore: float = Field(0.0, ge=0.0, le=1.0, description="fraction of samples routed at random in training")
+    explore: float = Field(
+        0.0, ge=0.0, le=1.0, description="fraction of samples routed at random in training"
+    )
 
 
 class MetalayerRuntime:
     """One metalayer in each execution mode."""
 
-    def __init__(self, index: int, spec: MetalayerSpec, choices, router, key: str, ctl, state_shape,
-                 choice_params: list[int], reads: list[str], writes: str, out_shape):
+    def __init__(
+        self,
+        index: int,
+        spec: MetalayerSpec,
+        choices,
+        router,
+        key: str,
+        ctl,
+        state_shape,
+        choice_params: list[int],
+        reads: list[str],
+        writes: str,
+        out_shape,
+    ):
         self.index, self.choices, self.router, self.key = index, choices, router, key
         self.ctl, self.state_shape, self.explore = ctl, state_shape, spec.explore
         self.choice_names = [choice_label(c) for c in spec.choices]
@@ -54,7 +70,10 @@ class MetalayerRuntime:
                 cols = [p.gamma.train.sample(n) for p in prefs]
             else:
                 test = ctx.gamma_overrides.get(self.key, {})
-                cols = [torch.full((n,), float(test.get(k, p.gamma.test))) for k, p in self.ctl.preferences.items()]
+                cols = [
+                    torch.full((n,), float(test.get(k, p.gamma.test)))
+                    for k, p in self.ctl.preferences.items()
+                ]
             g = torch.stack(cols, dim=1) if cols else torch.zeros(n, 0)
             ctx.states[key] = g.to(device=like.device, dtype=like.dtype)
         return ctx.states[key]
@@ -67,7 +86,9 @@ class MetalayerRuntime:
         logits, ctx.states[self.key] = ctx.call(self.router, x, h, self.gamma(ctx, x.shape[0], x))
         if self.force is not None:
             g = torch.Generator(device="cpu").manual_seed(3000 + self.index)
-            c = torch.multinomial(torch.tensor(self.force), ctx.batch, replacement=True, generator=g).to(x.device)
+            c = torch.multinomial(
+                torch.tensor(self.force), ctx.batch, replacement=True, generator=g
+            ).to(x.device)
             return logits, c[ctx.idx if ctx.compacting else slice(None)]
         if ctx.mode != "train":
             return logits, logits.argmax(dim=1)
@@ -101,9 +122,15 @@ class MetalayerRuntime:
                     y.index_copy_(0, rows, ctx.call(unit, x.index_select(0, rows), count=rows))
         if ctx.mode == "train":
             logp = torch.log_softmax(logits, dim=1).gather(1, c[:, None]).squeeze(1)
-            ctx.extras["choices"].append({"logits": logits, "action": c, "logp": logp,
-                                          "gamma": ctx.states[f"gamma/{self.key}"],
-                                          "params": self.choice_params.to(x.device)[c]})
+            ctx.extras["choices"].append(
+                {
+                    "logits": logits,
+                    "action": c,
+                    "logp": logp,
+                    "gamma": ctx.states[f"gamma/{self.key}"],
+                    "params": self.choice_params.to(x.device)[c],
+                }
+            )
         ctx.env[self.writes] = y
 
 
@@ -128,20 +155,41 @@ def build_metalayer(spec: MetalayerSpec, b, site) -> tuple[MetalayerRuntime, tup
     if got is not None:
         ctl, key = got
         router = ctl.add_site(site.in_shape, len(spec.choices))
-        unit = b.unit(f"{name} controller", router, [site.in_shape, ctl.state_shape, (ctl.n_pref,)], construct=name)
+        unit = b.unit(
+            f"{name} controller",
+            router,
+            [site.in_shape, ctl.state_shape, (ctl.n_pref,)],
+            construct=name,
+        )
     units, shapes = [], []
     for j, choice in enumerate(spec.choices):
         label = choice_label(choice)
-        u, out = b.program(choice, site.path + ("choices", j), site.in_shape, f"{name} choice {j} ({label})", name)
+        u, out = b.program(
+            choice, site.path + ("choices", j), site.in_shape, f"{name} choice {j} ({label})", name
+        )
         units.append(u)
         shapes.append(out)
     if unit is None or any(u is None for u in units):
         return None
     if len(set(shapes)) != 1:
-        b.problem(site.path + ("choices",), f"shape mismatch: every choice must output the same shape, got {[list(s) for s in shapes]}")
+        b.problem(
+            site.path + ("choices",),
+            f"shape mismatch: every choice must output the same shape, got {[list(s) for s in shapes]}",
+        )
         return None
     params = [_n_params(u.module) for u in units]
-    rt = MetalayerRuntime(index, spec, units, unit, f"router/{key}", ctl, ctl.state_shape, params,
-                          [site.in_id], site.node_id, shapes[0])
+    rt = MetalayerRuntime(
+        index,
+        spec,
+        units,
+        unit,
+        f"router/{key}",
+        ctl,
+        ctl.state_shape,
+        params,
+        [site.in_id],
+        site.node_id,
+        shapes[0],
+    )
     rt.ctl_name = key
     return rt, shapes[0]

@@ -86,7 +86,9 @@ class RunContext:
         self.events.append((unit.index, self._global(count)))
         return unit(*args)
 
-    def record(self, field: str, col: int | None, values: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    def record(
+        self, field: str, col: int | None, values: torch.Tensor, where: torch.Tensor | None = None
+    ) -> None:
         """Write decisions `values` (one per current row, or per `where` positions) to the trace."""
         t = self.trace[field]
         if self.compacting:

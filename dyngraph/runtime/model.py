@@ -49,7 +49,9 @@ class DynamicModel(nn.Module):
         self.gates = plan.runtimes.get("gate", [])
         self.metalayers = plan.runtimes.get("metalayer", [])
         self.haltings = plan.runtimes.get("halting", [])
-        self.paths = PathTable(plan.trace_sizes["gates"], plan.trace_sizes["choices"], plan.trace_sizes["steps"])
+        self.paths = PathTable(
+            plan.trace_sizes["gates"], plan.trace_sizes["choices"], plan.trace_sizes["steps"]
+        )
         self._gamma: dict[str, dict[str, float]] = {}
         self._macs: dict[str, torch.Tensor] = {}
 
@@ -61,7 +63,9 @@ class DynamicModel(nn.Module):
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         expected = tuple(self.spec.input.shape)
         if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{self.name}: expected input [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+            raise ValueError(
+                f"{self.name}: expected input [B, {', '.join(map(str, expected))}], got {list(x.shape)}"
+            )
         ctx = RunContext(x, mode, self._plan.trace_sizes)
         ctx.gamma_overrides = self._gamma
         with torch.set_grad_enabled(torch.is_grad_enabled() and mode == "train"):
@@ -72,7 +76,15 @@ class DynamicModel(nn.Module):
             if not self._plan.has_exits:
                 ctx.out = ctx.env[self._plan.output_id]
         counts = ctx.unit_counts(len(self.units))
-        decisions = torch.cat([ctx.trace["exit"][:, None], ctx.trace["gates"], ctx.trace["choices"], ctx.trace["steps"]], 1)
+        decisions = torch.cat(
+            [
+                ctx.trace["exit"][:, None],
+                ctx.trace["gates"],
+                ctx.trace["choices"],
+                ctx.trace["steps"],
+            ],
+            1,
+        )
         trace = Trace(**ctx.trace, path_id=self.paths.assign(decisions), unit_counts=counts)
         return DynamicOutput(ctx.out, trace, dict(ctx.extras))
 
@@ -86,7 +98,9 @@ class DynamicModel(nn.Module):
         for node, v in zip(nodes, values, strict=True):
             node.threshold = float(v)
 
-    def set_gamma(self, value: float, preference: str | None = None, controller: str | None = None) -> None:
+    def set_gamma(
+        self, value: float, preference: str | None = None, controller: str | None = None
+    ) -> None:
         """Set the test-time preference value gamma of Composer controllers (no recompiling)."""
         found = False
         for m in self.metalayers:
@@ -111,7 +125,9 @@ class DynamicModel(nn.Module):
         if counter not in self._macs:
             from ..cost import unit_macs
 
-            self._macs[counter] = torch.tensor([unit_macs(u, counter) for u in self.units], dtype=torch.long)
+            self._macs[counter] = torch.tensor(
+                [unit_macs(u, counter) for u in self.units], dtype=torch.long
+            )
         return self._macs[counter]
 
     def per_input_macs(self, trace: Trace, counter: str = "fvcore") -> torch.Tensor:

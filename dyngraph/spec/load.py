@@ -34,7 +34,11 @@ def _known_keys() -> frozenset[str]:
 
 def problem_text(err: dict) -> tuple[str, bool]:
     """A person's wording of one pydantic error, and whether it points at a key (not a value)."""
-    typ, loc, ctx = err["type"], [p for p in err["loc"] if not str(p).startswith(TAG)], err.get("ctx") or {}
+    typ, loc, ctx = (
+        err["type"],
+        [p for p in err["loc"] if not str(p).startswith(TAG)],
+        err.get("ctx") or {},
+    )
     last = loc[-1] if loc else ""
     if typ == "missing":
         if last == "dyngraph":
@@ -44,17 +48,27 @@ def problem_text(err: dict) -> tuple[str, bool]:
         return f"unknown key '{last}'{did_you_mean(last, _known_keys())}", True
     if typ == "union_tag_invalid":
         tags = [t.strip("'") for t in str(ctx.get("expected_tags", "")).split(", ")]
-        return (f"unknown {ctx.get('discriminator', 'tag').strip(chr(39))} '{ctx.get('tag')}'"
-                f"{did_you_mean(ctx.get('tag'), tags)}; expected one of {', '.join(tags)}"), False
+        return (
+            f"unknown {ctx.get('discriminator', 'tag').strip(chr(39))} '{ctx.get('tag')}'"
+            f"{did_you_mean(ctx.get('tag'), tags)}; expected one of {', '.join(tags)}"
+        ), False
     if typ == "union_tag_not_found":
         return f"missing key {ctx.get('discriminator', '')}", False
     if typ == "literal_error":
         expected = str(ctx.get("expected", ""))
         choices = [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",")]
-        return f"expected {expected}, got {err.get('input')!r}{did_you_mean(err.get('input'), choices)}", False
+        return (
+            f"expected {expected}, got {err.get('input')!r}{did_you_mean(err.get('input'), choices)}",
+            False,
+        )
     msg = err["msg"]
     msg = msg[0].lower() + msg[1:] if msg else msg
-    if typ.endswith(("_type", "_parsing")) or typ in ("greater_than", "greater_than_equal", "less_than_equal", "too_short"):
+    if typ.endswith(("_type", "_parsing")) or typ in (
+        "greater_than",
+        "greater_than_equal",
+        "less_than_equal",
+        "too_short",
+    ):
         return f"{msg} (got {err.get('input')!r})", False
     return msg, False
 
@@ -81,7 +95,17 @@ def parse_spec(source: str | Path | dict, file: str | None = None) -> tuple[Spec
         file = file or name
         raw = load_yaml(text, file)
     if not isinstance(raw, dict):
-        raise SpecError([Problem(file, 1, 1, "", "a spec is a mapping of keys (dyngraph, name, input, task, graph, ...)")])
+        raise SpecError(
+            [
+                Problem(
+                    file,
+                    1,
+                    1,
+                    "",
+                    "a spec is a mapping of keys (dyngraph, name, input, task, graph, ...)",
+                )
+            ]
+        )
     try:
         spec = Spec.model_validate(raw)
     except pydantic.ValidationError as e:
@@ -90,12 +114,16 @@ def parse_spec(source: str | Path | dict, file: str | None = None) -> tuple[Spec
 
 
 def _read(source: str | Path) -> tuple[str, str]:
-    if isinstance(source, Path) or ("\n" not in str(source) and str(source).endswith((".yaml", ".yml"))):
+    if isinstance(source, Path) or (
+        "\n" not in str(source) and str(source).endswith((".yaml", ".yml"))
+    ):
         p = Path(source)
         try:
             return p.read_text(), str(source)
         except OSError as e:
-            raise SpecError([Problem(str(source), 0, 0, "", f"cannot read: {e.strerror}")]) from None
+            raise SpecError(
+                [Problem(str(source), 0, 0, "", f"cannot read: {e.strerror}")]
+            ) from None
     return str(source), "<string>"
 
 

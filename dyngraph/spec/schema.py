@@ -124,13 +124,22 @@ def json_schema() -> dict[str, Any]:
     variants = []
     for name, bd in sorted(BLOCKS.items()):
         sub = bd.params.model_json_schema(by_alias=True)
-        props = {"type": {"const": name}, "id": {"type": "string"},
-                 "inputs": {"type": "array", "items": {"type": "string"}}}
+        props = {
+            "type": {"const": name},
+            "id": {"type": "string"},
+            "inputs": {"type": "array", "items": {"type": "string"}},
+        }
         props.update(sub.get("properties", {}))
-        variants.append({
-            "title": name, "description": bd.doc, "type": "object", "properties": props,
-            "required": ["type", *sub.get("required", [])], "additionalProperties": False,
-        })
+        variants.append(
+            {
+                "title": name,
+                "description": bd.doc,
+                "type": "object",
+                "properties": props,
+                "required": ["type", *sub.get("required", [])],
+                "additionalProperties": False,
+            }
+        )
         for k, v in sub.get("$defs", {}).items():
             schema.setdefault("$defs", {})[k] = v
     schema["$defs"]["InlineModule"] = {"oneOf": variants}

@@ -45,13 +45,16 @@ class _Loader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, str | int | float | bool) and key is not None:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    "found an unhashable key", key_node.start_mark,
+                    "while constructing a mapping",
+                    node.start_mark,
+                    "found an unhashable key",
+                    key_node.start_mark,
                 )
             if key in out:
                 first = out.key_marks[key]
                 raise yaml.constructor.ConstructorError(
-                    None, None,
+                    None,
+                    None,
                     f"duplicate key '{key}' (first defined at line {first[0]})",
                     key_node.start_mark,
                 )
@@ -65,8 +68,12 @@ class _Loader(yaml.SafeLoader):
         return out
 
 
-_Loader.add_constructor("tag:yaml.org,2002:map", lambda loader, node: loader.construct_mapping(node))
-_Loader.add_constructor("tag:yaml.org,2002:seq", lambda loader, node: loader.construct_sequence(node))
+_Loader.add_constructor(
+    "tag:yaml.org,2002:map", lambda loader, node: loader.construct_mapping(node)
+)
+_Loader.add_constructor(
+    "tag:yaml.org,2002:seq", lambda loader, node: loader.construct_sequence(node)
+)
 
 
 def load_yaml(text: str, file: str = "<spec>") -> Any:

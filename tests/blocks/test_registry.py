@@ -15,8 +15,12 @@ EXAMPLES: dict[str, tuple[dict, list[tuple]]] = {
     "conv2d": ({"out": 4, "kernel": 3}, [(3, 8, 8)]),
     "batchnorm": ({}, [(3, 8, 8)]),
     "layernorm": ({}, [(16,)]),
-    "relu": ({}, [(16,)]), "gelu": ({}, [(16,)]), "tanh": ({}, [(16,)]),
-    "sigmoid": ({}, [(16,)]), "silu": ({}, [(16,)]), "identity": ({}, [(16,)]),
+    "relu": ({}, [(16,)]),
+    "gelu": ({}, [(16,)]),
+    "tanh": ({}, [(16,)]),
+    "sigmoid": ({}, [(16,)]),
+    "silu": ({}, [(16,)]),
+    "identity": ({}, [(16,)]),
     "flatten": ({}, [(3, 4, 4)]),
     "maxpool2d": ({"kernel": 2}, [(3, 8, 8)]),
     "avgpool2d": ({"kernel": 2}, [(3, 8, 8)]),
@@ -49,7 +53,13 @@ def test_every_block_has_an_example():
 def _instance(name: str):
     params, shapes = EXAMPLES[name]
     bd = BLOCKS[name]
-    build_shapes = shapes[-1:] if bd.role == "step" else shapes[:1] if bd.role in ("gate_policy", "router") else shapes
+    build_shapes = (
+        shapes[-1:]
+        if bd.role == "step"
+        else shapes[:1]
+        if bd.role in ("gate_policy", "router")
+        else shapes
+    )
     m = build_block(name, params, build_shapes)
     if name == "blockdrop_policy":
         m.add_site(shapes[0])

@@ -30,7 +30,9 @@ def test_max_prob_exits_where_the_criterion_first_holds():
 
 
 def test_patience_exit():
-    spec = HEADER + """graph:
+    spec = (
+        HEADER
+        + """graph:
   - {type: linear, out: 8}
   - repeat: 3
     nodes:
@@ -38,6 +40,7 @@ def test_patience_exit():
       - exit: {head: {type: classifier, classes: 3}, criterion: {type: patience, patience: 1}}
   - exit: {head: {type: classifier, classes: 3}}
 """
+    )
     torch.manual_seed(0)
     model = dg.compile(spec, backend="none").eval()
     x = torch.randn(200, 6) * 3
@@ -60,7 +63,10 @@ def _constant_unit(model, p: float) -> None:
 
 
 def test_act_halts_at_one_minus_epsilon_with_remainder():
-    model = dg.compile(_halting_spec("{rule: act, step: {type: gru_step, dim: 5}, max_steps: 10, epsilon: 0.01}"), backend="none").eval()
+    model = dg.compile(
+        _halting_spec("{rule: act, step: {type: gru_step, dim: 5}, max_steps: 10, epsilon: 0.01}"),
+        backend="none",
+    ).eval()
     _constant_unit(model, 0.3)  # 0.3 * 4 = 1.2 >= 0.99 first at n = 4; weights .3 .3 .3 .1
     x = torch.randn(7, 6)
     out = model(x)
@@ -76,13 +82,18 @@ def test_act_halts_at_one_minus_epsilon_with_remainder():
 
 
 def test_pondernet_halts_at_median_of_its_halting_distribution():
-    model = dg.compile(_halting_spec("{rule: pondernet, step: {type: gru_step, dim: 5}, max_steps: 10}"), backend="none").eval()
+    model = dg.compile(
+        _halting_spec("{rule: pondernet, step: {type: gru_step, dim: 5}, max_steps: 10}"),
+        backend="none",
+    ).eval()
     _constant_unit(model, 0.3)  # P(halted by n) = 0.3, 0.51 -> halts at n = 2
     assert (model(torch.randn(5, 6)).trace.steps[:, 0] == 2).all()
 
 
 def test_l2s_stops_where_the_policy_says_and_outputs_that_state():
-    spec = _halting_spec("{rule: l2s, steps: 4, step: {type: rnn_step, dim: 5}, shared: false, policy: {type: stop_mlp, hidden: 4}}")
+    spec = _halting_spec(
+        "{rule: l2s, steps: 4, step: {type: rnn_step, dim: 5}, shared: false, policy: {type: stop_mlp, hidden: 4}}"
+    )
     torch.manual_seed(0)
     model = dg.compile(spec, backend="none").eval()
     x = torch.randn(40, 6)
@@ -95,7 +106,7 @@ def test_l2s_stops_where_the_policy_says_and_outputs_that_state():
     tr = model(x).extras["halting"][0]
     model.eval()
     q = torch.stack(tr["probs"])  # [T, B]
-    stop = (q >= 0.5)
+    stop = q >= 0.5
     stop[-1] = True
     first = stop.float().argmax(0)
     assert torch.equal(out.trace.steps[:, 0], first + 1)
@@ -112,7 +123,7 @@ def test_gates_off_means_identity():
     try:
         model.set_threshold(1.0, construct="gate")
         with torch.no_grad():
-            for g in model.gates:  # probabilities < 1: every body skipped
+            for _g in model.gates:  # probabilities < 1: every body skipped
                 assert (model(x, mode="dense").trace.gates == 0).all()
         out = model(x)
         seg = [u for u in model.units if u.kind == "segment"]

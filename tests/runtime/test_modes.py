@@ -83,8 +83,7 @@ def test_train_mode_returns_what_objectives_need(spec_path):
 
 def _tensors(out):
     yield out.logits
-    for v in out.extras.get("exit_logits", []):
-        yield v
+    yield from out.extras.get("exit_logits", [])
     for g in out.extras.get("gates", []):
         yield g["prob"]
     for c in out.extras.get("choices", []):

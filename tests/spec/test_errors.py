@@ -22,8 +22,18 @@ def expectation(path) -> tuple[int, str]:
 
 def test_ten_kinds_of_broken_spec_are_kept():
     names = {p.stem for p in BAD}
-    assert names >= {"misspelled_type", "unknown_reference", "cycle", "shape_mismatch", "duplicate_key",
-                     "wrong_value_type", "unknown_key", "missing_version", "untrusted_import", "malformed"}
+    assert names >= {
+        "misspelled_type",
+        "unknown_reference",
+        "cycle",
+        "shape_mismatch",
+        "duplicate_key",
+        "wrong_value_type",
+        "unknown_key",
+        "missing_version",
+        "untrusted_import",
+        "malformed",
+    }
 
 
 @pytest.mark.parametrize("path", BAD, ids=spec_id)
@@ -38,8 +48,11 @@ def test_broken_spec_reports_line_and_exits_2(path, capsys):
 
 
 def test_cli_process_prints_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "dyngraph", "validate", *map(str, BAD)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dyngraph", "validate", *map(str, BAD)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) >= len(BAD)
@@ -97,18 +110,31 @@ graph:
 @pytest.mark.parametrize(
     "graph, message",
     [
-        ("  - {type: linear, out: 8}\n  - exit: {head: {type: classifier, classes: 3}, criterion: {type: max_prob, threshold: 0.5}}\n  - {type: linear, out: 8}",
-         "must end with an exit"),
-        ("  - {type: linear, out: 16}\n  - gate: {body: {type: linear, out: 8}, policy: {type: ff_gate}}\n  - {type: classifier, classes: 3}",
-         "must keep its input's shape"),
-        ("  - {type: linear, out: 16, id: a}\n  - {type: add, inputs: [a]}\n  - {type: classifier, classes: 3}",
-         "takes at least 2 input(s), got 1"),
-        ("  - {type: linear, out: 16, id: a}\n  - {type: linear, out: 16, inputs: [input]}\n  - {type: classifier, classes: 3}",
-         "never used"),
+        (
+            "  - {type: linear, out: 8}\n  - exit: {head: {type: classifier, classes: 3}, criterion: {type: max_prob, threshold: 0.5}}\n  - {type: linear, out: 8}",
+            "must end with an exit",
+        ),
+        (
+            "  - {type: linear, out: 16}\n  - gate: {body: {type: linear, out: 8}, policy: {type: ff_gate}}\n  - {type: classifier, classes: 3}",
+            "must keep its input's shape",
+        ),
+        (
+            "  - {type: linear, out: 16, id: a}\n  - {type: add, inputs: [a]}\n  - {type: classifier, classes: 3}",
+            "takes at least 2 input(s), got 1",
+        ),
+        (
+            "  - {type: linear, out: 16, id: a}\n  - {type: linear, out: 16, inputs: [input]}\n  - {type: classifier, classes: 3}",
+            "never used",
+        ),
         ("  - {type: linear, out: 16}\n  - {type: classifier, classes: 4}", "the task needs [3]"),
-        ("  - halting: {rule: act, step: {type: gru_step, dim: 8}, max_steps: 3, policy: {type: stop_mlp}}\n  - {type: classifier, classes: 3}",
-         "unknown key 'policy'"),
-        ("  - {type: linear, out: 16, inputs: [nope]}\n  - {type: classifier, classes: 3}", "unknown input 'nope'"),
+        (
+            "  - halting: {rule: act, step: {type: gru_step, dim: 8}, max_steps: 3, policy: {type: stop_mlp}}\n  - {type: classifier, classes: 3}",
+            "unknown key 'policy'",
+        ),
+        (
+            "  - {type: linear, out: 16, inputs: [nope]}\n  - {type: classifier, classes: 3}",
+            "unknown input 'nope'",
+        ),
     ],
 )
 def test_semantic_errors(graph, message):
