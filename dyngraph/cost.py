@@ -1,18 +1,57 @@
 """Static MACs of one unit at batch 1, by fvcore or by torch's FlopCounterMode.
 
 Convention: one multiply-add = 1 MAC (fvcore's). FlopCounterMode counts 2 x MACs, so its
-count is halved. Units are static graphs, so a count at batch 1 is exact, and a sample's
-MACs are the sum over the units it executed.
+count is halved. Units are static graphs, so a count at batch 1 is exact, and a sample's MACs
+are the sum over the units it executed.
+
+Neither counter knows every op: fvcore skips ops it has no handle for (it names them), and
+FlopCounterMode silently ignores ops outside its registry. `count_unit` names every op that
+carries multiply-adds and that the chosen counter did not count, so that no cost is silently
+zero.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 COUNTERS = ("fvcore", "torch")
+
+#: aten ops that carry multiply-adds (elementwise ops count 0 by convention).
+MAC_OPS = frozenset({
+    "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "mv", "addmv", "dot", "vdot",
+    "addr", "outer", "ger", "einsum", "tensordot", "bilinear", "_trilinear", "kron", "cdist",
+    "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d", "_scaled_mm", "chain_matmul", "linalg_multi_dot",
+    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell",
+    "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell",
+})
+_TORCH_COUNTED = frozenset(k.__name__ for k in flop_registry)
+
+
+@dataclass
+class UnitCost:
+    """The static cost of one unit for one sample."""
+
+    macs: int
+    by_module: dict[str, int] = field(default_factory=dict)
+    uncounted: list[str] = field(default_factory=list)  # MAC-carrying ops the counter missed
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func._overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def torch_macs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
@@ -22,10 +61,12 @@ def torch_macs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int
     return fc.get_total_flops() // 2
 
 
-def fvcore_macs(
-    module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
-) -> tuple[int, dict[str, int]]:
+def fvcore_macs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[int, dict[str, int]]:
     """MACs by fvcore's jit-traced count, and the ops it could not count (name -> occurrences)."""
+    return _fvcore(module, inputs)[:2]
+
+
+def _fvcore(module, inputs):
     from fvcore.nn import FlopCountAnalysis
 
     with torch.no_grad(), warnings.catch_warnings():
@@ -33,20 +74,39 @@ def fvcore_macs(
         fca = FlopCountAnalysis(module, inputs)
         fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         total = int(fca.total())
-        return total, dict(fca.unsupported_ops())
+        by_module = {k: int(v) for k, v in fca.by_module().items() if k and "." not in k}
+        return total, dict(fca.unsupported_ops()), by_module
+
+
+def count_unit(unit, counter: str = "fvcore") -> UnitCost:
+    """Static cost of `unit` for one sample (inputs of its recorded shapes at batch 1)."""
+    if counter not in COUNTERS:
+        raise ValueError(f"unknown counter {counter!r}; expected one of {COUNTERS}")
+    module = unit.module
+    was_training = module.training
+    module.eval()
+    try:
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        inputs = unit.example_inputs(1, device)
+        if counter == "fvcore":
+            total, unsupported, by_module = _fvcore(module, inputs)
+            missed = sorted(op.removeprefix("aten::") for op in unsupported if op.removeprefix("aten::") in MAC_OPS)
+            return UnitCost(total, by_module, missed)
+        rec = _OpRecorder()
+        with torch.no_grad(), FlopCounterMode(display=False) as fc, rec:
+            module(*inputs)
+        root = type(module).__name__
+        by_module = {
+            k[len(root) + 1 :]: sum(v.values()) // 2
+            for k, v in fc.get_flop_counts().items()
+            if k.startswith(root + ".") and "." not in k[len(root) + 1 :]
+        }
+        missed = sorted(op for op in rec.ops if op in MAC_OPS and op not in _TORCH_COUNTED)
+        return UnitCost(fc.get_total_flops() // 2, by_module, missed)
+    finally:
+        module.train(was_training)
 
 
 def unit_macs(unit, counter: str = "fvcore") -> int:
     """Static MACs of `unit` for one sample."""
-    if counter not in COUNTERS:
-        raise ValueError(f"unknown counter {counter!r}; expected one of {COUNTERS}")
-    was_training = unit.module.training
-    unit.module.eval()
-    try:
-        device = next((p.device for p in unit.module.parameters()), torch.device("cpu"))
-        inputs = unit.example_inputs(1, device)
-        if counter == "torch":
-            return torch_macs(unit.module, inputs)
-        return fvcore_macs(unit.module, inputs)[0]
-    finally:
-        unit.module.train(was_training)
+    return count_unit(unit, counter).macs

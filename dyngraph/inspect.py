@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime.model import DynamicModel, _dense_counts
+from .runtime.model import DynamicModel
 
 
 def count_paths(model: DynamicModel) -> int:
@@ -27,7 +27,7 @@ def count_paths(model: DynamicModel) -> int:
 def exit_macs(model: DynamicModel, counter: str = "fvcore") -> list[int]:
     """Cumulative static MACs of a sample leaving at each exit (every earlier unit once)."""
     macs = model.unit_macs(counter)
-    weights = _dense_counts(model)
+    weights = model.max_path_counts()
     out = []
     for e in model.exits:
         step_no = e.head.order[0]
@@ -51,7 +51,7 @@ def inspect_text(model: DynamicModel, counter: str = "fvcore") -> str:
     for p in points:
         lines.append(f"  {p.name}")
     lines.append(f"distinct paths: {count_paths(model):,}")
-    lines.append(f"static MACs (every unit, halting at max steps): {model.static_macs(counter):,}")
+    lines.append(f"static MACs of the longest path (every gate on, costliest choices, max steps): {model.static_macs(counter):,}")
     if model.exits:
         lines.append("")
         lines.append("exits (cumulative MACs of a sample leaving there):")

@@ -458,6 +458,7 @@ class Builder:
             if hasattr(ctl, "finalize"):
                 ctl.finalize()
         self._check_task(flat, shapes, exits, aliases)
+        self._check_data()
         if self.problems:
             return None
         return self._plan(steps, flat[-1][0], shapes, aliases, bool(exits))
@@ -510,6 +511,16 @@ class Builder:
                             path + ("inputs", i),
                             f"reads '{src}', which is defined later (nodes run in order)",
                         )
+
+    def _check_data(self) -> None:
+        from ..data import DATASETS
+
+        train = self.spec.train
+        if train is None:
+            return
+        name = train.data.name
+        if not name.endswith((".npz", ".pt")) and name not in DATASETS:
+            self.problem(("train", "data", "name"), f"unknown data set '{name}'{did_you_mean(name, DATASETS)}")
 
     def _check_task(self, flat, shapes, exits, aliases) -> None:
         task = self.spec.task

@@ -125,16 +125,9 @@ def build_gate(spec: GateSpec, b, site) -> tuple[GateRuntime, tuple] | None:
     index = b.next_index("gate")
     b.trace_sizes["gates"] += 1
     name = f"gate {index}"
-    body, out = b.program(spec.body, site.path + ("body",), site.in_shape, f"{name} body", name)
     got = b.controller(spec.policy, site.path + ("policy",), site.in_shape, ("gate_policy",))
-    if body is None or got is None:
-        return None
-    if out != site.in_shape:
-        b.problem(
-            site.path + ("body",),
-            f"shape mismatch: a gated body must keep its input's shape "
-            f"(skipped samples pass through): in {list(site.in_shape)}, out {list(out)}",
-        )
+    if got is None:
+        b.program(spec.body, site.path + ("body",), site.in_shape, f"{name} body", name)  # its problems too
         return None
     ctl, key = got
     style = ctl.style
@@ -166,6 +159,16 @@ def build_gate(spec: GateSpec, b, site) -> tuple[GateRuntime, tuple] | None:
             unit = b.unit(f"{key} policy", ctl, [read_shape], construct=name)
             b.shared[key] = unit
             reads = [site.in_id, ctl.reads]
+    body, out = b.program(spec.body, site.path + ("body",), site.in_shape, f"{name} body", name)
+    if body is None:
+        return None
+    if out != site.in_shape:
+        b.problem(
+            site.path + ("body",),
+            f"shape mismatch: a gated body must keep its input's shape "
+            f"(skipped samples pass through): in {list(site.in_shape)}, out {list(out)}",
+        )
+        return None
     return GateRuntime(
         index, spec, body, unit, style, f"gate/{key}", column, state_shape, reads, site.node_id
     ), site.in_shape

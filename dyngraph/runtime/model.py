@@ -53,7 +53,7 @@ class DynamicModel(nn.Module):
             plan.trace_sizes["gates"], plan.trace_sizes["choices"], plan.trace_sizes["steps"]
         )
         self._gamma: dict[str, dict[str, float]] = {}
-        self._macs: dict[str, torch.Tensor] = {}
+        self._costs: dict[str, list] = {}
 
     # ------------------------------------------------------------------ running
     def forward(self, x: torch.Tensor, mode: str | None = None) -> DynamicOutput:
@@ -120,35 +120,45 @@ class DynamicModel(nn.Module):
     def describe_path(self, path_id: int) -> str:
         return self.paths.describe(path_id, self.choice_names())
 
+    def unit_costs(self, counter: str = "fvcore") -> list:
+        """Static cost (MACs, by-module breakdown, uncounted ops) of every unit, for one sample."""
+        if counter not in self._costs:
+            from ..cost import count_unit
+
+            self._costs[counter] = [count_unit(u, counter) for u in self.units]
+        return self._costs[counter]
+
     def unit_macs(self, counter: str = "fvcore") -> torch.Tensor:
         """[U] static MACs of every unit at batch 1 (fvcore, or `torch` = FlopCounterMode / 2)."""
-        if counter not in self._macs:
-            from ..cost import unit_macs
-
-            self._macs[counter] = torch.tensor(
-                [unit_macs(u, counter) for u in self.units], dtype=torch.long
-            )
-        return self._macs[counter]
+        return torch.tensor([c.macs for c in self.unit_costs(counter)], dtype=torch.long)
 
     def per_input_macs(self, trace: Trace, counter: str = "fvcore") -> torch.Tensor:
         """[B] MACs each sample executed, read off its trace."""
         return trace.unit_counts.cpu() @ self.unit_macs(counter)
 
-    def static_macs(self, counter: str = "fvcore") -> int:
-        """MACs of one sample run through every unit (halting steps at max_steps)."""
-        return int(_dense_counts(self) @ self.unit_macs(counter))
+    def max_path_counts(self, decisions: bool = True) -> torch.Tensor:
+        """[U] unit runs of the longest path: every gate on, the costliest choice of each
+        metalayer, halting at max_steps, leaving at the last exit (optionally without the
+        decision units: the static backbone)."""
+        counts = torch.ones(len(self.units), dtype=torch.long)
+        for h in self.haltings:
+            for s in h.steps:
+                counts[s.index] = h.max_steps if len(h.steps) == 1 else 1
+            counts[h.unit.index] = h.max_steps
+        macs = self.unit_macs()
+        for m in self.metalayers:
+            best = max(m.choices, key=lambda u: int(macs[u.index]))
+            for u in m.choices:
+                counts[u.index] = int(u is best)
+        if not decisions:
+            for u in self.units:
+                if u.kind == "decision":
+                    counts[u.index] = 0
+        return counts
+
+    def static_macs(self, counter: str = "fvcore", decisions: bool = True) -> int:
+        """MACs of one sample on the longest path (see max_path_counts)."""
+        return int(self.max_path_counts(decisions) @ self.unit_macs(counter))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, units={len(self.units)}, backend={self.backend!r}"
-
-
-def _dense_counts(model: DynamicModel) -> torch.Tensor:
-    """How many times each unit runs in a full static pass of one sample."""
-    counts = torch.zeros(len(model.units), dtype=torch.long)
-    for u in model.units:
-        counts[u.index] = 1
-    for h in model.haltings:
-        for s in h.steps:
-            counts[s.index] = h.max_steps if len(h.steps) == 1 else 1
-        counts[h.unit.index] = h.max_steps
-    return counts

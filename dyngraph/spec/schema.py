@@ -103,6 +103,22 @@ class CompileSpec(Strict):
     dynamic: bool = True
 
 
+class DataSpec(Strict):
+    """A data set: a built-in name (see `dyngraph.data.DATASETS`) or a .npz/.pt file."""
+
+    name: str
+    params: dict[str, Any] = {}
+    seed: int = 0
+
+
+class TrainSpec(Strict):
+    """Training settings; `data` is also what `dyngraph profile` reads by default."""
+
+    data: DataSpec
+    batch_size: int = Field(128, gt=0)
+    seed: int = 0
+
+
 class Spec(Strict):
     """A dyngraph spec (schema version 1)."""
 
@@ -114,6 +130,7 @@ class Spec(Strict):
     controllers: dict[Ident, InlineModule] = {}
     graph: list[Node] = Field(min_length=1)
     compile: CompileSpec = CompileSpec()
+    train: TrainSpec | None = None
 
 
 def json_schema() -> dict[str, Any]:

@@ -1,0 +1,12 @@
+"""Data sets that ship or are generated; nothing downloads.
+
+`load_data(name, split, ...)` returns a `Data` of inputs, targets and per-sample metadata
+(e.g. the difficulty k of state_tracking, the side of a wide digit). Splits are fixed by the
+seed: the same call gives the same samples on every machine.
+"""
+
+from __future__ import annotations
+
+from .sets import DATASETS, Data, load_data
+
+__all__ = ["DATASETS", "Data", "load_data"]
