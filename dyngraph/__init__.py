@@ -4,6 +4,7 @@ from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
 from .blocks import register_block
 from .compiler.compile import compile
 from .constructs import register_construct
+from .profiler import Profile, profile
 from .runtime.model import DynamicModel, DynamicOutput
 from .runtime.trace import Trace
 from .spec.errors import Problem, SpecError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,19 @@ class DynamicModel(nn.Module):
         )
         trace = Trace(**ctx.trace, path_id=self.paths.assign(decisions), unit_counts=counts)
         return DynamicOutput(ctx.out, trace, dict(ctx.extras))
+
+    @contextlib.contextmanager
+    def eager(self):
+        """Run the units' eager modules for a while (e.g. under FlopCounterMode, which a
+        compiled graph cannot run under); the compiled ones come back afterwards."""
+        saved = [u.fn for u in self.units]
+        for u in self.units:
+            u.fn = None
+        try:
+            yield self
+        finally:
+            for u, fn in zip(self.units, saved, strict=True):
+                u.fn = fn
 
     # ------------------------------------------------------------------ decision settings
     def set_threshold(self, value: float | list[float], construct: str = "exit") -> None:
