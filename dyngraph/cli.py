@@ -84,6 +84,96 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "LOCAL_RANK" not in __import__("os").environ:
+        import subprocess
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "dyngraph", "train", args.spec] + (["--out", args.out] if args.out else []) + (
+               ["--resume"] if args.resume else []) + (["--max-steps", str(args.max_steps)] if args.max_steps else [])
+        return subprocess.call(cmd)
+    from .training import train
+    from .training.loop import TrainingError
+
+    try:
+        r = train(args.spec, out=args.out, resume=args.resume, max_steps=args.max_steps, progress=None if not args.no_progress else False)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if r["out"] is not None:
+        print(f"wrote {r['out']}/final.pt, checkpoint.pt, metrics.csv")
+    return 0
+
+
+def _loaded_model(args):
+    from .compiler.compile import compile
+
+    model = compile(args.spec, backend=getattr(args, "backend", None), trust_imports=getattr(args, "trust_imports", False))
+    if args.checkpoint:
+        import torch
+
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"] if "model" in state else state)
+        if "settings" in state:
+            model.load_decision_settings(state["settings"])
+    return model.eval()
+
+
+def _split(model, name: str):
+    from .training.batches import Batches
+
+    if model.spec.train is None:
+        raise SystemExit(f"{model.name}: the spec names no data set (train.data)")
+    return Batches(model.spec.train).split(name)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .training.calibrate import calibrate_budget, fit_temperatures
+    from .training.checkpoint import save_atomic
+    from .training.evaluate import evaluate
+
+    model = _loaded_model(args)
+    val = _split(model, "val")
+    temps = fit_temperatures(model, val) if not args.no_temperature else []
+    if temps:
+        print("temperatures per exit: " + ", ".join(f"{t:.3g}" for t in temps))
+    r = calibrate_budget(model, val, args.budget)
+    test = evaluate(model, _split(model, "test"))
+    print(f"{r['setting']} = {r['value']:.4g}: val mean MACs {r['mean_macs']:,.0f} (target {r['target']:,.0f}"
+          f"{'' if r['met'] else ', not reachable'}); test: {test['macs_fraction']:.1%} of the longest path, "
+          f"{_quality_text(model, test)}")
+    out = args.out or str(args.checkpoint).replace(".pt", "") + f".calibrated-{args.budget:g}.pt"
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True) if args.checkpoint else {}
+    state = state if isinstance(state, dict) and "model" in state else {"model": model.state_dict()}
+    state["settings"] = model.decision_settings()
+    save_atomic(state, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _quality_text(model, res) -> str:
+    if "quality" not in res:
+        return "no labels"
+    q = res["quality"]
+    return f"accuracy {100 * q:.2f}%" if model.spec.task.type == "classification" else f"NMSE {q:.2f} dB"
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .training.evaluate import evaluate
+
+    model = _loaded_model(args)
+    res = evaluate(model, _split(model, args.split))
+    print(f"{model.name} on {args.split} ({res['inputs']:,} inputs): {_quality_text(model, res)}, "
+          f"mean {res['mean_macs']:,.0f} MACs per input ({res['macs_fraction']:.1%} of the longest path, {res['full_macs']:,})")
+    if "exits" in res:
+        print("  inputs per exit: " + ", ".join(f"exit {e}: {c}" for e, c in res["exits"].items()))
+    for desc, c in list(res["paths"].items())[:10]:
+        print(f"  {c:>6}  {desc}")
+    return 0
+
+
 def _schema(args: argparse.Namespace) -> int:
     from .spec.schema import json_schema
 
@@ -122,6 +212,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--counter", choices=("fvcore", "torch"), default="fvcore")
     i.add_argument("--trust-imports", action="store_true")
     i.set_defaults(fn=_inspect)
+    t = sub.add_parser("train", help="train the spec's stages (train: section)")
+    t.add_argument("spec")
+    t.add_argument("--out", help="run folder (default runs/NAME)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    t.add_argument("--max-steps", type=int, help="cap every stage at this many steps (quick runs)")
+    t.add_argument("--nproc", type=int, default=1, help="processes (DistributedDataParallel via torchrun)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=_train)
+    c = sub.add_parser("calibrate", help="temperature scaling and the decision setting that meets a MAC budget")
+    c.add_argument("spec")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--budget", type=float, required=True, help="fraction of the longest path's MACs, e.g. 0.5")
+    c.add_argument("--no-temperature", action="store_true")
+    c.add_argument("--out")
+    c.set_defaults(fn=_calibrate, backend="none")
+    e = sub.add_parser("eval", help="accuracy, mean MACs per input and routing on a split")
+    e.add_argument("spec")
+    e.add_argument("--checkpoint")
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.set_defaults(fn=_eval, backend="none")
     pr = sub.add_parser("profile", help="per-input MACs, per-path latency, report and plots")
     pr.add_argument("spec")
     pr.add_argument("--checkpoint", help="weights (a checkpoint of `dyngraph train` or a state dict)")

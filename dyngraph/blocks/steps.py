@@ -6,6 +6,7 @@ FlopCounterMode both count them exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -60,6 +61,7 @@ def rnn_step(p: StepParams, shapes: list[Shape]) -> nn.Module:
     return RNNStep(in_features(shapes, p.in_), p.dim)
 
 
+@functools.cache
 def measurement_matrix(m: int, n: int, seed: int) -> torch.Tensor:
     """The Gaussian sensing matrix A (m x n, unit-norm columns) of sparse recovery, from a seed."""
     g = torch.Generator().manual_seed(seed)
@@ -72,7 +74,7 @@ class ListaLayer(nn.Module):
 
     def __init__(self, m: int, n: int, seed: int, lam: float):
         super().__init__()
-        a = measurement_matrix(m, n, seed)
+        a = measurement_matrix(m, n, seed).clone()
         lip = float(torch.linalg.matrix_norm(a, ord=2) ** 2)
         self.register_buffer("A", a)
         self.W = nn.Parameter(a.t().clone() / lip)  # ISTA's step at init

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from ..runtime.context import split
 from ..spec.types import ModuleRef, Strict
-from .registry import register_construct
+from .registry import register_construct, register_objective
 
 
 class MaxProb(Strict):
@@ -113,6 +113,7 @@ class ExitRuntime:
         leave = self.decide(logits, ctx)
         if not ctx.compacting:
             ctx.extras["exit_logits"].append(logits)
+            ctx.extras["exit_features"].append(x)
             newly = ctx.live & leave
             ctx.record("exit", None, torch.full_like(ctx.trace["exit"], self.index), where=leave)
             ctx.emit(leave, logits)
@@ -161,3 +162,31 @@ def build_exit(spec: ExitSpec, b, site) -> tuple[ExitRuntime, tuple] | None:
         return None
     unit = b.unit(f"exit {index} head", head, [site.in_shape], construct=f"exit {index}")
     return ExitRuntime(index, unit, spec, site.in_id, site.node_id, out), site.in_shape
+
+
+@register_objective("exit")
+def exit_objective(lc) -> dict[str, torch.Tensor]:
+    """Weighted task loss over every exit (MSDNet); SCAN's self-distillation from the last exit:
+    KL at temperature T (scaled by T^2) and an L2 alignment of the exit's input features."""
+    exits, logits = lc.model.exits, lc.out.extras["exit_logits"]
+    feats = lc.out.extras["exit_features"]
+    weights = torch.tensor([e.spec.weight for e in exits])
+    task = sum(w * lc.task_loss(z).mean() for w, z in zip(weights.tolist(), logits, strict=True)) / weights.sum()
+    terms = {"task": task}
+    last, last_feat = logits[-1].detach(), feats[-1].detach()
+    kl = feat = 0.0
+    for e, z, f in zip(exits[:-1], logits[:-1], feats[:-1], strict=True):
+        d = e.spec.distill
+        if d is None:
+            continue
+        t = d.temperature
+        kl = kl + d.kl_weight * t * t * torch.nn.functional.kl_div(
+            torch.log_softmax(z / t, 1), torch.softmax(last / t, 1), reduction="batchmean")
+        if d.feature_weight:
+            feat = feat + d.feature_weight * (f - last_feat).pow(2).mean()
+    if torch.is_tensor(kl):
+        terms["distill_kl"] = kl
+    if torch.is_tensor(feat):
+        terms["distill_features"] = feat
+    lc.task_replaced = True
+    return terms

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from ..runtime.context import split
 from ..spec.types import ModuleRef, Strict
-from .registry import register_construct
+from .registry import register_construct, register_objective
 
 TRAIN_MODES = ("straight_through", "soft", "sample", "hard")
 
@@ -62,6 +62,8 @@ class GateRuntime:
         self.threshold, self.train_mode = spec.threshold, spec.train
         self.reads, self.writes = reads, writes
         self.force: float | None = None  # benchmarks/tests: run the body with this probability
+        self.forced_on = False  # training curriculum (BlockDrop): this gate always runs
+        self.mode_override: str | None = None  # a training stage's `decisions:`
         self.live_after: set[str] = set()
 
     @property
@@ -105,17 +107,23 @@ class GateRuntime:
             ctx.env[self.writes] = torch.where(_bcast(on, x), yb, x)
             return
         hard = on.to(x.dtype)
-        if self.train_mode == "soft":
+        mode = self.mode_override or self.train_mode
+        if self.forced_on:
+            one = torch.ones_like(p)
+            ctx.extras["gates"].append({"prob": p, "action": one, "logp": torch.zeros_like(p), "gate": one, "forced": True})
+            ctx.env[self.writes] = yb
+            return
+        if mode == "soft":
             g, act = p, hard
-        elif self.train_mode == "straight_through":
+        elif mode == "straight_through":
             g, act = hard + p - p.detach(), hard
-        elif self.train_mode == "sample":
+        elif mode == "sample":
             act = torch.bernoulli(p.detach())
             g = act
         else:
             g, act = hard, hard
         logp = act * torch.log(p.clamp_min(1e-8)) + (1 - act) * torch.log((1 - p).clamp_min(1e-8))
-        ctx.extras["gates"].append({"prob": p, "action": act, "logp": logp})
+        ctx.extras["gates"].append({"prob": p, "action": act, "logp": logp, "gate": g, "forced": False, "mode": mode})
         ctx.env[self.writes] = x + _bcast(g, x) * (yb - x)
 
 
@@ -172,3 +180,39 @@ def build_gate(spec: GateSpec, b, site) -> tuple[GateRuntime, tuple] | None:
     return GateRuntime(
         index, spec, body, unit, style, f"gate/{key}", column, state_shape, reads, site.node_id
     ), site.in_shape
+
+
+@register_objective("gate")
+def gate_objective(lc) -> dict[str, torch.Tensor]:
+    """Compute penalty on the gates (straight-through or soft), and REINFORCE for sampled
+    gates: SkipNet's reward -CE - alpha x fraction run with a batch-mean baseline, or BlockDrop's
+    1 - (used/K)^2 if correct else -gamma with a self-critical (greedy) baseline."""
+    obj, gates = lc.objective, lc.out.extras["gates"]
+    terms: dict[str, torch.Tensor] = {}
+    free = [g for g in gates if not g["forced"]]
+    if not free:
+        return terms
+    soft = [g for g in free if g["mode"] != "sample"]
+    if soft and obj.gate_penalty:
+        terms["gate_penalty"] = lc.ramp * obj.gate_penalty * torch.stack([g["gate"] for g in soft]).mean()
+    sampled = [g for g in free if g["mode"] == "sample"]
+    if sampled:
+        acts = torch.stack([g["action"] for g in gates])  # [G, B], forced gates count as run
+        frac = acts.mean(0)
+        logp = torch.stack([g["logp"] for g in sampled]).sum(0)
+        if obj.gate_reward == "skipnet":
+            reward = -lc.task_loss(lc.out.logits).detach() - obj.skipnet_alpha * frac
+            baseline = reward.mean()
+        else:
+            reward = blockdrop_reward(lc, lc.out.logits, frac, obj)
+            with torch.no_grad():  # self-critical: the greedy decisions' reward
+                greedy = lc.greedy()
+                gfrac = torch.stack([g["action"] for g in greedy.extras["gates"]]).mean(0)
+                baseline = blockdrop_reward(lc, greedy.logits, gfrac, obj)
+        terms["gate_reinforce"] = -obj.policy_weight * ((reward - baseline).detach() * logp).mean()
+    return terms
+
+
+def blockdrop_reward(lc, logits, frac, obj) -> torch.Tensor:
+    correct = lc.correct(logits)
+    return torch.where(correct, 1 - frac.pow(2), torch.full_like(frac, -obj.blockdrop_gamma)).detach()

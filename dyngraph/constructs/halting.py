@@ -25,7 +25,7 @@ from torch import nn
 
 from ..runtime.context import split
 from ..spec.types import InlineModule, ModuleRef, Strict
-from .registry import register_construct
+from .registry import register_construct, register_objective
 
 _steps = Field(
     validation_alias=AliasChoices("max_steps", "steps"),
@@ -308,3 +308,45 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def _halting_distribution(probs: list[torch.Tensor], rule: str) -> torch.Tensor:
+    """[T, B] probability of stopping at each step, from per-step lambda (PonderNet) or pi (L2S);
+    the last step takes what is left."""
+    out, left = [], torch.ones_like(probs[0])
+    for t, p in enumerate(probs):
+        stop = left if t == len(probs) - 1 else left * p
+        out.append(stop)
+        left = left * (1 - p)
+    return torch.stack(out)
+
+
+@register_objective("halting")
+def halting_objective(lc) -> dict[str, torch.Tensor]:
+    """ACT: task loss + tau x (N + R). PonderNet: sum_n p_n L(y_n) + kl_weight x KL(p || geometric
+    prior). L2S: stage I, sum_t q*_t L_t with q* = softmin_t(L_t / beta) (the oracle,
+    not back-propagated); stage II, KL(q* || q_phi) for the stop policy; `joint` adds both."""
+    terms: dict[str, torch.Tensor] = {}
+    for h, ex in zip(lc.model.haltings, lc.out.extras["halting"], strict=True):
+        if h.rule == "act":
+            terms[f"ponder_{h.index}"] = h.spec.ponder_cost * ex["ponder"].mean()
+            continue
+        losses = torch.stack([lc.task_loss(lc.tail(h, s)) for s in ex["states"]])  # [T, B]
+        if h.rule == "pondernet":
+            p = _halting_distribution(ex["probs"], h.rule)
+            terms["ponder_reconstruction"] = (p * losses).sum(0).mean()
+            steps = torch.arange(len(ex["probs"]), dtype=p.dtype, device=p.device)
+            prior = h.spec.prior * (1 - h.spec.prior) ** steps
+            prior = (prior / prior.sum())[:, None]
+            terms["ponder_kl"] = h.spec.kl_weight * (p * (p.clamp_min(1e-10).log() - prior.log())).sum(0).mean()
+            lc.task_replaced = True
+            continue
+        q_star = torch.softmax(-losses.detach() / h.spec.beta, dim=0)  # q* ∝ p(y|t,x)^(1/beta)
+        stage = lc.objective.l2s
+        if stage in ("likelihood", "joint"):
+            terms["l2s_oracle"] = (q_star * losses).sum(0).mean()
+        if stage in ("imitation", "joint"):
+            q_phi = _halting_distribution(ex["probs"], h.rule)
+            terms["l2s_imitation"] = (q_star * (q_star.clamp_min(1e-10).log() - q_phi.clamp_min(1e-10).log())).sum(0).mean()
+        lc.task_replaced = True
+    return terms

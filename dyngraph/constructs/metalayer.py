@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from ..spec.types import ModuleRef, Strict
-from .registry import register_construct
+from .registry import register_construct, register_objective
 
 
 class MetalayerSpec(Strict):
@@ -193,3 +193,32 @@ def build_metalayer(spec: MetalayerSpec, b, site) -> tuple[MetalayerRuntime, tup
     )
     rt.ctl_name = key
     return rt, shapes[0]
+
+
+@register_objective("metalayer")
+def metalayer_objective(lc) -> dict[str, torch.Tensor]:
+    """Composer: REINFORCE on log p(y|x,c) + C(p, c, gamma) with a batch-mean baseline, where
+    C = -sum over preferences of gamma x cost: `params` = the chosen module's parameters over the
+    largest choice's, summed over metalayers; plus the batch-entropy cost (weight
+    `entropy_cost`, or a preference with cost `batch_entropy`), which rewards varied routing."""
+    obj, picks = lc.objective, lc.out.extras["choices"]
+    reward = -lc.task_loss(lc.out.logits).detach()  # log p(y|x,c) (classification)
+    terms: dict[str, torch.Tensor] = {}
+    ent = 0.0
+    logp = 0.0
+    for m, pick in zip(lc.model.metalayers, picks, strict=True):
+        gamma = pick["gamma"]
+        for j, (_, pref) in enumerate(m.ctl.preferences.items()):
+            if pref.cost == "params":
+                reward = reward - gamma[:, j] * pick["params"] / m.choice_params.max()
+            else:
+                probs = torch.softmax(pick["logits"], 1).mean(0)
+                ent = ent - (gamma[:, j].mean() * -(probs * probs.clamp_min(1e-8).log()).sum())
+        logp = logp + pick["logp"]
+        if obj.entropy_cost:
+            probs = torch.softmax(pick["logits"], 1).mean(0)
+            ent = ent - obj.entropy_cost * -(probs * probs.clamp_min(1e-8).log()).sum()
+    terms["route_reinforce"] = -obj.policy_weight * ((reward - reward.mean()).detach() * logp).mean()
+    if torch.is_tensor(ent):
+        terms["batch_entropy"] = ent
+    return terms

@@ -20,6 +20,7 @@ class ConstructDef:
     schema: type[BaseModel]
     build: Callable
     trace_field: str  # the Trace column group this construct's decisions fill
+    objective: Callable | None = None  # objective(lc) -> {term: loss}; see training/loss.py
 
 
 CONSTRUCTS: dict[str, ConstructDef] = {}
@@ -32,6 +33,18 @@ def register_construct(key: str, schema: type[BaseModel], trace_field: str) -> C
         if key in CONSTRUCTS:
             raise ValueError(f"construct {key!r} is registered twice")
         CONSTRUCTS[key] = ConstructDef(key, schema, fn, trace_field)
+        return fn
+
+    return deco
+
+
+def register_objective(key: str) -> Callable:
+    """Attach the training objective of construct `key` (defined in the construct's own file)."""
+
+    def deco(fn: Callable) -> Callable:
+        import dataclasses
+
+        CONSTRUCTS[key] = dataclasses.replace(CONSTRUCTS[key], objective=fn)
         return fn
 
     return deco

@@ -102,6 +102,20 @@ class DynamicModel(nn.Module):
             for u, fn in zip(self.units, saved, strict=True):
                 u.fn = fn
 
+    def tail(self, node, value: torch.Tensor) -> torch.Tensor:
+        """The model's output for `value` standing as the output of construct `node`, through the
+        static segments after it (per-step losses of halting nodes)."""
+        steps = self._plan.steps
+        after = steps[steps.index(node) + 1 :]
+        env = {node.writes: value}
+        for step in after:
+            if not hasattr(step, "unit") or not all(r in env for r in step.reads):
+                raise NotImplementedError(
+                    f"per-step losses of {node.name} need only static nodes after it, reading its output")
+            for k, v in zip(step.outputs, step.unit(*[env[r] for r in step.reads]), strict=True):
+                env[k] = v
+        return env[self._plan.output_id]
+
     # ------------------------------------------------------------------ decision settings
     def set_threshold(self, value: float | list[float], construct: str = "exit") -> None:
         """Set exit (or gate, or halting) thresholds without recompiling: one value or one per node."""
@@ -111,6 +125,25 @@ class DynamicModel(nn.Module):
             raise ValueError(f"{len(values)} thresholds for {len(nodes)} {construct} nodes")
         for node, v in zip(nodes, values, strict=True):
             node.threshold = float(v)
+
+    def decision_settings(self) -> dict:
+        """Thresholds, temperatures and gamma: what calibration changes (saved in checkpoints)."""
+        return {
+            "exits": [{"threshold": e.threshold, "temperature": e.temperature} for e in self.exits],
+            "gates": [g.threshold for g in self.gates],
+            "haltings": [{"threshold": h.threshold, "epsilon": h.epsilon} for h in self.haltings],
+            "gamma": {k: dict(v) for k, v in self._gamma.items()},
+        }
+
+    def load_decision_settings(self, s: dict) -> None:
+        for e, v in zip(self.exits, s.get("exits", []), strict=False):
+            e.threshold, e.temperature = v["threshold"], v["temperature"]
+        for g, v in zip(self.gates, s.get("gates", []), strict=False):
+            g.threshold = v
+        for h, v in zip(self.haltings, s.get("haltings", []), strict=False):
+            h.threshold, h.epsilon = v["threshold"], v["epsilon"]
+        self._gamma.clear()
+        self._gamma.update({k: dict(v) for k, v in s.get("gamma", {}).items()})
 
     def set_gamma(
         self, value: float, preference: str | None = None, controller: str | None = None
