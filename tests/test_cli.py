@@ -39,3 +39,11 @@ def test_blocks_lists_the_registry(capsys):
         "lambda_unit",
     ):
         assert name in out
+
+
+def test_spec_reference_is_current():
+    """docs/spec.md is generated from the schema and registries; regenerate it when they change."""
+    from dyngraph.docs import generate
+    from tests.conftest import ROOT
+
+    assert (ROOT / "docs" / "spec.md").read_text() == generate(), "run: python -m dyngraph.docs > docs/spec.md"
