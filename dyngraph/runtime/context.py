@@ -119,13 +119,3 @@ class RunContext:
         self.idx = self.idx[rows]
         self.env = {k: v.index_select(0, rows) for k, v in self.env.items() if k in live_ids}
         self.states = {k: v.index_select(0, rows) for k, v in self.states.items()}
-
-    def unit_counts(self, n_units: int) -> torch.Tensor:
-        """[batch, units]: how many times each sample executed each unit."""
-        counts = torch.zeros((self.batch, n_units), dtype=torch.long, device=self.device)
-        for u, rows in self.events:
-            if rows.dtype == torch.bool:
-                counts[:, u] += rows.long()
-            else:
-                counts[rows, u] += 1
-        return counts

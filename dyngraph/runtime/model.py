@@ -76,17 +76,7 @@ class DynamicModel(nn.Module):
                 step.run(ctx)
             if not self._plan.has_exits:
                 ctx.out = ctx.env[self._plan.output_id]
-        counts = ctx.unit_counts(len(self.units))
-        decisions = torch.cat(
-            [
-                ctx.trace["exit"][:, None],
-                ctx.trace["gates"],
-                ctx.trace["choices"],
-                ctx.trace["steps"],
-            ],
-            1,
-        )
-        trace = Trace(**ctx.trace, path_id=self.paths.assign(decisions), unit_counts=counts)
+        trace = Trace(**ctx.trace, events=ctx.events, n_units=len(self.units), paths=self.paths)
         return DynamicOutput(ctx.out, trace, dict(ctx.extras))
 
     @contextlib.contextmanager

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 
-@dataclass
 class Trace:
     """What each sample of a batch did.
 
@@ -18,20 +17,39 @@ class Trace:
         choices: [B, M] index of the choice taken at each metalayer (-1 never reached).
         steps: [B, H] steps run at each halting node (0 never reached).
         path_id: [B] the id of the sample's path (a tuple of all its decisions) in the model's
-            PathTable; a path's cost is static.
+            PathTable; a path's cost is static. Computed on first access.
         unit_counts: [B, U] how many times each sample executed each unit of the model.
+            Computed on first access from the run's record of which rows ran each unit.
     """
 
-    exit: torch.Tensor
-    gates: torch.Tensor
-    choices: torch.Tensor
-    steps: torch.Tensor
-    path_id: torch.Tensor
-    unit_counts: torch.Tensor
+    def __init__(self, exit, gates, choices, steps, events, n_units: int, paths: PathTable):
+        self.exit, self.gates, self.choices, self.steps = exit, gates, choices, steps
+        self._events, self._n_units, self._paths = events, n_units, paths
+        self._path_id: torch.Tensor | None = None
+        self._unit_counts: torch.Tensor | None = None
 
     def decisions(self) -> torch.Tensor:
         """[B, D]: every decision of each sample in one row (what defines its path)."""
         return torch.cat([self.exit[:, None], self.gates, self.choices, self.steps], dim=1)
+
+    @property
+    def path_id(self) -> torch.Tensor:
+        if self._path_id is None:
+            self._path_id = self._paths.assign(self.decisions())
+        return self._path_id
+
+    @property
+    def unit_counts(self) -> torch.Tensor:
+        if self._unit_counts is None:
+            b = self.exit.shape[0]
+            counts = torch.zeros((b, self._n_units), dtype=torch.long, device=self.exit.device)
+            for u, rows in self._events:
+                if rows.dtype == torch.bool:
+                    counts[:, u] += rows.long()
+                else:
+                    counts[rows, u] += 1
+            self._unit_counts = counts
+        return self._unit_counts
 
     def __len__(self) -> int:
         return self.exit.shape[0]
