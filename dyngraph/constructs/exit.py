@@ -17,7 +17,7 @@ from typing import Annotated, Literal, Union
 import torch
 from pydantic import Field
 
-from ..runtime.context import split
+from ..runtime.context import pseudo_uniform, split
 from ..spec.types import ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -79,22 +79,19 @@ class ExitRuntime:
         self.temperature = getattr(crit, "temperature", 1.0)
         self.patience = getattr(crit, "patience", None)
         self.last = False  # set by the compiler for the graph's final exit
-        self.force: float | None = None  # benchmarks/tests: leave with this probability
+        self.force: float | None = None  # benchmarks: leave with this probability
         self.live_after: set[str] = set()
 
     @property
     def name(self) -> str:
         return f"exit {self.index}"
 
-    def decide(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+    def decide(self, logits: torch.Tensor, ctx, x: torch.Tensor) -> torch.Tensor:
         """Which rows leave here (bool, one per current row)."""
         if self.last:
             return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-        if self.force is not None:  # a fixed, per-sample pseudo-random decision (benchmarks, tests)
-            g = torch.Generator(device="cpu").manual_seed(1000 + self.index)
-            u = torch.rand(ctx.batch, generator=g).to(logits.device)
-            rows = ctx.idx if ctx.compacting else torch.arange(ctx.batch, device=logits.device)
-            return u[rows] < self.force
+        if self.force is not None:  # leave with probability `force`, fixed per sample (benchmarks)
+            return pseudo_uniform(x, self.index) < self.force
         if self.kind == "patience":
             pred = logits.argmax(dim=1)
             prev = ctx.states.get("exit/pred")
@@ -110,7 +107,7 @@ class ExitRuntime:
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]
         logits = ctx.call(self.head, x)
-        leave = self.decide(logits, ctx)
+        leave = self.decide(logits, ctx, x)
         if not ctx.compacting:
             ctx.extras["exit_logits"].append(logits)
             ctx.extras["exit_features"].append(x)
@@ -120,9 +117,13 @@ class ExitRuntime:
             ctx.live = ctx.live & ~newly
             return
         going, staying, k = split(leave)
-        ctx.record("exit", None, torch.full_like(going, self.index), where=going)
+        if k == 0:
+            return
+        ctx.record("exit", None, torch.full((k,), self.index, dtype=torch.long, device=x.device), where=going)
         ctx.emit(going, logits)
-        if k:
+        if staying is None:
+            ctx.finish()
+        else:
             ctx.keep(staying, self.live_after)
 
 

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..runtime.context import split
+from ..runtime.context import pseudo_uniform, split
 from ..spec.types import ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -86,10 +86,8 @@ class GateRuntime:
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]
         p = self.probs(ctx, x)
-        if self.force is not None:
-            g = torch.Generator(device="cpu").manual_seed(2000 + self.index)
-            u = torch.rand(ctx.batch, generator=g).to(x.device)
-            p = (u[ctx.idx if ctx.compacting else slice(None)] < self.force).to(x.dtype)
+        if self.force is not None:  # run with probability `force`, fixed per sample (benchmarks)
+            p = (pseudo_uniform(x, 100 + self.index) < self.force).to(x.dtype)
         on = p >= self.threshold
         ctx.record("gates", self.index, on.long())
         if ctx.compacting:

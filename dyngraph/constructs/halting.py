@@ -23,7 +23,7 @@ import torch
 from pydantic import AliasChoices, Field
 from torch import nn
 
-from ..runtime.context import split
+from ..runtime.context import pseudo_uniform, split
 from ..spec.types import InlineModule, ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -101,7 +101,7 @@ class HaltingRuntime:
         self.epsilon = getattr(spec, "epsilon", None)
         self.flag = getattr(spec, "step_flag", False)
         self.reads, self.writes = reads, writes
-        self.force: torch.Tensor | None = None  # benchmarks/tests: steps per sample (global index)
+        self.force: tuple[int, int] | None = None  # benchmarks: steps per sample drawn in [lo, hi]
         self.live_after: set[str] = set()
 
     @property
@@ -131,10 +131,14 @@ class HaltingRuntime:
         carry = carry * (1 - lam)
         return (1 - carry >= self.threshold) | last, carry, lam
 
-    def _forced(self, ctx, t: int, rows) -> torch.Tensor | None:
+    def _forced(self, t: int, x: torch.Tensor) -> torch.Tensor | None:
+        """With `force = (lo, hi)`, each sample halts after a number of steps drawn in [lo, hi],
+        fixed by its input (benchmarks)."""
         if self.force is None:
             return None
-        return self.force.to(rows.device)[rows] <= t + 1
+        lo, hi = self.force
+        steps = lo + (pseudo_uniform(x, 300 + self.index) * (hi - lo + 1)).long()
+        return steps <= t + 1
 
     def _init(self, ctx, x):
         if self.init is not None:
@@ -161,7 +165,7 @@ class HaltingRuntime:
             cnt = None if pos.shape[0] == n else pos
             h = self._step(ctx, t, h, xa, cnt)
             halt, new_carry, p = self._decide(ctx, t, h, xa, carry, cnt)
-            forced = self._forced(ctx, t, ctx.idx[pos])
+            forced = self._forced(t, xa)
             if forced is not None:
                 halt = forced | (t == self.max_steps - 1)
             if acc is not None:
@@ -169,11 +173,15 @@ class HaltingRuntime:
                 acc = acc + w.view(-1, *([1] * (h.dim() - 1))) * h
             res = acc if acc is not None else h
             going, staying, k = split(halt)
-            if k:
-                out.index_copy_(0, pos[going], res[going])
-                steps.index_fill_(0, pos[going], t + 1)
-            if k == pos.shape[0]:
+            if going is None:  # every row left in the loop halts now
+                out.index_copy_(0, pos, res)
+                steps.index_fill_(0, pos, t + 1)
                 break
+            if k == 0:
+                carry = new_carry
+                continue
+            out.index_copy_(0, pos[going], res[going])
+            steps.index_fill_(0, pos[going], t + 1)
             pos, h, xa, carry = pos[staying], h[staying], xa[staying], new_carry[staying]
             if acc is not None:
                 acc = acc[staying]
@@ -195,7 +203,7 @@ class HaltingRuntime:
         for t in range(self.max_steps):
             h = self._step(ctx, t, h, x, count=running)
             halt, new_carry, p = self._decide(ctx, t, h, x, carry, count=running)
-            forced = self._forced(ctx, t, torch.arange(n, device=x.device))
+            forced = self._forced(t, x)
             if forced is not None:
                 halt = forced | (t == self.max_steps - 1)
             states.append(h)

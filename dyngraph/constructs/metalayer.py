@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from ..runtime.context import pseudo_uniform
 from ..spec.types import ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -84,12 +85,9 @@ class MetalayerRuntime:
         if h is None:
             h = x.new_zeros((x.shape[0], *self.state_shape))
         logits, ctx.states[self.key] = ctx.call(self.router, x, h, self.gamma(ctx, x.shape[0], x))
-        if self.force is not None:
-            g = torch.Generator(device="cpu").manual_seed(3000 + self.index)
-            c = torch.multinomial(
-                torch.tensor(self.force), ctx.batch, replacement=True, generator=g
-            ).to(x.device)
-            return logits, c[ctx.idx if ctx.compacting else slice(None)]
+        if self.force is not None:  # route with probabilities `force`, fixed per sample (benchmarks)
+            edges = torch.tensor(self.force, device=x.device).cumsum(0)[:-1]
+            return logits, torch.bucketize(pseudo_uniform(x, 200 + self.index), edges, right=True)
         if ctx.mode != "train":
             return logits, logits.argmax(dim=1)
         c = torch.multinomial(torch.softmax(logits.detach(), dim=1), 1).squeeze(1)

@@ -19,17 +19,37 @@ import torch
 MODES = ("infer", "dense", "train")
 
 
-def split(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Positions where `mask` is true and where it is false, with one host sync."""
+def split(mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """Positions where `mask` is true and where it is false, with one host sync.
+
+    `None` stands for "every row" (no index tensor is built when the split is all-or-nothing):
+    `yes` is None when k == n, `no` is None when k == 0.
+    """
     n = mask.shape[0]
     k = int(mask.sum())
     if k == n:
-        return torch.arange(n, device=mask.device), mask.new_empty(0, dtype=torch.long), k
+        return None, _empty(mask.device), k
     if k == 0:
-        return mask.new_empty(0, dtype=torch.long), torch.arange(n, device=mask.device), k
+        return _empty(mask.device), None, k
     yes = torch.nonzero_static(mask, size=k).squeeze(1)
     no = torch.nonzero_static(~mask, size=n - k).squeeze(1)
     return yes, no, k
+
+
+_EMPTY: dict[torch.device, torch.Tensor] = {}
+
+
+def _empty(device) -> torch.Tensor:
+    if device not in _EMPTY:
+        _EMPTY[device] = torch.empty(0, dtype=torch.long, device=device)
+    return _EMPTY[device]
+
+
+def pseudo_uniform(x: torch.Tensor, salt: int) -> torch.Tensor:
+    """A number in [0, 1) per row, fixed by the row's values (so a sample gets the same one in any
+    batch). Used to force decisions in benchmarks and tests (`force` on a construct runtime)."""
+    v = x.detach().flatten(1)[:, :8].float().sum(1)
+    return torch.frac((v.abs() * 9973.0 + 0.618 * salt) * (1.0 + 0.1 * salt))
 
 
 class RunContext:
@@ -40,13 +60,16 @@ class RunContext:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         b, dev = x.shape[0], x.device
         self.mode, self.batch, self.device = mode, b, dev
-        self.idx = torch.arange(b, device=dev)
-        self.live = torch.ones(b, dtype=torch.bool, device=dev)
+        self.compacting = mode == "infer"
+        self.idx: torch.Tensor | None = None  # infer: sample index of each current row; None = all, in order
+        self.live = None if self.compacting else torch.ones(b, dtype=torch.bool, device=dev)
         self.env: dict[str, torch.Tensor] = {"input": x}
         self.states: dict[str, torch.Tensor] = {}
         self.out: torch.Tensor | None = None
-        self.events: list[tuple[int, torch.Tensor]] = []
+        self.events: list[tuple[int, torch.Tensor | None]] = []
         self.extras: dict[str, Any] = defaultdict(list)
+        self.gamma_overrides: dict[str, dict[str, float]] = {}
+        self._rows = b
         self.trace = {
             "exit": torch.full((b,), -1, dtype=torch.long, device=dev),
             "gates": torch.full((b, trace_sizes["gates"]), -1, dtype=torch.long, device=dev),
@@ -55,24 +78,27 @@ class RunContext:
         }
 
     @property
-    def compacting(self) -> bool:
-        return self.mode == "infer"
-
-    @property
     def rows(self) -> int:
         """The number of rows the values in `env` have now."""
-        return self.idx.shape[0] if self.compacting else self.batch
+        return self._rows
 
     @property
     def done(self) -> bool:
-        return self.rows == 0
+        return self._rows == 0
 
-    def _global(self, count: torch.Tensor | None) -> torch.Tensor:
-        """Which samples `count` (positions or a mask over the current rows) stands for."""
+    def sample_index(self) -> torch.Tensor:
+        """Infer: the sample index of every current row."""
+        if self.idx is None:
+            self.idx = torch.arange(self.batch, device=self.device)
+        return self.idx
+
+    def _global(self, count: torch.Tensor | None) -> torch.Tensor | None:
+        """Which samples `count` (positions or a mask over the current rows) stands for
+        (None: every current row, in infer mode)."""
         if self.compacting:
             if count is None:
                 return self.idx
-            return self.idx[count] if count.dtype != torch.bool else self.idx[count]
+            return count if self.idx is None and count.dtype != torch.bool else self.sample_index()[count]
         if count is None:
             return self.live
         if count.dtype == torch.bool:
@@ -86,13 +112,17 @@ class RunContext:
         self.events.append((unit.index, self._global(count)))
         return unit(*args)
 
-    def record(
-        self, field: str, col: int | None, values: torch.Tensor, where: torch.Tensor | None = None
-    ) -> None:
+    def record(self, field: str, col: int | None, values: torch.Tensor, where: torch.Tensor | None = None) -> None:
         """Write decisions `values` (one per current row, or per `where` positions) to the trace."""
         t = self.trace[field]
         if self.compacting:
-            rows = self.idx if where is None else self.idx[where]
+            if where is None and self.idx is None:
+                if col is None:
+                    t.copy_(values)
+                else:
+                    t[:, col] = values
+                return
+            rows = self.sample_index() if where is None else self.sample_index()[where]
             if col is None:
                 t[rows] = values
             else:
@@ -104,18 +134,32 @@ class RunContext:
             else:
                 t[:, col] = torch.where(sel, values, t[:, col])
 
-    def emit(self, leaving: torch.Tensor, logits: torch.Tensor) -> None:
-        """Samples at positions (infer) or in the mask (dense/train) `leaving` output `logits`."""
+    def emit(self, leaving: torch.Tensor | None, logits: torch.Tensor) -> None:
+        """Samples at positions `leaving` (infer; None = every current row) or in the mask
+        (dense/train) output `logits`."""
+        if self.compacting:
+            if leaving is None and self.idx is None and self.out is None:
+                self.out = logits  # everyone leaves here, in order: no copy
+                return
+            if self.out is None:
+                self.out = logits.new_zeros((self.batch, *logits.shape[1:]))
+            if leaving is None:
+                self.out.index_copy_(0, self.sample_index(), logits)
+            else:
+                self.out.index_copy_(0, self.sample_index()[leaving], logits[leaving])
+            return
         if self.out is None:
             self.out = logits.new_zeros((self.batch, *logits.shape[1:]))
-        if self.compacting:
-            self.out.index_copy_(0, self.idx[leaving], logits[leaving])
-        else:
-            sel = (self.live & leaving).view(-1, *([1] * (logits.dim() - 1)))
-            self.out = torch.where(sel, logits, self.out)
+        sel = (self.live & leaving).view(-1, *([1] * (logits.dim() - 1)))
+        self.out = torch.where(sel, logits, self.out)
 
     def keep(self, rows: torch.Tensor, live_ids: set[str]) -> None:
         """Infer: only the rows at positions `rows` go on; compact every live value to them."""
-        self.idx = self.idx[rows]
+        self.idx = rows if self.idx is None else self.idx[rows]
+        self._rows = rows.shape[0]
         self.env = {k: v.index_select(0, rows) for k, v in self.env.items() if k in live_ids}
         self.states = {k: v.index_select(0, rows) for k, v in self.states.items()}
+
+    def finish(self) -> None:
+        """Infer: every remaining row has left."""
+        self._rows = 0

@@ -44,7 +44,9 @@ class Trace:
             b = self.exit.shape[0]
             counts = torch.zeros((b, self._n_units), dtype=torch.long, device=self.exit.device)
             for u, rows in self._events:
-                if rows.dtype == torch.bool:
+                if rows is None:  # every sample of the batch
+                    counts[:, u] += 1
+                elif rows.dtype == torch.bool:
                     counts[:, u] += rows.long()
                 else:
                     counts[rows, u] += 1
