@@ -17,12 +17,15 @@ from .registry import BlockParams, Shape, ShapeError, in_features, register_bloc
 
 
 class GRUStep(nn.Module):
-    """A GRU cell, state first: h' = (1 - z) * n + z * h."""
+    """A GRU cell, state first: h' = (1 - z) * n + z * h; initialized as nn.GRUCell."""
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
         self.x2h, self.h2h = nn.Linear(in_dim, 3 * dim), nn.Linear(dim, 3 * dim)
         self.state_shape: Shape = (dim,)
+        bound = 1 / math.sqrt(dim)  # nn.GRUCell's init: every weight U(-1/sqrt(hidden), +)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         xr, xz, xn = self.x2h(x).chunk(3, dim=1)

@@ -168,7 +168,9 @@ def build_exit(spec: ExitSpec, b, site) -> tuple[ExitRuntime, tuple] | None:
 @register_objective("exit")
 def exit_objective(lc) -> dict[str, torch.Tensor]:
     """Weighted task loss over every exit (MSDNet); SCAN's self-distillation from the last exit:
-    KL at temperature T (scaled by T^2) and an L2 alignment of the exit's input features."""
+    KL at temperature T (scaled by T^2) and an L2 alignment of the exit's layer-normalized input
+    features with the last exit's (unnormalized, the alignment diverged: the residual stream's
+    scale grew without bound)."""
     exits, logits = lc.model.exits, lc.out.extras["exit_logits"]
     feats = lc.out.extras["exit_features"]
     weights = torch.tensor([e.spec.weight for e in exits])
@@ -183,8 +185,9 @@ def exit_objective(lc) -> dict[str, torch.Tensor]:
         t = d.temperature
         kl = kl + d.kl_weight * t * t * torch.nn.functional.kl_div(
             torch.log_softmax(z / t, 1), torch.softmax(last / t, 1), reduction="batchmean")
-        if d.feature_weight:
-            feat = feat + d.feature_weight * (f - last_feat).pow(2).mean()
+        if d.feature_weight:  # on layer-normalized features: the residual stream's scale is free
+            norm = torch.nn.functional.layer_norm
+            feat = feat + d.feature_weight * (norm(f, f.shape[1:]) - norm(last_feat, f.shape[1:])).pow(2).mean()
     if torch.is_tensor(kl):
         terms["distill_kl"] = kl
     if torch.is_tensor(feat):
