@@ -58,6 +58,14 @@ def diversify(model: dg.DynamicModel) -> None:
                 )
                 if mod.bias is not None:
                     mod.bias.zero_()
+    l2s = [h for h in model.haltings if h.rule == "l2s"]
+    if l2s:  # stop where about a third of the (sample, step) stop probabilities pass
+        model.train()
+        out = model(random_batch(model, 256, seed=98), mode="train")
+        model.eval()
+        for h, ex in zip(model.haltings, out.extras["halting"], strict=True):
+            if h.rule == "l2s":
+                h.threshold = float(torch.quantile(torch.stack(ex["probs"]).flatten(), 0.9))
     if model.exits:
         from dyngraph.constructs.exit import confidence
 

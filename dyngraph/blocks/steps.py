@@ -84,6 +84,16 @@ class ListaLayer(nn.Module):
         self.theta = nn.Parameter(torch.tensor(lam / lip))
         self.state_shape: Shape = (n,)
 
+    stop_features_dim = 4
+
+    def stop_features(self, x: torch.Tensor, y: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """What an L2S stop policy sees after this layer: log residual norm ||y - A x||, log step
+        size ||x - x_prev||, log ||x||_1, log ||y||^2 (Chen et al.'s features)."""
+        eps = 1e-6
+        return torch.stack([
+            torch.log((y - x @ self.A.t()).norm(dim=1) + eps), torch.log((x - prev).norm(dim=1) + eps),
+            torch.log(x.abs().sum(1) + eps), torch.log(y.pow(2).sum(1) + eps)], dim=1)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         r = y - x @ self.A.t()
         z = x + r @ self.W.t()

@@ -80,14 +80,21 @@ class FlagStep(nn.Module):
 
 
 class StopFeatures(nn.Module):
-    """L2S: the stop policy sees [input, state, one-hot step]."""
+    """L2S: the stop policy sees the step's own stop features when it has them (a LISTA layer:
+    residual norm, step size, ...) or [input, state], plus the one-hot step index."""
 
-    def __init__(self, policy: nn.Module):
+    def __init__(self, policy: nn.Module, step: nn.Module):
         super().__init__()
         self.policy = policy
+        # not a submodule: the step's weights belong to the backbone, not to the stop policy
+        object.__setattr__(self, "step", step if hasattr(step, "stop_features") else None)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        return self.policy(torch.cat([x.flatten(1), h.flatten(1), onehot], dim=1))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, prev: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        if self.step is not None:
+            f = self.step.stop_features(h, x, prev)
+        else:
+            f = torch.cat([x.flatten(1), h.flatten(1)], dim=1)
+        return self.policy(torch.cat([f, onehot], dim=1))
 
 
 class HaltingRuntime:
@@ -115,7 +122,7 @@ class HaltingRuntime:
             return ctx.call(unit, h, x, flag, count=count)
         return ctx.call(unit, h, x, count=count)
 
-    def _decide(self, ctx, t: int, h, x, carry, count=None):
+    def _decide(self, ctx, t: int, h, x, carry, prev, count=None):
         """The halting quantity after step t: (halts now [rows], new carry, raw probability)."""
         last = t == self.max_steps - 1
         if self.rule == "act":
@@ -125,7 +132,7 @@ class HaltingRuntime:
         if self.rule == "l2s":
             onehot = x.new_zeros((x.shape[0], self.max_steps))
             onehot[:, t] = 1.0
-            q = ctx.call(self.unit, x, h, onehot, count=count)
+            q = ctx.call(self.unit, x, h, prev, onehot, count=count)
             return (q >= self.threshold) | last, carry, q
         lam = ctx.call(self.unit, h, count=count)  # pondernet: carry = prob. of not having halted
         carry = carry * (1 - lam)
@@ -163,8 +170,8 @@ class HaltingRuntime:
         xa = x
         for t in range(self.max_steps):
             cnt = None if pos.shape[0] == n else pos
-            h = self._step(ctx, t, h, xa, cnt)
-            halt, new_carry, p = self._decide(ctx, t, h, xa, carry, cnt)
+            prev, h = h, self._step(ctx, t, h, xa, cnt)
+            halt, new_carry, p = self._decide(ctx, t, h, xa, carry, prev, cnt)
             forced = self._forced(t, xa)
             if forced is not None:
                 halt = forced | (t == self.max_steps - 1)
@@ -201,8 +208,8 @@ class HaltingRuntime:
         states, probs = [], []
         view = (-1, *([1] * (h.dim() - 1)))
         for t in range(self.max_steps):
-            h = self._step(ctx, t, h, x, count=running)
-            halt, new_carry, p = self._decide(ctx, t, h, x, carry, count=running)
+            prev, h = h, self._step(ctx, t, h, x, count=running)
+            halt, new_carry, p = self._decide(ctx, t, h, x, carry, prev, count=running)
             forced = self._forced(t, x)
             if forced is not None:
                 halt = forced | (t == self.max_steps - 1)
@@ -287,14 +294,15 @@ def build_halting(spec, b, site) -> tuple[HaltingRuntime, tuple] | None:
         label = f"{name} step" if n_mods == 1 else f"{name} step {t}"
         steps.append(b.unit(label, mod, step_shapes, "segment", name))
     if spec.rule == "l2s":
-        feat = (_numel(x_shape) + _numel(state_shape) + spec.max_steps,)
-        pm = b.module(spec.policy, path + ("policy",), [feat], roles=("stop_policy",))
+        own = getattr(mods[0], "stop_features_dim", None)
+        fdim = own if own is not None else _numel(x_shape) + _numel(state_shape)
+        pm = b.module(spec.policy, path + ("policy",), [(fdim + spec.max_steps,)], roles=("stop_policy",))
         if pm is None:
             return None
         unit = b.unit(
             f"{name} stop policy",
-            StopFeatures(pm),
-            [x_shape, state_shape, (spec.max_steps,)],
+            StopFeatures(pm, mods[0]),
+            [x_shape, state_shape, state_shape, (spec.max_steps,)],
             construct=name,
         )
     else:
@@ -349,7 +357,9 @@ def halting_objective(lc) -> dict[str, torch.Tensor]:
             terms["ponder_kl"] = h.spec.kl_weight * (p * (p.clamp_min(1e-10).log() - prior.log())).sum(0).mean()
             lc.task_replaced = True
             continue
-        q_star = torch.softmax(-losses.detach() / h.spec.beta, dim=0)  # q* ∝ p(y|t,x)^(1/beta)
+        # q* ∝ p(y|t,x)^(1/beta), with log p = -(summed squared error) for regression
+        nll = losses.detach() * (lc.y[0].numel() if lc.model.spec.task.type == "regression" else 1)
+        q_star = torch.softmax(-nll / h.spec.beta, dim=0)
         stage = lc.objective.l2s
         if stage in ("likelihood", "joint"):
             terms["l2s_oracle"] = (q_star * losses).sum(0).mean()

@@ -56,6 +56,7 @@ class MetalayerRuntime:
         self.choice_params = torch.tensor(choice_params, dtype=torch.float32)
         self.reads, self.writes, self.out_shape = reads, writes, out_shape
         self.force: list[float] | None = None  # benchmarks/tests: route with these probabilities
+        self.explore_override: float | None = None  # a training stage's `explore:`
         self.live_after: set[str] = set()
 
     @property
@@ -91,8 +92,9 @@ class MetalayerRuntime:
         if ctx.mode != "train":
             return logits, logits.argmax(dim=1)
         c = torch.multinomial(torch.softmax(logits.detach(), dim=1), 1).squeeze(1)
-        if self.explore > 0:
-            rand = torch.rand(c.shape, device=c.device) < self.explore
+        explore = self.explore if self.explore_override is None else self.explore_override
+        if explore > 0:
+            rand = torch.rand(c.shape, device=c.device) < explore
             c = torch.where(rand, torch.randint_like(c, len(self.choices)), c)
         return logits, c
 

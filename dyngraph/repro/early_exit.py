@@ -28,21 +28,23 @@ def run_one(name: str, quick: bool, static: list[dict]) -> dict:
     val, test = splits(model)
     temps = fit_temperatures(model, val)
     rows = []
-    for b in BUDGETS:
-        cal = calibrate_budget(model, val, b)
+    backbone = model.static_macs(decisions=False)
+    full = model.static_macs()
+    # budgets as fractions of the longest path (with every exit head), then of the static backbone
+    for b, of in [(b, "longest_path") for b in BUDGETS] + [(b, "backbone") for b in BUDGETS]:
+        cal = calibrate_budget(model, val, b if of == "longest_path" else b * backbone / full)
         r = evaluate(model, test)
-        rows.append({"budget": b, "threshold": cal["value"], "test_macs_fraction": r["macs_fraction"],
+        rows.append({"budget": b, "of": of, "test_backbone_fraction": r["mean_macs"] / backbone, "threshold": cal["value"], "test_macs_fraction": r["macs_fraction"],
                      "test_macs": r["mean_macs"], "accuracy": r["quality"],
                      "static_accuracy_same_macs": interpolate(static, r["mean_macs"]),
                      "gain_points": 100 * (r["quality"] - interpolate(static, r["mean_macs"]))})
     # exit depth versus difficulty k, at the 50% budget
     calibrate_budget(model, val, 0.5)
     k, depth = _exit_depth_by_k(model, test)
-    full = evaluate(model.eval(), test)
     model.set_threshold(1.01)
     last = evaluate(model, test)
     return {"spec": name, "temperatures": temps, "budgets": rows, "mean_exit_depth_by_k": depth, "k": k,
-            "last_exit_accuracy": last["quality"], "full_macs": full["full_macs"]}
+            "last_exit_accuracy": last["quality"], "full_macs": full, "backbone_macs": backbone}
 
 
 @torch.no_grad()
@@ -88,7 +90,7 @@ def plot(result: dict, path) -> None:
     full = result["msdnet_early_exit"]["full_macs"]
     a.plot([r["macs"] / full for r in st], [100 * r["accuracy"] for r in st], "k.-", label="static depth 1..8")
     for name, style in (("msdnet_early_exit", "o-"), ("scan_early_exit", "s--")):
-        rows = result[name]["budgets"]
+        rows = sorted(result[name]["budgets"], key=lambda r: r["test_macs"])
         a.plot([r["test_macs_fraction"] for r in rows], [100 * r["accuracy"] for r in rows], style, label=name)
     a.set_xlabel("mean MACs per input / longest path")
     a.set_ylabel("test accuracy (%)")

@@ -154,6 +154,7 @@ class StageSpec(Strict):
     schedule: ScheduleSpec = ScheduleSpec()
     trainable: list[str] = Field(["all"], description="all, backbone, heads, controllers, or module/unit names")
     decisions: Literal["soft", "straight_through", "sample", "hard"] | None = Field(None, description="gate decision mode (default: each gate's `train:`)")
+    explore: float | None = Field(None, ge=0, le=1, description="metalayers' fraction of samples routed at random during this stage (default: each metalayer's `explore`)")
     objective: ObjectiveSpec = ObjectiveSpec()
     grad_clip: float | None = Field(None, gt=0)
 

@@ -122,6 +122,8 @@ def train(
             first = start_step
         for g in model.gates:
             g.mode_override = stage.decisions
+        for m in model.metalayers:
+            m.explore_override = stage.explore
         with Progress(total - first, f"{loaded.spec.name} {stage.name}", progress and rank == 0) as bar:
             for step in range(first, total):
                 x, y = batches.batch(global_step)
