@@ -116,11 +116,15 @@ class ExitRuntime:
             ctx.emit(leave, logits)
             ctx.live = ctx.live & ~newly
             return
+        if ctx.rows == 1:  # one sample: one host sync, no index tensors
+            if bool(leave):
+                ctx.leave(None, logits, self.index)
+                ctx.finish()
+            return
         going, staying, k = split(leave)
         if k == 0:
             return
-        ctx.record("exit", None, torch.full((k,), self.index, dtype=torch.long, device=x.device), where=going)
-        ctx.emit(going, logits)
+        ctx.leave(going, logits, self.index)
         if staying is None:
             ctx.finish()
         else:

@@ -133,6 +133,23 @@ class RunContext:
             else:
                 t[:, col] = torch.where(sel, values, t[:, col])
 
+    def leave(self, going: torch.Tensor | None, logits: torch.Tensor, exit_index: int) -> None:
+        """Infer: the rows at positions `going` (None: every current row) leave with `logits`
+        through exit `exit_index`."""
+        t = self.trace["exit"]
+        if going is None and self.idx is None:  # everyone, in order
+            t.fill_(exit_index)
+            if self.out is None:
+                self.out = logits
+                return
+            self.out.copy_(logits)
+            return
+        rows = self.sample_index() if going is None else self.sample_index()[going]
+        t.index_fill_(0, rows, exit_index)
+        if self.out is None:
+            self.out = logits.new_zeros((self.batch, *logits.shape[1:]))
+        self.out.index_copy_(0, rows, logits if going is None else logits.index_select(0, going))
+
     def emit(self, leaving: torch.Tensor | None, logits: torch.Tensor) -> None:
         """Samples at positions `leaving` (infer; None = every current row) or in the mask
         (dense/train) output `logits`."""
