@@ -23,61 +23,43 @@ GRIDS = {
 }
 
 
+def _attr_setting(nodes: list, attr: str):
+    """apply(v) sets `attr` of every node to v; restore() puts the old values back."""
+    old = [getattr(n, attr) for n in nodes]
+
+    def apply(v: float) -> None:
+        for n in nodes:
+            setattr(n, attr, v)
+
+    def restore() -> None:
+        for n, o in zip(nodes, old, strict=True):
+            setattr(n, attr, o)
+
+    return apply, restore
+
+
 def sweep_setting(model) -> tuple[str, list[float], object, object] | None:
     """(name, grid, apply(value), restore()) for the setting this model's curve sweeps."""
     exits = [e for e in model.exits[:-1] if e.kind in ("max_prob", "entropy")]
     if exits:
-        kinds = {e.kind for e in exits}
-        kind = "max_prob" if "max_prob" in kinds else "entropy"
-        old = [e.threshold for e in exits]
-
-        def apply(v, exits=exits):
-            for e in exits:
-                if e.kind == kind:
-                    e.threshold = v
-
-        def restore(exits=exits, old=old):
-            for e, t in zip(exits, old, strict=True):
-                e.threshold = t
-
-        return f"exit threshold ({kind})", GRIDS[kind], apply, restore
+        kind = "max_prob" if any(e.kind == "max_prob" for e in exits) else "entropy"
+        return (f"exit threshold ({kind})", GRIDS[kind], *_attr_setting([e for e in exits if e.kind == kind], "threshold"))
     if model.metalayers:
         saved = {k: dict(v) for k, v in model._gamma.items()}
 
-        def restore(saved=saved):
+        def restore() -> None:
             model._gamma.clear()
             model._gamma.update(saved)
 
         return "gamma", GRIDS["gamma"], lambda v: model.set_gamma(v), restore
     if model.gates:
-        old = [g.threshold for g in model.gates]
-        return "gate threshold", GRIDS["gate"], lambda v: model.set_threshold(v, "gate"), lambda: model.set_threshold(old, "gate")
+        return ("gate threshold", GRIDS["gate"], *_attr_setting(model.gates, "threshold"))
     hs = [h for h in model.haltings if h.rule in ("l2s", "pondernet")]
     if hs:
-        old = [h.threshold for h in hs]
-
-        def apply(v, hs=hs):
-            for h in hs:
-                h.threshold = v
-
-        def restore(hs=hs, old=old):
-            for h, t in zip(hs, old, strict=True):
-                h.threshold = t
-
-        return "halting threshold", GRIDS["halting"], apply, restore
+        return ("halting threshold", GRIDS["halting"], *_attr_setting(hs, "threshold"))
     acts = [h for h in model.haltings if h.rule == "act"]
     if acts:
-        old = [h.epsilon for h in acts]
-
-        def apply(v, acts=acts):
-            for h in acts:
-                h.epsilon = v
-
-        def restore(acts=acts, old=old):
-            for h, t in zip(acts, old, strict=True):
-                h.epsilon = t
-
-        return "ACT epsilon", GRIDS["epsilon"], apply, restore
+        return ("ACT epsilon", GRIDS["epsilon"], *_attr_setting(acts, "epsilon"))
     return None
 
 

@@ -150,20 +150,8 @@ class RunContext:
             self.out = logits.new_zeros((self.batch, *logits.shape[1:]))
         self.out.index_copy_(0, rows, logits if going is None else logits.index_select(0, going))
 
-    def emit(self, leaving: torch.Tensor | None, logits: torch.Tensor) -> None:
-        """Samples at positions `leaving` (infer; None = every current row) or in the mask
-        (dense/train) output `logits`."""
-        if self.compacting:
-            if leaving is None and self.idx is None and self.out is None:
-                self.out = logits  # everyone leaves here, in order: no copy
-                return
-            if self.out is None:
-                self.out = logits.new_zeros((self.batch, *logits.shape[1:]))
-            if leaving is None:
-                self.out.index_copy_(0, self.sample_index(), logits)
-            else:
-                self.out.index_copy_(0, self.sample_index()[leaving], logits[leaving])
-            return
+    def emit(self, leaving: torch.Tensor, logits: torch.Tensor) -> None:
+        """Dense/train: the live samples in the mask `leaving` output `logits` (infer: `leave`)."""
         if self.out is None:
             self.out = logits.new_zeros((self.batch, *logits.shape[1:]))
         sel = (self.live & leaving).view(-1, *([1] * (logits.dim() - 1)))
