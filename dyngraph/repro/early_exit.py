@@ -9,6 +9,8 @@ static networks of depth 1..8 trained alike, at the same MACs (interpolated betw
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -55,12 +57,18 @@ def _exit_depth_by_k(model, test) -> tuple[list[int], list[float]]:
     return ks, [float(depth[test.meta["k"] == k].mean()) for k in ks]
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, only: str | None = None) -> dict:
+    """All of it, or with `only` one of msdnet_early_exit / scan_early_exit / digits, updating the
+    saved results."""
     static = static_baselines(quick)
-    result = {"static": static}
+    saved = DOCS / ("early_exit_quick.json" if quick else "early_exit.json")
+    result = json.loads(saved.read_text()) if only and saved.exists() else {}
+    result["static"] = static
     for name in ("msdnet_early_exit", "scan_early_exit"):
-        result[name] = run_one(name, quick, static)
-    result["digits"] = digits_sanity(quick)
+        if only in (None, name):
+            result[name] = run_one(name, quick, static)
+    if only in (None, "digits"):
+        result["digits"] = digits_sanity(quick)
     save_result("early_exit" + ("_quick" if quick else ""), result)
     plot(result, DOCS / ("early_exit_quick.png" if quick else "early_exit.png"))
     return result

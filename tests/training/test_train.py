@@ -26,7 +26,7 @@ TRAINABLE = [p for p in SPECS if dg.load_spec(p).spec.train is not None and dg.l
 
 EXPECTED_TERMS = {
     "msdnet_early_exit": {"task"},
-    "scan_early_exit": {"task", "distill_kl", "distill_features"},
+    "scan_early_exit": {"task", "distill_kl"},
     "skipnet_ff": {"task", "gate_penalty"},
     "skipnet_rnn": {"task", "gate_penalty"},
     "blockdrop": {"task"},
@@ -140,3 +140,32 @@ def test_calibrated_budget_holds_on_the_test_split(tmp_path):
     assert res["met"]
     frac = evaluate(model, test)["macs_fraction"]
     assert abs(frac - 0.8) <= 0.05 * 0.8, frac  # within ±5% of the budget
+
+
+def test_scan_feature_alignment_term():
+    spec = """
+dyngraph: 1
+name: align
+input: {shape: [6]}
+task: {type: classification, classes: 3}
+graph:
+  - {type: linear, out: 8}
+  - {type: residual_mlp, hidden: 8}
+  - exit: {head: {type: classifier, classes: 3}, criterion: {type: max_prob, threshold: 0.9},
+           distill: {temperature: 2.0, kl_weight: 0.5, feature_weight: 1.0}}
+  - {type: residual_mlp, hidden: 8}
+  - exit: {head: {type: classifier, classes: 3}}
+"""
+    from dyngraph.spec.schema import ObjectiveSpec
+
+    torch.manual_seed(0)
+    model = dg.compile(spec, backend="none").train()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    loss, terms = compute_loss(model, model(x), x, y, ObjectiveSpec())
+    assert {"task", "distill_kl", "distill_features"} <= set(terms) and torch.isfinite(loss)
+    # the alignment is scale-free: scaling the residual stream does not change it
+    feats = model(x).extras["exit_features"]
+    norm = torch.nn.functional.layer_norm
+    a = (norm(feats[0], (8,)) - norm(feats[1], (8,))).pow(2).mean()
+    b = (norm(10 * feats[0], (8,)) - norm(10 * feats[1], (8,))).pow(2).mean()
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
