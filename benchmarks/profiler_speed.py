@@ -64,17 +64,27 @@ def run(spec: Path, n: int, fvcore_n: int) -> dict:
     model._costs.clear()
     model.unit_costs("torch")
     t_static = time.perf_counter() - t0
-    dg.profile(model, x[:256], latency=False, curve=False, check_waste=False, counter="torch")  # warm
+    dg.profile(
+        model, x[:256], latency=False, curve=False, check_waste=False, counter="torch"
+    )  # warm
     t0 = time.perf_counter()
-    prof = dg.profile(model, x, latency=False, curve=False, check_waste=False, counter="torch", batch_size=256)
+    prof = dg.profile(
+        model, x, latency=False, curve=False, check_waste=False, counter="torch", batch_size=256
+    )
     t_prof = time.perf_counter() - t0
     t_fc, alone = per_input_flopcounter(model, x)
     assert prof.per_input_macs.tolist() == alone, "profile and per-input FlopCounterMode disagree"
     t_fv = per_input_fvcore(model, x[:fvcore_n])
     return {
-        "spec": spec.name, "n": x.shape[0], "profile_s": t_prof, "static_count_s": t_static,
-        "flopcounter_s": t_fc, "fvcore_s_per_input": t_fv / fvcore_n, "fvcore_n": fvcore_n,
-        "speedup_vs_flopcounter": t_fc / t_prof, "speedup_vs_fvcore": (t_fv / fvcore_n * x.shape[0]) / t_prof,
+        "spec": spec.name,
+        "n": x.shape[0],
+        "profile_s": t_prof,
+        "static_count_s": t_static,
+        "flopcounter_s": t_fc,
+        "fvcore_s_per_input": t_fv / fvcore_n,
+        "fvcore_n": fvcore_n,
+        "speedup_vs_flopcounter": t_fc / t_prof,
+        "speedup_vs_fvcore": (t_fv / fvcore_n * x.shape[0]) / t_prof,
     }
 
 
@@ -86,10 +96,16 @@ def main() -> None:
     args = ap.parse_args()
     r = run(args.spec, args.n, args.fvcore_n)
     print(f"{r['spec']}: {r['n']:,} inputs, identical per-input MACs")
-    print(f"  dg.profile (MACs only, one batched pass): {r['profile_s']:.2f} s  (+{r['static_count_s']:.2f} s counting the units once)")
-    print(f"  per-input FlopCounterMode:                {r['flopcounter_s']:.2f} s  -> {r['speedup_vs_flopcounter']:.0f}x slower")
-    print(f"  per-input fvcore: {1e3 * r['fvcore_s_per_input']:.1f} ms/input on {r['fvcore_n']} inputs "
-          f"-> {r['speedup_vs_fvcore']:.0f}x slower (extrapolated to {r['n']:,})")
+    print(
+        f"  dg.profile (MACs only, one batched pass): {r['profile_s']:.2f} s  (+{r['static_count_s']:.2f} s counting the units once)"
+    )
+    print(
+        f"  per-input FlopCounterMode:                {r['flopcounter_s']:.2f} s  -> {r['speedup_vs_flopcounter']:.0f}x slower"
+    )
+    print(
+        f"  per-input fvcore: {1e3 * r['fvcore_s_per_input']:.1f} ms/input on {r['fvcore_n']} inputs "
+        f"-> {r['speedup_vs_fvcore']:.0f}x slower (extrapolated to {r['n']:,})"
+    )
     print(f"profiler_speedup={r['speedup_vs_flopcounter']:.0f}")
 
 

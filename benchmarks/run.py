@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -38,28 +37,54 @@ HEAD = {"type": "classifier", "classes": 10}
 
 
 def _spec(name: str, graph: list) -> dict:
-    return {"dyngraph": 1, "name": name, "input": {"shape": [D]}, "task": {"type": "classification", "classes": 10},
-            "graph": graph}
+    return {
+        "dyngraph": 1,
+        "name": name,
+        "input": {"shape": [D]},
+        "task": {"type": "classification", "classes": 10},
+        "graph": graph,
+    }
 
 
 def case_specs(kind: str) -> tuple[dict, dict | None]:
     """(dynamic spec, static spec) of a case."""
     static = _spec(f"{kind}_static", [dict(BLOCK) for _ in range(8)] + [HEAD])
     if kind == "early_exit":
-        g = [{"repeat": 7, "nodes": [BLOCK, {"exit": {"head": HEAD, "criterion": {"type": "max_prob", "threshold": 0.9}}}]},
-             BLOCK, {"exit": {"head": HEAD}}]
+        g = [
+            {
+                "repeat": 7,
+                "nodes": [
+                    BLOCK,
+                    {"exit": {"head": HEAD, "criterion": {"type": "max_prob", "threshold": 0.9}}},
+                ],
+            },
+            BLOCK,
+            {"exit": {"head": HEAD}},
+        ]
         return _spec(kind, g), static
     if kind == "gates":
-        g = [{"repeat": 8, "nodes": [{"gate": {"body": BLOCK, "policy": {"type": "ff_gate"}}}]}, HEAD]
+        g = [
+            {"repeat": 8, "nodes": [{"gate": {"body": BLOCK, "policy": {"type": "ff_gate"}}}]},
+            HEAD,
+        ]
         return _spec(kind, g), static
     if kind == "metalayer":
         choices = [{"type": "residual_mlp", "hidden": h} for h in (128, 256, 512, 1024)]
-        ctl = {"ctl": {"type": "composer_rnn", "hidden": 32, "preferences": {"g": {"gamma": {"test": 0.0}}}}}
+        ctl = {
+            "ctl": {
+                "type": "composer_rnn",
+                "hidden": 32,
+                "preferences": {"g": {"gamma": {"test": 0.0}}},
+            }
+        }
         d = _spec(kind, [{"metalayer": {"choices": choices, "controller": "ctl"}}, HEAD])
         d["controllers"] = ctl
         return d, _spec("metalayer_static", [{"type": "residual_mlp", "hidden": 1024}, HEAD])
     if kind == "halting":
-        g = [{"halting": {"rule": "act", "step": {"type": "gru_step", "dim": D}, "max_steps": 20}}, HEAD]
+        g = [
+            {"halting": {"rule": "act", "step": {"type": "gru_step", "dim": D}, "max_steps": 20}},
+            HEAD,
+        ]
         return _spec(kind, g), None
     raise ValueError(kind)
 
@@ -79,7 +104,11 @@ def force(model, kind: str, setting) -> None:
 
 def timeit(fn, min_run_time: float) -> float:
     fn()
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1).blocked_autorange(min_run_time=min_run_time).median
+    return (
+        benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1)
+        .blocked_autorange(min_run_time=min_run_time)
+        .median
+    )
 
 
 def unit_calls(model, xs: list[torch.Tensor]) -> list[list[tuple[int, int]]]:
@@ -87,7 +116,9 @@ def unit_calls(model, xs: list[torch.Tensor]) -> list[list[tuple[int, int]]]:
     calls = []
     for x in xs:
         out = model(x)
-        calls.append([(u, x.shape[0] if r is None else int(r.numel())) for u, r in out.trace._events])
+        calls.append(
+            [(u, x.shape[0] if r is None else int(r.numel())) for u, r in out.trace._events]
+        )
     return calls
 
 
@@ -109,14 +140,21 @@ def oracle(model, calls: list[list[tuple[int, int]]]):
 
 
 @torch.no_grad()
-def measure_case(kind: str, setting, backend: str, batches: list[int], min_run_time: float) -> list[dict]:
+def measure_case(
+    kind: str, setting, backend: str, batches: list[int], min_run_time: float
+) -> list[dict]:
     spec, static_spec = case_specs(kind)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = dg.compile(spec, backend=backend).eval()
     force(model, kind, setting)
     g = torch.Generator().manual_seed(0)
-    xs_all = {b: [torch.randn(b, D, generator=g)] if b > 1 else [torch.randn(1, D, generator=g) for _ in range(64)] for b in batches}
+    xs_all = {
+        b: [torch.randn(b, D, generator=g)]
+        if b > 1
+        else [torch.randn(1, D, generator=g) for _ in range(64)]
+        for b in batches
+    }
     for b in batches:  # warm: compile every unit at the sizes it will see
         for x in xs_all[b]:
             model(x)
@@ -147,36 +185,71 @@ def measure_case(kind: str, setting, backend: str, batches: list[int], min_run_t
         waste = fc.get_total_flops() / 2 / ideal
         f = macs / static_macs
         t, t_o = t_dyn / t_static, t_orc / t_static
-        rows.append({
-            "case": kind, "setting": str(setting), "backend": backend, "B": b, "f": f, "t": t, "E": f / t,
-            "E_oracle": f / t_o, "overhead": t_dyn / t_orc, "speedup_vs_mask": t_mask / t_dyn,
-            "oracle_speedup_vs_mask": t_mask / t_orc, "waste": waste, "recompiles": recompiles,
-            "compile_s": compile_s, "ms_dyn": 1e3 * t_dyn / len(xs), "ms_static": 1e3 * t_static / len(xs),
-        })
+        rows.append(
+            {
+                "case": kind,
+                "setting": str(setting),
+                "backend": backend,
+                "B": b,
+                "f": f,
+                "t": t,
+                "E": f / t,
+                "E_oracle": f / t_o,
+                "overhead": t_dyn / t_orc,
+                "speedup_vs_mask": t_mask / t_dyn,
+                "oracle_speedup_vs_mask": t_mask / t_orc,
+                "waste": waste,
+                "recompiles": recompiles,
+                "compile_s": compile_s,
+                "ms_dyn": 1e3 * t_dyn / len(xs),
+                "ms_static": 1e3 * t_static / len(xs),
+            }
+        )
         r = rows[-1]
-        print(f"{kind:<10} {r['setting']:<26} {backend:<8} B={b:<3}  f={f:.3f} t={t:.3f} E={r['E']:.3f} "
-              f"E_or={r['E_oracle']:.3f} overhead={r['overhead']:.3f} vs-mask={r['speedup_vs_mask']:.2f}x "
-              f"(oracle {r['oracle_speedup_vs_mask']:.2f}x) waste={waste:.3f} recompiles={recompiles}", flush=True)
+        print(
+            f"{kind:<10} {r['setting']:<26} {backend:<8} B={b:<3}  f={f:.3f} t={t:.3f} E={r['E']:.3f} "
+            f"E_or={r['E_oracle']:.3f} overhead={r['overhead']:.3f} vs-mask={r['speedup_vs_mask']:.2f}x "
+            f"(oracle {r['oracle_speedup_vs_mask']:.2f}x) waste={waste:.3f} recompiles={recompiles}",
+            flush=True,
+        )
     return rows
 
 
-CASES = [("early_exit", c) for c in (0.9, 0.6, 0.3)] + [("gates", r) for r in (0.9, 0.6, 0.3)] + [
-    ("metalayer", [0.25, 0.25, 0.25, 0.25]), ("metalayer", [0.55, 0.25, 0.15, 0.05]), ("halting", (1, 20))]
-QUICK = [("early_exit", 0.6), ("gates", 0.6), ("metalayer", [0.25, 0.25, 0.25, 0.25]), ("halting", (1, 20))]
+CASES = (
+    [("early_exit", c) for c in (0.9, 0.6, 0.3)]
+    + [("gates", r) for r in (0.9, 0.6, 0.3)]
+    + [
+        ("metalayer", [0.25, 0.25, 0.25, 0.25]),
+        ("metalayer", [0.55, 0.25, 0.15, 0.05]),
+        ("halting", (1, 20)),
+    ]
+)
+QUICK = [
+    ("early_exit", 0.6),
+    ("gates", 0.6),
+    ("metalayer", [0.25, 0.25, 0.25, 0.25]),
+    ("halting", (1, 20)),
+]
 
 
 def write_results(rows: list[dict], profiler: dict | None, path: Path, quick: bool) -> str:
     cpu = platform.processor() or platform.machine()
-    lines = ["# Benchmark results", "",
-             f"`python benchmarks/run.py{' --quick' if quick else ''}` — {cpu}, {torch.get_num_threads()} thread, "
-             f"torch {torch.__version__}, Python {platform.python_version()}. Medians of "
-             "`torch.utils.benchmark`; every ratio taken in the same run. d = 512.", "",
-             "| case | forced setting | backend | B | f (MACs) | t (time) | E = f/t | E_oracle | overhead | vs masking (oracle) | waste | recompiles | ms/input dyn / static |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"`python benchmarks/run.py{' --quick' if quick else ''}` — {cpu}, {torch.get_num_threads()} thread, "
+        f"torch {torch.__version__}, Python {platform.python_version()}. Medians of "
+        "`torch.utils.benchmark`; every ratio taken in the same run. d = 512.",
+        "",
+        "| case | forced setting | backend | B | f (MACs) | t (time) | E = f/t | E_oracle | overhead | vs masking (oracle) | waste | recompiles | ms/input dyn / static |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['setting']} | {r['backend']} | {r['B']} | {r['f']:.3f} | {r['t']:.3f} | {r['E']:.3f} | "
-                     f"{r['E_oracle']:.3f} | {r['overhead']:.3f} | {r['speedup_vs_mask']:.2f}× ({r['oracle_speedup_vs_mask']:.2f}×) | "
-                     f"{r['waste']:.3f} | {r['recompiles']} | {r['ms_dyn']:.3f} / {r['ms_static']:.3f} |")
+        lines.append(
+            f"| {r['case']} | {r['setting']} | {r['backend']} | {r['B']} | {r['f']:.3f} | {r['t']:.3f} | {r['E']:.3f} | "
+            f"{r['E_oracle']:.3f} | {r['overhead']:.3f} | {r['speedup_vs_mask']:.2f}× ({r['oracle_speedup_vs_mask']:.2f}×) | "
+            f"{r['waste']:.3f} | {r['recompiles']} | {r['ms_dyn']:.3f} / {r['ms_static']:.3f} |"
+        )
     lines += ["", "Compile time (first calls, every unit at every size the case produces):", ""]
     seen = set()
     for r in rows:
@@ -185,9 +258,12 @@ def write_results(rows: list[dict], profiler: dict | None, path: Path, quick: bo
             seen.add(key)
             lines.append(f"- {r['case']} {r['setting']} {r['backend']}: {r['compile_s']:.1f} s")
     if profiler:
-        lines += ["", f"Profiler: {profiler['n']:,} inputs in {profiler['profile_s']:.2f} s vs per-input FlopCounterMode "
-                  f"{profiler['flopcounter_s']:.1f} s: {profiler['speedup_vs_flopcounter']:.0f}× "
-                  f"(per-input fvcore {1e3 * profiler['fvcore_s_per_input']:.1f} ms/input: {profiler['speedup_vs_fvcore']:.0f}×)."]
+        lines += [
+            "",
+            f"Profiler: {profiler['n']:,} inputs in {profiler['profile_s']:.2f} s vs per-input FlopCounterMode "
+            f"{profiler['flopcounter_s']:.1f} s: {profiler['speedup_vs_flopcounter']:.0f}× "
+            f"(per-input fvcore {1e3 * profiler['fvcore_s_per_input']:.1f} ms/input: {profiler['speedup_vs_fvcore']:.0f}×).",
+        ]
     summary = summarize(rows)
     lines += ["", f"`{summary}`", ""]
     path.write_text("\n".join(lines))
@@ -195,14 +271,18 @@ def write_results(rows: list[dict], profiler: dict | None, path: Path, quick: bo
 
 
 def summarize(rows: list[dict]) -> str:
-    return (f"E_min={min(r['E'] for r in rows):.3f} overhead_max={max(r['overhead'] for r in rows):.3f} "
-            f"waste_max={max(r['waste'] for r in rows):.3f}")
+    return (
+        f"E_min={min(r['E'] for r in rows):.3f} overhead_max={max(r['overhead'] for r in rows):.3f} "
+        f"waste_max={max(r['waste'] for r in rows):.3f}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--backends", default=None, help="comma-separated (default: none,inductor; quick: none)")
+    ap.add_argument(
+        "--backends", default=None, help="comma-separated (default: none,inductor; quick: none)"
+    )
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -216,8 +296,11 @@ def main() -> None:
             rows += measure_case(kind, setting, backend, batches, mrt)
     from profiler_speed import run as profiler_run
 
-    prof = profiler_run(Path(dg.__file__).resolve().parents[1] / "specs" / "msdnet_early_exit.yaml",
-                        n=2000 if args.quick else 10_000, fvcore_n=50 if args.quick else 300)
+    prof = profiler_run(
+        Path(dg.__file__).resolve().parents[1] / "specs" / "msdnet_early_exit.yaml",
+        n=2000 if args.quick else 10_000,
+        fvcore_n=50 if args.quick else 300,
+    )
     print(f"profiler: {prof['speedup_vs_flopcounter']:.0f}x faster than per-input FlopCounterMode")
     print(write_results(rows, prof, args.out, args.quick))
 

@@ -15,10 +15,12 @@ __all__ = [
     "DynamicOutput",
     "LoadedSpec",
     "Problem",
+    "Profile",
     "SpecError",
     "Trace",
     "compile",
     "load_spec",
+    "profile",
     "register_block",
     "register_construct",
 ]

@@ -22,16 +22,56 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 COUNTERS = ("fvcore", "torch")
 
 #: aten ops that carry multiply-adds (elementwise ops count 0 by convention).
-MAC_OPS = frozenset({
-    "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "mv", "addmv", "dot", "vdot",
-    "addr", "outer", "ger", "einsum", "tensordot", "bilinear", "_trilinear", "kron", "cdist",
-    "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
-    "conv_transpose2d", "conv_transpose3d", "_scaled_mm", "chain_matmul", "linalg_multi_dot",
-    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell",
-    "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell",
-})
+MAC_OPS = frozenset(
+    {
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "addbmm",
+        "matmul",
+        "linear",
+        "mv",
+        "addmv",
+        "dot",
+        "vdot",
+        "addr",
+        "outer",
+        "ger",
+        "einsum",
+        "tensordot",
+        "bilinear",
+        "_trilinear",
+        "kron",
+        "cdist",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "convolution",
+        "_convolution",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "_scaled_mm",
+        "chain_matmul",
+        "linalg_multi_dot",
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "lstm",
+        "gru",
+        "rnn_tanh",
+        "rnn_relu",
+        "lstm_cell",
+        "gru_cell",
+        "rnn_tanh_cell",
+        "rnn_relu_cell",
+        "_thnn_fused_lstm_cell",
+        "_thnn_fused_gru_cell",
+    }
+)
 _TORCH_COUNTED = frozenset(k.__name__ for k in flop_registry)
 
 
@@ -61,7 +101,9 @@ def torch_macs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int
     return fc.get_total_flops() // 2
 
 
-def fvcore_macs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[int, dict[str, int]]:
+def fvcore_macs(
+    module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[int, dict[str, int]]:
     """MACs by fvcore's jit-traced count, and the ops it could not count (name -> occurrences)."""
     return _fvcore(module, inputs)[:2]
 
@@ -90,7 +132,11 @@ def count_unit(unit, counter: str = "fvcore") -> UnitCost:
         inputs = unit.example_inputs(1, device)
         if counter == "fvcore":
             total, unsupported, by_module = _fvcore(module, inputs)
-            missed = sorted(op.removeprefix("aten::") for op in unsupported if op.removeprefix("aten::") in MAC_OPS)
+            missed = sorted(
+                op.removeprefix("aten::")
+                for op in unsupported
+                if op.removeprefix("aten::") in MAC_OPS
+            )
             return UnitCost(total, by_module, missed)
         rec = _OpRecorder()
         with torch.no_grad(), FlopCounterMode(display=False) as fc, rec:

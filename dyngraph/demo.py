@@ -1,6 +1,6 @@
 """The README's demo: validate, compile, briefly train, calibrate and profile an example spec.
 
-    python -m dyngraph.demo        (or `make demo`) -> profiles/demo/
+python -m dyngraph.demo        (or `make demo`) -> profiles/demo/
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def main(spec: Path = SPEC, steps: int = 800, out: Path = ROOT / "profiles" / "d
     print(f"== 1. validate {spec.relative_to(ROOT)}")
     loaded = dg.load_spec(spec)
     print("ok")
-    print(f"== 2. train {steps} steps (of the spec's {loaded.spec.train.stages[0].steps}) on {loaded.spec.train.data.name}")
+    print(
+        f"== 2. train {steps} steps (of the spec's {loaded.spec.train.stages[0].steps}) on {loaded.spec.train.data.name}"
+    )
     run = train(loaded, out=ROOT / "runs" / "demo", max_steps=steps)
     print(f"== 3. compile (backend {loaded.spec.compile.backend}) and load the trained weights")
     model = dg.compile(loaded)
@@ -43,16 +45,22 @@ def main(spec: Path = SPEC, steps: int = 800, out: Path = ROOT / "profiles" / "d
     model.set_threshold(1.01)
     full = evaluate(model, test)
     model.set_threshold(cal["value"])
-    print(f"threshold {cal['value']:.3f}: test accuracy {100 * res['quality']:.2f}% at {res['macs_fraction']:.1%} "
-          f"of the MACs (every input to the last exit: {100 * full['quality']:.2f}%)")
+    print(
+        f"threshold {cal['value']:.3f}: test accuracy {100 * res['quality']:.2f}% at {res['macs_fraction']:.1%} "
+        f"of the MACs (every input to the last exit: {100 * full['quality']:.2f}%)"
+    )
     print("== 5. profile on the test split")
     prof = dg.profile(model, test, max_paths=8, n=2000)
     prof.save(out)
     s = prof.summary
-    print(f"{s['inputs']:,} inputs: mean {s['mean_macs']:,.0f} MACs per input ({s['saving']:.0%} saved), "
-          f"executed/ideal {s['dispatch_waste']:.3f}, {s['throughput_per_s']:,.0f} inputs/s at batch "
-          f"{s['throughput_batch']}, {len(prof.paths)} paths")
-    print(f"wrote {out.relative_to(ROOT)}/report.md, profile.json and plots in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"{s['inputs']:,} inputs: mean {s['mean_macs']:,.0f} MACs per input ({s['saving']:.0%} saved), "
+        f"executed/ideal {s['dispatch_waste']:.3f}, {s['throughput_per_s']:,.0f} inputs/s at batch "
+        f"{s['throughput_batch']}, {len(prof.paths)} paths"
+    )
+    print(
+        f"wrote {out.relative_to(ROOT)}/report.md, profile.json and plots in {time.perf_counter() - t0:.0f} s"
+    )
     return 0
 
 

@@ -1,6 +1,6 @@
 """Generate docs/spec.md from the schema and the registries, so the reference cannot drift.
 
-    python -m dyngraph.docs > docs/spec.md      (a test checks the committed file is current)
+python -m dyngraph.docs > docs/spec.md      (a test checks the committed file is current)
 """
 
 from __future__ import annotations
@@ -83,10 +83,23 @@ def _strip_annotated(s: str) -> str:
 
 
 def _type_name(ann: Any) -> str:
-    s = _strip_annotated(str(ann)).replace("typing.", "").replace("dyngraph.spec.types.", "").replace("<class '", "").replace("'>", "")
-    for mod in ("dyngraph.constructs.exit.", "dyngraph.constructs.gate.", "dyngraph.constructs.halting.",
-                "dyngraph.constructs.metalayer.", "dyngraph.spec.schema.", "dyngraph.blocks.decision.",
-                "annotated_types.", "pydantic.types."):
+    s = (
+        _strip_annotated(str(ann))
+        .replace("typing.", "")
+        .replace("dyngraph.spec.types.", "")
+        .replace("<class '", "")
+        .replace("'>", "")
+    )
+    for mod in (
+        "dyngraph.constructs.exit.",
+        "dyngraph.constructs.gate.",
+        "dyngraph.constructs.halting.",
+        "dyngraph.constructs.metalayer.",
+        "dyngraph.spec.schema.",
+        "dyngraph.blocks.decision.",
+        "annotated_types.",
+        "pydantic.types.",
+    ):
         s = s.replace(mod, "")
     return s.replace("NoneType", "null")
 
@@ -106,8 +119,12 @@ def model_table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]
         if name in skip:
             continue
         key = f.alias or name
-        cons = [f"{sym} {getattr(m, a)}" for m in f.metadata for a, sym in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
-                if getattr(m, a, None) is not None]
+        cons = [
+            f"{sym} {getattr(m, a)}"
+            for m in f.metadata
+            for a, sym in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
+            if getattr(m, a, None) is not None
+        ]
         desc = "; ".join(x for x in [", ".join(cons), f.description or ""] if x).replace("|", "\\|")
         rows.append(f"| `{key}` | `{_type_name(f.annotation)}` | {_default(f)} | {desc} |")
     return rows
@@ -127,7 +144,11 @@ def generate() -> str:
     from .constructs.metalayer import MetalayerSpec
 
     lines = [INTRO, "## Top level", ""] + model_table(S.Spec) + [""]
-    lines += _section("input", S.InputSpec) + _section("task", S.TaskSpec) + _section("compile", S.CompileSpec)
+    lines += (
+        _section("input", S.InputSpec)
+        + _section("task", S.TaskSpec)
+        + _section("compile", S.CompileSpec)
+    )
     lines += ["## Constructs", ""]
     for key, c in CONSTRUCTS.items():
         mod = __import__(c.build.__module__, fromlist=["x"])
@@ -135,8 +156,16 @@ def generate() -> str:
         if key == "exit":
             lines += model_table(ExitSpec) + ["", "Criteria (`criterion: {type: ...}`):", ""]
             for m in (MaxProb, Entropy, Patience):
-                lines += [f"`{m.model_fields['type'].annotation.__args__[0]}`:", ""] + model_table(m, ("type",)) + [""]
-            lines += ["`distill:` (SCAN self-distillation, used in training):", ""] + model_table(Distill) + [""]
+                lines += (
+                    [f"`{m.model_fields['type'].annotation.__args__[0]}`:", ""]
+                    + model_table(m, ("type",))
+                    + [""]
+                )
+            lines += (
+                ["`distill:` (SCAN self-distillation, used in training):", ""]
+                + model_table(Distill)
+                + [""]
+            )
         elif key == "gate":
             lines += model_table(GateSpec) + [""]
         elif key == "metalayer":
@@ -145,7 +174,12 @@ def generate() -> str:
             for m in (ActSpec, L2SSpec, PonderSpec):
                 rule = m.model_fields["rule"].annotation.__args__[0]
                 lines += [f"`rule: {rule}`:", ""] + model_table(m, ("rule",)) + [""]
-    lines += ["## Blocks", "", "Every block's `in`/`dim` is inferred from its input when left out.", ""]
+    lines += [
+        "## Blocks",
+        "",
+        "Every block's `in`/`dim` is inferred from its input when left out.",
+        "",
+    ]
     for role in ROLES:
         names = [n for n, b in sorted(BLOCKS.items()) if b.role == role]
         if not names:
@@ -153,11 +187,17 @@ def generate() -> str:
         lines += [f"### {role}: {ROLES[role]}", ""]
         for n in names:
             bd = BLOCKS[n]
-            ar = "" if bd.arity == (1, 1) else f" Inputs: {bd.arity[0]}{'+' if bd.arity[1] is None else ''}."
+            ar = (
+                ""
+                if bd.arity == (1, 1)
+                else f" Inputs: {bd.arity[0]}{'+' if bd.arity[1] is None else ''}."
+            )
             lines += [f"#### `{n}`", "", bd.doc + ar, ""]
             if bd.params.model_fields:
                 lines += model_table(bd.params) + [""]
-    lines += ["## train", "", (S.TrainSpec.__doc__ or "").strip(), ""] + model_table(S.TrainSpec) + [""]
+    lines += (
+        ["## train", "", (S.TrainSpec.__doc__ or "").strip(), ""] + model_table(S.TrainSpec) + [""]
+    )
     lines += _section("train.data", S.DataSpec)
     from .data import DATASETS
 
@@ -168,12 +208,19 @@ def generate() -> str:
     lines += _section("train.stages[]", S.StageSpec) + _section("optimizer", S.OptimizerSpec)
     lines += _section("schedule", S.ScheduleSpec) + _section("objective", S.ObjectiveSpec)
     lines += _section("train.calibrate", S.CalibrateSpec)
-    lines += ["Trainable parts: `all`, `backbone` (every segment), `heads` (exit heads), `controllers`",
-              "(every other decision unit: gate policies, routers, halting units, stop policies), or a unit's",
-              "name (`dyngraph inspect` lists them) or a named module or controller.", ""]
+    lines += [
+        "Trainable parts: `all`, `backbone` (every segment), `heads` (exit heads), `controllers`",
+        "(every other decision unit: gate policies, routers, halting units, stop policies), or a unit's",
+        "name (`dyngraph inspect` lists them) or a named module or controller.",
+        "",
+    ]
     from .blocks.decision import GammaDist, GammaSpec, Preference
 
-    lines += ["## Composer preferences (`composer_rnn.preferences.NAME`)", ""] + model_table(Preference) + [""]
+    lines += (
+        ["## Composer preferences (`composer_rnn.preferences.NAME`)", ""]
+        + model_table(Preference)
+        + [""]
+    )
     lines += model_table(GammaSpec) + [""] + model_table(GammaDist) + [""]
     return "\n".join(lines)
 

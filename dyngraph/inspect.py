@@ -51,7 +51,9 @@ def inspect_text(model: DynamicModel, counter: str = "fvcore") -> str:
     for p in points:
         lines.append(f"  {p.name}")
     lines.append(f"distinct paths: {count_paths(model):,}")
-    lines.append(f"static MACs of the longest path (every gate on, costliest choices, max steps): {model.static_macs(counter):,}")
+    lines.append(
+        f"static MACs of the longest path (every gate on, costliest choices, max steps): {model.static_macs(counter):,}"
+    )
     if model.exits:
         lines.append("")
         lines.append("exits (cumulative MACs of a sample leaving there):")

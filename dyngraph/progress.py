@@ -22,7 +22,9 @@ class Progress:
         bar = "#" * int(30 * frac)
         info = " ".join(f"{k}={v:.4g}" for k, v in fields.items())
         rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} {rate:,.0f}/s {info}   ")
+        sys.stderr.write(
+            f"\r{self.label} [{bar:<30}] {self.done}/{self.total} {rate:,.0f}/s {info}   "
+        )
         sys.stderr.flush()
 
     def __enter__(self) -> Progress:

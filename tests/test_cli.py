@@ -46,4 +46,6 @@ def test_spec_reference_is_current():
     from dyngraph.docs import generate
     from tests.conftest import ROOT
 
-    assert (ROOT / "docs" / "spec.md").read_text() == generate(), "run: python -m dyngraph.docs > docs/spec.md"
+    assert (ROOT / "docs" / "spec.md").read_text() == generate(), (
+        "run: python -m dyngraph.docs > docs/spec.md"
+    )

@@ -20,7 +20,9 @@ def test_act_parity():
     r = act.run()
     assert r["act_n8"]["accuracy"] >= 0.99
     assert r["fixed_one_step_n8"]["accuracy"] < 0.95
-    assert r["act_n8"]["spearman"] > 0.5, "ponder steps should grow with the number of non-zero bits"
+    assert r["act_n8"]["spearman"] > 0.5, (
+        "ponder steps should grow with the number of non-zero bits"
+    )
 
 
 def test_l2s_beats_fixed_depth():
@@ -34,7 +36,9 @@ def test_composer_gamma_sweep():
     from dyngraph.repro import composer
 
     r = composer.run()
-    inner = [p for p in r["points"] if r["small_params_fraction"] + 0.02 < p["params_fraction"] < 0.98]
+    inner = [
+        p for p in r["points"] if r["small_params_fraction"] + 0.02 < p["params_fraction"] < 0.98
+    ]
     assert inner and all(p["gain_points"] > 0 for p in inner)
     assert r["max_gain_50_65"] is not None and r["max_gain_50_65"] >= 15
     # as gamma rises, left-half digits go to the small module before right-half ones

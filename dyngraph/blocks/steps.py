@@ -90,9 +90,15 @@ class ListaLayer(nn.Module):
         """What an L2S stop policy sees after this layer: log residual norm ||y - A x||, log step
         size ||x - x_prev||, log ||x||_1, log ||y||^2 (Chen et al.'s features)."""
         eps = 1e-6
-        return torch.stack([
-            torch.log((y - x @ self.A.t()).norm(dim=1) + eps), torch.log((x - prev).norm(dim=1) + eps),
-            torch.log(x.abs().sum(1) + eps), torch.log(y.pow(2).sum(1) + eps)], dim=1)
+        return torch.stack(
+            [
+                torch.log((y - x @ self.A.t()).norm(dim=1) + eps),
+                torch.log((x - prev).norm(dim=1) + eps),
+                torch.log(x.abs().sum(1) + eps),
+                torch.log(y.pow(2).sum(1) + eps),
+            ],
+            dim=1,
+        )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         r = y - x @ self.A.t()

@@ -520,7 +520,10 @@ class Builder:
             return
         name = train.data.name
         if not name.endswith((".npz", ".pt")) and name not in DATASETS:
-            self.problem(("train", "data", "name"), f"unknown data set '{name}'{did_you_mean(name, DATASETS)}")
+            self.problem(
+                ("train", "data", "name"),
+                f"unknown data set '{name}'{did_you_mean(name, DATASETS)}",
+            )
 
     def _check_task(self, flat, shapes, exits, aliases) -> None:
         task = self.spec.task

@@ -178,7 +178,10 @@ def exit_objective(lc) -> dict[str, torch.Tensor]:
     exits, logits = lc.model.exits, lc.out.extras["exit_logits"]
     feats = lc.out.extras["exit_features"]
     weights = torch.tensor([e.spec.weight for e in exits])
-    task = sum(w * lc.task_loss(z).mean() for w, z in zip(weights.tolist(), logits, strict=True)) / weights.sum()
+    task = (
+        sum(w * lc.task_loss(z).mean() for w, z in zip(weights.tolist(), logits, strict=True))
+        / weights.sum()
+    )
     terms = {"task": task}
     last, last_feat = logits[-1].detach(), feats[-1].detach()
     kl = feat = 0.0
@@ -188,10 +191,15 @@ def exit_objective(lc) -> dict[str, torch.Tensor]:
             continue
         t = d.temperature
         kl = kl + d.kl_weight * t * t * torch.nn.functional.kl_div(
-            torch.log_softmax(z / t, 1), torch.softmax(last / t, 1), reduction="batchmean")
+            torch.log_softmax(z / t, 1), torch.softmax(last / t, 1), reduction="batchmean"
+        )
         if d.feature_weight:  # on layer-normalized features: the residual stream's scale is free
             norm = torch.nn.functional.layer_norm
-            feat = feat + d.feature_weight * (norm(f, f.shape[1:]) - norm(last_feat, f.shape[1:])).pow(2).mean()
+            feat = (
+                feat
+                + d.feature_weight
+                * (norm(f, f.shape[1:]) - norm(last_feat, f.shape[1:])).pow(2).mean()
+            )
     if torch.is_tensor(kl):
         terms["distill_kl"] = kl
     if torch.is_tensor(feat):

@@ -108,7 +108,9 @@ class GateRuntime:
         mode = self.mode_override or self.train_mode
         if self.forced_on:
             one = torch.ones_like(p)
-            ctx.extras["gates"].append({"prob": p, "action": one, "logp": torch.zeros_like(p), "gate": one, "forced": True})
+            ctx.extras["gates"].append(
+                {"prob": p, "action": one, "logp": torch.zeros_like(p), "gate": one, "forced": True}
+            )
             ctx.env[self.writes] = yb
             return
         if mode == "soft":
@@ -121,7 +123,9 @@ class GateRuntime:
         else:
             g, act = hard, hard
         logp = act * torch.log(p.clamp_min(1e-8)) + (1 - act) * torch.log((1 - p).clamp_min(1e-8))
-        ctx.extras["gates"].append({"prob": p, "action": act, "logp": logp, "gate": g, "forced": False, "mode": mode})
+        ctx.extras["gates"].append(
+            {"prob": p, "action": act, "logp": logp, "gate": g, "forced": False, "mode": mode}
+        )
         ctx.env[self.writes] = x + _bcast(g, x) * (yb - x)
 
 
@@ -133,7 +137,9 @@ def build_gate(spec: GateSpec, b, site) -> tuple[GateRuntime, tuple] | None:
     name = f"gate {index}"
     got = b.controller(spec.policy, site.path + ("policy",), site.in_shape, ("gate_policy",))
     if got is None:
-        b.program(spec.body, site.path + ("body",), site.in_shape, f"{name} body", name)  # its problems too
+        b.program(
+            spec.body, site.path + ("body",), site.in_shape, f"{name} body", name
+        )  # its problems too
         return None
     ctl, key = got
     style = ctl.style
@@ -192,7 +198,9 @@ def gate_objective(lc) -> dict[str, torch.Tensor]:
         return terms
     soft = [g for g in free if g["mode"] != "sample"]
     if soft and obj.gate_penalty:
-        terms["gate_penalty"] = lc.ramp * obj.gate_penalty * torch.stack([g["gate"] for g in soft]).mean()
+        terms["gate_penalty"] = (
+            lc.ramp * obj.gate_penalty * torch.stack([g["gate"] for g in soft]).mean()
+        )
     sampled = [g for g in free if g["mode"] == "sample"]
     if sampled:
         acts = torch.stack([g["action"] for g in gates])  # [G, B], forced gates count as run
@@ -213,4 +221,6 @@ def gate_objective(lc) -> dict[str, torch.Tensor]:
 
 def blockdrop_reward(lc, logits, frac, obj) -> torch.Tensor:
     correct = lc.correct(logits)
-    return torch.where(correct, 1 - frac.pow(2), torch.full_like(frac, -obj.blockdrop_gamma)).detach()
+    return torch.where(
+        correct, 1 - frac.pow(2), torch.full_like(frac, -obj.blockdrop_gamma)
+    ).detach()

@@ -89,7 +89,9 @@ class StopFeatures(nn.Module):
         # not a submodule: the step's weights belong to the backbone, not to the stop policy
         object.__setattr__(self, "step", step if hasattr(step, "stop_features") else None)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, prev: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, prev: torch.Tensor, onehot: torch.Tensor
+    ) -> torch.Tensor:
         if self.step is not None:
             f = self.step.stop_features(h, x, prev)
         else:
@@ -296,7 +298,9 @@ def build_halting(spec, b, site) -> tuple[HaltingRuntime, tuple] | None:
     if spec.rule == "l2s":
         own = getattr(mods[0], "stop_features_dim", None)
         fdim = own if own is not None else _numel(x_shape) + _numel(state_shape)
-        pm = b.module(spec.policy, path + ("policy",), [(fdim + spec.max_steps,)], roles=("stop_policy",))
+        pm = b.module(
+            spec.policy, path + ("policy",), [(fdim + spec.max_steps,)], roles=("stop_policy",)
+        )
         if pm is None:
             return None
         unit = b.unit(
@@ -354,7 +358,9 @@ def halting_objective(lc) -> dict[str, torch.Tensor]:
             steps = torch.arange(len(ex["probs"]), dtype=p.dtype, device=p.device)
             prior = h.spec.prior * (1 - h.spec.prior) ** steps
             prior = (prior / prior.sum())[:, None]
-            terms["ponder_kl"] = h.spec.kl_weight * (p * (p.clamp_min(1e-10).log() - prior.log())).sum(0).mean()
+            terms["ponder_kl"] = (
+                h.spec.kl_weight * (p * (p.clamp_min(1e-10).log() - prior.log())).sum(0).mean()
+            )
             lc.task_replaced = True
             continue
         # q* ∝ p(y|t,x)^(1/beta), with log p = -(summed squared error) for regression
@@ -365,6 +371,10 @@ def halting_objective(lc) -> dict[str, torch.Tensor]:
             terms["l2s_oracle"] = (q_star * losses).sum(0).mean()
         if stage in ("imitation", "joint"):
             q_phi = _halting_distribution(ex["probs"], h.rule)
-            terms["l2s_imitation"] = (q_star * (q_star.clamp_min(1e-10).log() - q_phi.clamp_min(1e-10).log())).sum(0).mean()
+            terms["l2s_imitation"] = (
+                (q_star * (q_star.clamp_min(1e-10).log() - q_phi.clamp_min(1e-10).log()))
+                .sum(0)
+                .mean()
+            )
         lc.task_replaced = True
     return terms

@@ -86,7 +86,9 @@ class MetalayerRuntime:
         if h is None:
             h = x.new_zeros((x.shape[0], *self.state_shape))
         logits, ctx.states[self.key] = ctx.call(self.router, x, h, self.gamma(ctx, x.shape[0], x))
-        if self.force is not None:  # route with probabilities `force`, fixed per sample (benchmarks)
+        if (
+            self.force is not None
+        ):  # route with probabilities `force`, fixed per sample (benchmarks)
             edges = torch.tensor(self.force, device=x.device).cumsum(0)[:-1]
             return logits, torch.bucketize(pseudo_uniform(x, 200 + self.index), edges, right=True)
         if ctx.mode != "train":
@@ -218,7 +220,9 @@ def metalayer_objective(lc) -> dict[str, torch.Tensor]:
         if obj.entropy_cost:
             probs = torch.softmax(pick["logits"], 1).mean(0)
             ent = ent - obj.entropy_cost * -(probs * probs.clamp_min(1e-8).log()).sum()
-    terms["route_reinforce"] = -obj.policy_weight * ((reward - reward.mean()).detach() * logp).mean()
+    terms["route_reinforce"] = (
+        -obj.policy_weight * ((reward - reward.mean()).detach() * logp).mean()
+    )
     if torch.is_tensor(ent):
         terms["batch_entropy"] = ent
     return terms

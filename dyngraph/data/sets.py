@@ -31,7 +31,12 @@ class Data:
     def subset(self, n: int | None) -> Data:
         if n is None or n >= len(self):
             return self
-        return Data(self.x[:n], None if self.y is None else self.y[:n], {k: v[:n] for k, v in self.meta.items()}, self.name)
+        return Data(
+            self.x[:n],
+            None if self.y is None else self.y[:n],
+            {k: v[:n] for k, v in self.meta.items()},
+            self.name,
+        )
 
 
 DATASETS: dict[str, Callable[..., Data]] = {}
@@ -56,7 +61,11 @@ def _digits_split(split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(d.target))
     n = len(order)
-    cut = {"train": order[: int(0.6 * n)], "val": order[int(0.6 * n) : int(0.8 * n)], "test": order[int(0.8 * n) :]}[split]
+    cut = {
+        "train": order[: int(0.6 * n)],
+        "val": order[int(0.6 * n) : int(0.8 * n)],
+        "test": order[int(0.8 * n) :],
+    }[split]
     return d.data[cut].astype(np.float32) / 16.0, d.target[cut]
 
 
@@ -78,8 +87,12 @@ def wide_digits(split: str = "test", seed: int = 0, n: int | None = None) -> Dat
     img = x.reshape(-1, 8, 8)
     for i in range(len(y)):
         wide[i, :, 8 * side[i] : 8 * side[i] + 8] = img[i]
-    data = Data(torch.from_numpy(wide), torch.from_numpy(y + 10 * side).long(),
-                {"side": torch.from_numpy(side).long()}, name="wide_digits")
+    data = Data(
+        torch.from_numpy(wide),
+        torch.from_numpy(y + 10 * side).long(),
+        {"side": torch.from_numpy(side).long()},
+        name="wide_digits",
+    )
     return data.subset(n)
 
 
@@ -99,8 +112,16 @@ def parity(split: str = "test", seed: int = 0, n: int | None = None, bits: int =
 
 
 @_register("sparse_recovery")
-def sparse_recovery(split: str = "test", seed: int = 0, n: int | None = None, m: int = 64, dim: int = 128,
-                    p: float = 0.1, snr_db: float = 20.0, matrix_seed: int = 0) -> Data:
+def sparse_recovery(
+    split: str = "test",
+    seed: int = 0,
+    n: int | None = None,
+    m: int = 64,
+    dim: int = 128,
+    p: float = 0.1,
+    snr_db: float = 20.0,
+    matrix_seed: int = 0,
+) -> Data:
     """L2S's task: y = A x + noise, x sparse (support probability p, N(0,1) values), SNR in dB.
     The input is y [m], the target x [dim]; A is `measurement_matrix(m, dim, matrix_seed)`, the
     same matrix a `lista_layer` with `seed: matrix_seed` uses."""
@@ -115,11 +136,20 @@ def sparse_recovery(split: str = "test", seed: int = 0, n: int | None = None, m:
 
 
 #: The six permutations of five states used by state_tracking (from MEASURED.md).
-PERMS = [[1, 2, 4, 3, 0], [1, 0, 3, 4, 2], [2, 0, 1, 3, 4], [0, 4, 3, 2, 1], [0, 3, 2, 1, 4], [0, 1, 4, 2, 3]]
+PERMS = [
+    [1, 2, 4, 3, 0],
+    [1, 0, 3, 4, 2],
+    [2, 0, 1, 3, 4],
+    [0, 4, 3, 2, 1],
+    [0, 3, 2, 1, 4],
+    [0, 1, 4, 2, 3],
+]
 
 
 @_register("state_tracking")
-def state_tracking(split: str = "test", seed: int = 0, n: int | None = None, steps: int = 5) -> Data:
+def state_tracking(
+    split: str = "test", seed: int = 0, n: int | None = None, steps: int = 5
+) -> Data:
     """A walk of k steps (k uniform in 1..K=`steps`) over G=6 fixed permutations of M=5 states,
     from state 0. Input: the one-hot symbols, K x G values, zero after step k. Label: the final
     state. meta: `k` (the difficulty). Depth matters: harder samples need more blocks."""
@@ -154,7 +184,9 @@ def load_file(path: str | Path) -> Data:
     return Data(x, y, name=p.stem)
 
 
-def load_data(name: str, split: str = "test", seed: int = 0, n: int | None = None, **params) -> Data:
+def load_data(
+    name: str, split: str = "test", seed: int = 0, n: int | None = None, **params
+) -> Data:
     """A built-in data set by name (see DATASETS), or a .npz/.pt file."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -163,7 +195,9 @@ def load_data(name: str, split: str = "test", seed: int = 0, n: int | None = Non
     if name not in DATASETS:
         from ..spec.errors import did_you_mean
 
-        raise ValueError(f"unknown data set '{name}'{did_you_mean(name, DATASETS)}; built in: {', '.join(DATASETS)}")
+        raise ValueError(
+            f"unknown data set '{name}'{did_you_mean(name, DATASETS)}; built in: {', '.join(DATASETS)}"
+        )
     return DATASETS[name](split=split, seed=seed, n=n, **params)
 
 

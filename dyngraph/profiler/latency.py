@@ -9,7 +9,9 @@ import torch
 from torch.utils import benchmark
 
 
-def measure(fn: Callable[[], object], device: torch.device, threads: int = 1, min_run_time: float = 0.2) -> tuple[float, float]:
+def measure(
+    fn: Callable[[], object], device: torch.device, threads: int = 1, min_run_time: float = 0.2
+) -> tuple[float, float]:
     """(median, IQR) in seconds of `fn()`, after two warm-up calls.
 
     CPU: `torch.utils.benchmark.Timer` with `threads` threads. CUDA: CUDA events around each
@@ -31,5 +33,7 @@ def measure(fn: Callable[[], object], device: torch.device, threads: int = 1, mi
             total += t
         q = statistics.quantiles(times, n=4)
         return statistics.median(times), q[2] - q[0]
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(
+        min_run_time=min_run_time
+    )
     return m.median, m.iqr

@@ -60,13 +60,25 @@ class Profile:
     def to_json(self) -> dict[str, Any]:
         """The versioned, documented JSON form (docs/profile.md)."""
         return {
-            "schema": SCHEMA, "name": self.name, "counter": self.counter, "device": self.device,
-            "threads": self.threads, "batch_size": self.batch_size, "torch": torch.__version__,
-            "metric": self.metric, "summary": self.summary, "warnings": self.warnings,
-            "units": self.units, "paths": [vars(p) for p in self.paths], "curve": self.curve,
+            "schema": SCHEMA,
+            "name": self.name,
+            "counter": self.counter,
+            "device": self.device,
+            "threads": self.threads,
+            "batch_size": self.batch_size,
+            "torch": torch.__version__,
+            "metric": self.metric,
+            "summary": self.summary,
+            "warnings": self.warnings,
+            "units": self.units,
+            "paths": [vars(p) for p in self.paths],
+            "curve": self.curve,
             "per_input": {
-                "macs": self.per_input_macs.tolist(), "path": self.per_input_path.tolist(),
-                "latency_us": None if self.per_input_latency_us is None else self.per_input_latency_us.tolist(),
+                "macs": self.per_input_macs.tolist(),
+                "path": self.per_input_path.tolist(),
+                "latency_us": None
+                if self.per_input_latency_us is None
+                else self.per_input_latency_us.tolist(),
                 "correct": None if self.correct is None else self.correct.tolist(),
                 **{k: v.tolist() for k, v in self.meta.items()},
             },
@@ -127,7 +139,8 @@ def profile(
     warnings = [
         f"unit '{u.name}': op {op} carries multiply-adds that the {counter} counter does not count"
         + (" (try counter: torch)" if counter == "fvcore" else "")
-        for u, c in zip(model.units, costs, strict=True) for op in c.uncounted
+        for u, c in zip(model.units, costs, strict=True)
+        for op in c.uncounted
     ]
 
     # one batched infer pass: traces -> per-input MACs and paths
@@ -157,13 +170,21 @@ def profile(
         members = per_path == p
         m = per_macs[members]
         if not bool((m == m[0]).all()):
-            raise RuntimeError(f"path {p} has inputs of different MACs: the cost of a path must be static")
+            raise RuntimeError(
+                f"path {p} has inputs of different MACs: the cost of a path must be static"
+            )
         out = model(x[rep[p] : rep[p] + 1])
         uc = out.trace.unit_counts[0].cpu()
-        units = {model.units[u].name: int(uc[u] * macs_u[u]) for u in range(len(model.units)) if uc[u]}
+        units = {
+            model.units[u].name: int(uc[u] * macs_u[u]) for u in range(len(model.units)) if uc[u]
+        }
         qp = None
         if d.y is not None:
-            qp = float(correct[members].float().mean()) if correct is not None else quality(model, logits_all[members], d.y[members])
+            qp = (
+                float(correct[members].float().mean())
+                if correct is not None
+                else quality(model, logits_all[members], d.y[members])
+            )
         paths.append(PathStats(p, model.describe_path(p), int(m[0]), c, units, quality=qp))
 
     summary: dict[str, Any] = _macs_summary(model, per_macs, counter)
@@ -174,12 +195,17 @@ def profile(
     if check_waste:
         macs_t = model.unit_macs("torch")
         executed = ideal = 0
-        with model.eager(), FlopCounterMode(display=False) as fc:  # compiled graphs can't run under it
+        with (
+            model.eager(),
+            FlopCounterMode(display=False) as fc,
+        ):  # compiled graphs can't run under it
             for i in range(0, N, batch_size):
                 out = model(x[i : i + batch_size])
                 ideal += int((out.trace.unit_counts.cpu() @ macs_t).sum())
         executed = fc.get_total_flops() // 2
-        summary.update(executed_macs=executed, ideal_macs=ideal, dispatch_waste=executed / max(ideal, 1))
+        summary.update(
+            executed_macs=executed, ideal_macs=ideal, dispatch_waste=executed / max(ideal, 1)
+        )
 
     per_lat = None
     if latency:
@@ -212,21 +238,42 @@ def profile(
                     if pred is not None:
                         errs.append(abs(pred - med * 1e6) / (med * 1e6))
                 summary["measure_each"] = k
-                summary["latency_prediction_median_rel_error"] = float(torch.tensor(errs).median()) if errs else None
+                summary["latency_prediction_median_rel_error"] = (
+                    float(torch.tensor(errs).median()) if errs else None
+                )
         finally:
             torch.set_num_threads(prev)
 
     curve_data = sweep(model, d, batch_size, counter) if curve else None
     units = [
-        {"index": u.index, "name": u.name, "kind": u.kind, "construct": u.construct, "macs": c.macs,
-         "by_module": c.by_module, "uncounted": c.uncounted, "inputs": [list(s) for s in u.in_shapes]}
+        {
+            "index": u.index,
+            "name": u.name,
+            "kind": u.kind,
+            "construct": u.construct,
+            "macs": c.macs,
+            "by_module": c.by_module,
+            "uncounted": c.uncounted,
+            "inputs": [list(s) for s in u.in_shapes],
+        }
         for u, c in zip(model.units, costs, strict=True)
     ]
     return Profile(
-        name=model.name, counter=counter, device=str(device), threads=threads, batch_size=batch_size,
+        name=model.name,
+        counter=counter,
+        device=str(device),
+        threads=threads,
+        batch_size=batch_size,
         metric="accuracy" if model.spec.task.type == "classification" else "NMSE (dB)",
-        per_input_macs=per_macs, per_input_path=per_path, paths=paths, units=units, summary=summary,
-        warnings=warnings, curve=curve_data, per_input_latency_us=per_lat, correct=correct,
+        per_input_macs=per_macs,
+        per_input_path=per_path,
+        paths=paths,
+        units=units,
+        summary=summary,
+        warnings=warnings,
+        curve=curve_data,
+        per_input_latency_us=per_lat,
+        correct=correct,
         meta={k: v.cpu() for k, v in d.meta.items()},
     )
 
@@ -237,9 +284,13 @@ def _macs_summary(model, per_macs: torch.Tensor, counter: str) -> dict[str, Any]
     backbone = model.static_macs(counter, decisions=False)
     return {
         "inputs": int(per_macs.numel()),
-        "mean_macs": float(f.mean()), "p50_macs": float(f.quantile(0.5)), "p90_macs": float(f.quantile(0.9)),
-        "max_macs": int(per_macs.max()), "min_macs": int(per_macs.min()),
-        "full_macs": full, "backbone_macs": backbone,
+        "mean_macs": float(f.mean()),
+        "p50_macs": float(f.quantile(0.5)),
+        "p90_macs": float(f.quantile(0.9)),
+        "max_macs": int(per_macs.max()),
+        "min_macs": int(per_macs.min()),
+        "full_macs": full,
+        "backbone_macs": backbone,
         "saving": 1 - float(f.mean()) / full if full else 0.0,
         "timestamp": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

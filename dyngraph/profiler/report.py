@@ -30,9 +30,20 @@ def plot_macs_histogram(prof, path: Path) -> None:
     s = prof.summary
     scale, unit = _macs_scale(s["full_macs"])
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist((prof.per_input_macs.double() / scale).numpy(), bins=40, color="#4c72b0", edgecolor="white")
-    ax.axvline(s["full_macs"] / scale, color="#c44e52", linestyle="--", label=f"longest path {_si(s['full_macs'])} MACs")
-    ax.axvline(s["mean_macs"] / scale, color="#55a868", label=f"mean {_si(s['mean_macs'])} MACs ({s['saving']:.0%} saved)")
+    ax.hist(
+        (prof.per_input_macs.double() / scale).numpy(), bins=40, color="#4c72b0", edgecolor="white"
+    )
+    ax.axvline(
+        s["full_macs"] / scale,
+        color="#c44e52",
+        linestyle="--",
+        label=f"longest path {_si(s['full_macs'])} MACs",
+    )
+    ax.axvline(
+        s["mean_macs"] / scale,
+        color="#55a868",
+        label=f"mean {_si(s['mean_macs'])} MACs ({s['saving']:.0%} saved)",
+    )
     ax.set_xlabel(f"MACs per input ({unit})")
     ax.set_ylabel("inputs")
     ax.set_title(f"{prof.name}: MACs each input used ({s['inputs']:,} inputs)")
@@ -49,10 +60,18 @@ def plot_latency_by_path(prof, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(timed) + 1.6))
     labels = [f"{p.description[:48]}  (n={p.count})" for p in timed]
     ys = range(len(timed))
-    ax.barh(ys, [p.latency_us for p in timed], xerr=[p.latency_iqr_us / 2 for p in timed], color="#8172b2", capsize=3)
+    ax.barh(
+        ys,
+        [p.latency_us for p in timed],
+        xerr=[p.latency_iqr_us / 2 for p in timed],
+        color="#8172b2",
+        capsize=3,
+    )
     ax.set_yticks(list(ys), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"batch-1 latency (µs, median, IQR bars; {prof.threads} thread(s), {prof.device})")
+    ax.set_xlabel(
+        f"batch-1 latency (µs, median, IQR bars; {prof.threads} thread(s), {prof.device})"
+    )
     ax.set_title(f"{prof.name}: latency of the most frequent paths")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -67,12 +86,30 @@ def plot_curve(prof, path: Path) -> None:
     scale, unit = _macs_scale(max(p["mean_macs"] for p in pts))
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ys = [100 * p["quality"] if c["metric"] == "accuracy" else p["quality"] for p in pts]
-    ax.plot([p["mean_macs"] / scale for p in pts], ys, marker="o", color="#4c72b0", label=f"sweeping {c['setting']}")
+    ax.plot(
+        [p["mean_macs"] / scale for p in pts],
+        ys,
+        marker="o",
+        color="#4c72b0",
+        label=f"sweeping {c['setting']}",
+    )
     for p, y in zip(pts, ys, strict=True):
-        ax.annotate(f"{p['value']:g}", (p["mean_macs"] / scale, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(
+            f"{p['value']:g}",
+            (p["mean_macs"] / scale, y),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=7,
+        )
     cur = prof.summary.get("quality")
     if cur is not None:
-        ax.plot([prof.summary["mean_macs"] / scale], [100 * cur if c["metric"] == "accuracy" else cur], "r*", markersize=12, label="as profiled")
+        ax.plot(
+            [prof.summary["mean_macs"] / scale],
+            [100 * cur if c["metric"] == "accuracy" else cur],
+            "r*",
+            markersize=12,
+            label="as profiled",
+        )
     ax.set_xlabel(f"mean MACs per input ({unit})")
     ax.set_ylabel("accuracy (%)" if c["metric"] == "accuracy" else c["metric"])
     ax.set_title(f"{prof.name}: {c['metric']} versus compute")
@@ -94,49 +131,111 @@ def _fmt(v) -> str:
 def report_md(prof) -> str:
     s = prof.summary
     q = "accuracy" if prof.metric == "accuracy" else prof.metric
-    lines = [f"# Profile: {prof.name}", "",
-             f"{s['inputs']:,} inputs · counter `{prof.counter}` (1 multiply-add = 1 MAC; decision units counted) · "
-             f"device `{prof.device}` · {prof.threads} thread(s) · batch {prof.batch_size} · torch {torch.__version__}", ""]
+    lines = [
+        f"# Profile: {prof.name}",
+        "",
+        f"{s['inputs']:,} inputs · counter `{prof.counter}` (1 multiply-add = 1 MAC; decision units counted) · "
+        f"device `{prof.device}` · {prof.threads} thread(s) · batch {prof.batch_size} · torch {torch.__version__}",
+        "",
+    ]
     if prof.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in prof.warnings] + [""]
     lines += ["## Summary", "", "| | |", "|---|---|"]
     rows = [
-        ("mean MACs per input", s["mean_macs"]), ("p50 / p90 / max", f"{_fmt(s['p50_macs'])} / {_fmt(s['p90_macs'])} / {_fmt(s['max_macs'])}"),
+        ("mean MACs per input", s["mean_macs"]),
+        (
+            "p50 / p90 / max",
+            f"{_fmt(s['p50_macs'])} / {_fmt(s['p90_macs'])} / {_fmt(s['max_macs'])}",
+        ),
         ("longest path (static full model, with decision units)", s["full_macs"]),
         ("static backbone (no decision units)", s["backbone_macs"]),
-        ("saving vs longest path", f"{s['saving']:.1%}"), ("distinct paths seen", s["paths_seen"]),
+        ("saving vs longest path", f"{s['saving']:.1%}"),
+        ("distinct paths seen", s["paths_seen"]),
     ]
     if "quality" in s:
-        rows.append((q, f"{100 * s['quality']:.2f}%" if prof.metric == "accuracy" else f"{s['quality']:.2f}"))
+        rows.append(
+            (
+                q,
+                f"{100 * s['quality']:.2f}%"
+                if prof.metric == "accuracy"
+                else f"{s['quality']:.2f}",
+            )
+        )
     if "dispatch_waste" in s:
-        rows.append(("executed / ideal MACs of the batched run (FlopCounterMode)", f"{_fmt(s['executed_macs'])} / {_fmt(s['ideal_macs'])} = {s['dispatch_waste']:.4f}"))
+        rows.append(
+            (
+                "executed / ideal MACs of the batched run (FlopCounterMode)",
+                f"{_fmt(s['executed_macs'])} / {_fmt(s['ideal_macs'])} = {s['dispatch_waste']:.4f}",
+            )
+        )
     if "throughput_per_s" in s:
-        rows.append((f"throughput at batch {s['throughput_batch']}", f"{s['throughput_per_s']:,.0f} inputs/s"))
-        rows.append(("mean predicted batch-1 latency", f"{_fmt(s['latency_mean_us'])} µs ({s['inputs_with_latency']:,} inputs on timed paths)"))
+        rows.append(
+            (
+                f"throughput at batch {s['throughput_batch']}",
+                f"{s['throughput_per_s']:,.0f} inputs/s",
+            )
+        )
+        rows.append(
+            (
+                "mean predicted batch-1 latency",
+                f"{_fmt(s['latency_mean_us'])} µs ({s['inputs_with_latency']:,} inputs on timed paths)",
+            )
+        )
     if s.get("latency_prediction_median_rel_error") is not None:
-        rows.append((f"path latency vs {s['measure_each']} inputs timed alone: median relative error", f"{s['latency_prediction_median_rel_error']:.1%}"))
+        rows.append(
+            (
+                f"path latency vs {s['measure_each']} inputs timed alone: median relative error",
+                f"{s['latency_prediction_median_rel_error']:.1%}",
+            )
+        )
     lines += [f"| {k} | {_fmt(v)} |" for k, v in rows] + [""]
-    lines += ["## Paths", "", f"| id | path | MACs | inputs | batch-1 latency µs (IQR) | {q} |", "|---|---|---:|---:|---:|---:|"]
+    lines += [
+        "## Paths",
+        "",
+        f"| id | path | MACs | inputs | batch-1 latency µs (IQR) | {q} |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for p in prof.paths[:30]:
         lat = f"{p.latency_us:,.1f} ({p.latency_iqr_us:,.1f})" if p.latency_us is not None else "–"
-        qual = "–" if p.quality is None else (f"{100 * p.quality:.1f}%" if prof.metric == "accuracy" else f"{p.quality:.2f}")
+        qual = (
+            "–"
+            if p.quality is None
+            else (f"{100 * p.quality:.1f}%" if prof.metric == "accuracy" else f"{p.quality:.2f}")
+        )
         lines.append(f"| {p.id} | {p.description} | {p.macs:,} | {p.count:,} | {lat} | {qual} |")
     if len(prof.paths) > 30:
         lines.append(f"| | … {len(prof.paths) - 30} more paths in profile.json | | | | |")
-    lines += ["", "## Units (static MACs per sample)", "", "| unit | kind | inputs | MACs | by module |", "|---|---|---|---:|---|"]
+    lines += [
+        "",
+        "## Units (static MACs per sample)",
+        "",
+        "| unit | kind | inputs | MACs | by module |",
+        "|---|---|---|---:|---|",
+    ]
     for u in prof.units:
         bym = ", ".join(f"{k} {v:,}" for k, v in u["by_module"].items())
         shapes = " ".join(str(s) for s in u["inputs"])
         lines.append(f"| {u['name']} | {u['kind']} | {shapes} | {u['macs']:,} | {bym} |")
     if prof.paths:
         top = prof.paths[0]
-        lines += ["", f"Most frequent path ({top.description}), MACs by unit: "
-                  + ", ".join(f"{k} {v:,}" for k, v in top.units.items()), ""]
+        lines += [
+            "",
+            f"Most frequent path ({top.description}), MACs by unit: "
+            + ", ".join(f"{k} {v:,}" for k, v in top.units.items()),
+            "",
+        ]
     if prof.curve:
         c = prof.curve
-        lines += ["## " + f"{q} versus compute (sweeping {c['setting']})", "", f"| {c['setting']} | mean MACs | {q} |", "|---:|---:|---:|"]
+        lines += [
+            "## " + f"{q} versus compute (sweeping {c['setting']})",
+            "",
+            f"| {c['setting']} | mean MACs | {q} |",
+            "|---:|---:|---:|",
+        ]
         for p in c["points"]:
-            qual = f"{100 * p['quality']:.2f}%" if prof.metric == "accuracy" else f"{p['quality']:.2f}"
+            qual = (
+                f"{100 * p['quality']:.2f}%" if prof.metric == "accuracy" else f"{p['quality']:.2f}"
+            )
             lines.append(f"| {p['value']:g} | {p['mean_macs']:,.0f} | {qual} |")
         lines.append("")
     lines += ["## Plots", "", "![MACs per input](macs_hist.png)", ""]

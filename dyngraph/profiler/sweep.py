@@ -43,7 +43,11 @@ def sweep_setting(model) -> tuple[str, list[float], object, object] | None:
     exits = [e for e in model.exits[:-1] if e.kind in ("max_prob", "entropy")]
     if exits:
         kind = "max_prob" if any(e.kind == "max_prob" for e in exits) else "entropy"
-        return (f"exit threshold ({kind})", GRIDS[kind], *_attr_setting([e for e in exits if e.kind == kind], "threshold"))
+        return (
+            f"exit threshold ({kind})",
+            GRIDS[kind],
+            *_attr_setting([e for e in exits if e.kind == kind], "threshold"),
+        )
     if model.metalayers:
         saved = {k: dict(v) for k, v in model._gamma.items()}
 
@@ -94,7 +98,13 @@ def sweep(model, data: Data, batch_size: int, counter: str) -> dict | None:
         for v in grid:
             apply(v)
             logits, macs = run_infer(model, x, batch_size, counter)
-            points.append({"value": v, "mean_macs": float(macs.float().mean()), "quality": quality(model, logits, data.y)})
+            points.append(
+                {
+                    "value": v,
+                    "mean_macs": float(macs.float().mean()),
+                    "quality": quality(model, logits, data.y),
+                }
+            )
     finally:
         restore()
     return {"setting": name, "metric": _metric(model), "points": points}

@@ -34,8 +34,16 @@ def run(quick: bool = False) -> dict:
     _, test = splits(model)
     r = evaluate(model, test)
     ks, steps, rho = _steps_by_nonzero(model, test)
-    result["act_n8"] = {"accuracy": r["quality"], "mean_steps": float(sum(s * (test.meta['nonzero'] == k).sum() for k, s in zip(ks, steps, strict=True)) / len(test)),
-                        "nonzero": ks, "steps_by_nonzero": steps, "spearman": rho}
+    result["act_n8"] = {
+        "accuracy": r["quality"],
+        "mean_steps": float(
+            sum(s * (test.meta["nonzero"] == k).sum() for k, s in zip(ks, steps, strict=True))
+            / len(test)
+        ),
+        "nonzero": ks,
+        "steps_by_nonzero": steps,
+        "spearman": rho,
+    }
     fixed = copy.deepcopy(spec_dict("act_parity"))
     fixed["name"] = "act_parity_fixed1"
     fixed["graph"][0]["halting"]["max_steps"] = 1
@@ -49,7 +57,12 @@ def run(quick: bool = False) -> dict:
     t16 = splits(m16)[1]
     r16 = evaluate(m16, t16)
     k16, s16, rho16 = _steps_by_nonzero(m16, t16)
-    result["act_n16"] = {"accuracy": r16["quality"], "steps_by_nonzero": s16, "nonzero": k16, "spearman": rho16}
+    result["act_n16"] = {
+        "accuracy": r16["quality"],
+        "steps_by_nonzero": s16,
+        "nonzero": k16,
+        "spearman": rho16,
+    }
     save_result("act" + ("_quick" if quick else ""), result)
     plot(result, DOCS / ("act_quick.png" if quick else "act.png"))
     return result
@@ -59,10 +72,17 @@ def plot(result: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for key, style in (("act_n8", "o-"), ("act_n16", "s--")):
         r = result[key]
-        ax.plot(r["nonzero"], r["steps_by_nonzero"], style, label=f"{key}: accuracy {100 * r['accuracy']:.1f}%")
+        ax.plot(
+            r["nonzero"],
+            r["steps_by_nonzero"],
+            style,
+            label=f"{key}: accuracy {100 * r['accuracy']:.1f}%",
+        )
     ax.set_xlabel("number of non-zero input bits (difficulty)")
     ax.set_ylabel("mean ponder steps")
-    ax.set_title(f"ACT parity (fixed 1 step, n=8: {100 * result['fixed_one_step_n8']['accuracy']:.1f}%)")
+    ax.set_title(
+        f"ACT parity (fixed 1 step, n=8: {100 * result['fixed_one_step_n8']['accuracy']:.1f}%)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -32,7 +32,12 @@ def train_spec(spec: dict | str, quick: bool = False, tag: str | None = None):
     tag = tag or d["name"]
     torch.set_num_threads(1)
     with torch.enable_grad():  # callers evaluate under no_grad
-        r = train(d, out=(RUNS_QUICK if quick else RUNS) / tag, max_steps=150 if quick else None, log=lambda *a: None)
+        r = train(
+            d,
+            out=(RUNS_QUICK if quick else RUNS) / tag,
+            max_steps=150 if quick else None,
+            log=lambda *a: None,
+        )
     return r["model"]
 
 
@@ -47,9 +52,19 @@ def static_spec(depth: int, base: str = "msdnet_early_exit") -> dict[str, Any]:
     stem = d["graph"][0]
     block = {"type": "residual_mlp", "hidden": 16, "norm": True, "zero_init": True}
     d["name"] = f"static_depth{depth}"
-    d["graph"] = [stem] + [dict(block) for _ in range(depth)] + [{"type": "classifier", "classes": 5, "norm": True}]
-    d["train"]["stages"] = [{"name": "static", "steps": d["train"]["stages"][0]["steps"],
-                             "optimizer": {"type": "adamw", "lr": 2.0e-3}, "schedule": {"type": "onecycle"}}]
+    d["graph"] = (
+        [stem]
+        + [dict(block) for _ in range(depth)]
+        + [{"type": "classifier", "classes": 5, "norm": True}]
+    )
+    d["train"]["stages"] = [
+        {
+            "name": "static",
+            "steps": d["train"]["stages"][0]["steps"],
+            "optimizer": {"type": "adamw", "lr": 2.0e-3},
+            "schedule": {"type": "onecycle"},
+        }
+    ]
     d["train"].pop("calibrate", None)
     return d
 

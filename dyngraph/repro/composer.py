@@ -42,14 +42,26 @@ def run(quick: bool = False) -> dict:
     for g in GAMMAS:
         acc, frac, c = at(gamma=g)
         base = small_acc + (large_acc - small_acc) * (frac - c_small) / (1 - c_small)
-        points.append({"gamma": g, "accuracy": acc, "params_fraction": frac, "random_mixing_accuracy": base,
-                       "gain_points": 100 * (acc - base),
-                       "left_to_small": float((c[left] == 0).float().mean()),
-                       "right_to_small": float((c[~left] == 0).float().mean())})
+        points.append(
+            {
+                "gamma": g,
+                "accuracy": acc,
+                "params_fraction": frac,
+                "random_mixing_accuracy": base,
+                "gain_points": 100 * (acc - base),
+                "left_to_small": float((c[left] == 0).float().mean()),
+                "right_to_small": float((c[~left] == 0).float().mean()),
+            }
+        )
     model.set_gamma(model.metalayers[0].ctl.preferences["glimpse"].gamma.test)
     inner = [p for p in points if 0.5 <= p["params_fraction"] <= 0.65]
-    result = {"small_only_accuracy": small_acc, "large_only_accuracy": large_acc, "small_params_fraction": c_small,
-              "points": points, "max_gain_50_65": max((p["gain_points"] for p in inner), default=None)}
+    result = {
+        "small_only_accuracy": small_acc,
+        "large_only_accuracy": large_acc,
+        "small_params_fraction": c_small,
+        "points": points,
+        "max_gain_50_65": max((p["gain_points"] for p in inner), default=None),
+    }
     save_result("composer" + ("_quick" if quick else ""), result)
     plot(result, DOCS / ("composer_quick.png" if quick else "composer.png"))
     return result
@@ -58,9 +70,19 @@ def run(quick: bool = False) -> dict:
 def plot(result: dict, path) -> None:
     pts = result["points"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a.plot([p["params_fraction"] for p in pts], [100 * p["accuracy"] for p in pts], "o-", label="Composer, gamma swept")
+    a.plot(
+        [p["params_fraction"] for p in pts],
+        [100 * p["accuracy"] for p in pts],
+        "o-",
+        label="Composer, gamma swept",
+    )
     cs = result["small_params_fraction"]
-    a.plot([cs, 1.0], [100 * result["small_only_accuracy"], 100 * result["large_only_accuracy"]], "k--", label="random mixing")
+    a.plot(
+        [cs, 1.0],
+        [100 * result["small_only_accuracy"], 100 * result["large_only_accuracy"]],
+        "k--",
+        label="random mixing",
+    )
     a.set_xlabel("mean parameters used / large module's")
     a.set_ylabel("test accuracy (%)")
     a.set_title("accuracy versus parameters (one model)")

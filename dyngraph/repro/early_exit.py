@@ -36,17 +36,34 @@ def run_one(name: str, quick: bool, static: list[dict]) -> dict:
     for b, of in [(b, "longest_path") for b in BUDGETS] + [(b, "backbone") for b in BUDGETS]:
         cal = calibrate_budget(model, val, b if of == "longest_path" else b * backbone / full)
         r = evaluate(model, test)
-        rows.append({"budget": b, "of": of, "test_backbone_fraction": r["mean_macs"] / backbone, "threshold": cal["value"], "test_macs_fraction": r["macs_fraction"],
-                     "test_macs": r["mean_macs"], "accuracy": r["quality"],
-                     "static_accuracy_same_macs": interpolate(static, r["mean_macs"]),
-                     "gain_points": 100 * (r["quality"] - interpolate(static, r["mean_macs"]))})
+        rows.append(
+            {
+                "budget": b,
+                "of": of,
+                "test_backbone_fraction": r["mean_macs"] / backbone,
+                "threshold": cal["value"],
+                "test_macs_fraction": r["macs_fraction"],
+                "test_macs": r["mean_macs"],
+                "accuracy": r["quality"],
+                "static_accuracy_same_macs": interpolate(static, r["mean_macs"]),
+                "gain_points": 100 * (r["quality"] - interpolate(static, r["mean_macs"])),
+            }
+        )
     # exit depth versus difficulty k, at the 50% budget
     calibrate_budget(model, val, 0.5)
     k, depth = _exit_depth_by_k(model, test)
     model.set_threshold(1.01)
     last = evaluate(model, test)
-    return {"spec": name, "temperatures": temps, "budgets": rows, "mean_exit_depth_by_k": depth, "k": k,
-            "last_exit_accuracy": last["quality"], "full_macs": full, "backbone_macs": backbone}
+    return {
+        "spec": name,
+        "temperatures": temps,
+        "budgets": rows,
+        "mean_exit_depth_by_k": depth,
+        "k": k,
+        "last_exit_accuracy": last["quality"],
+        "full_macs": full,
+        "backbone_macs": backbone,
+    }
 
 
 @torch.no_grad()
@@ -80,8 +97,13 @@ def digits_sanity(quick: bool) -> dict:
 
     d = spec_dict("digits_early_exit")
     d["name"] = "digits_early_exit_trained"
-    d["train"] = {"data": {"name": "digits"}, "batch_size": 64,
-                  "stages": [{"name": "multi_exit", "epochs": 40, "optimizer": {"type": "adam", "lr": 1.0e-3}}]}
+    d["train"] = {
+        "data": {"name": "digits"},
+        "batch_size": 64,
+        "stages": [
+            {"name": "multi_exit", "epochs": 40, "optimizer": {"type": "adam", "lr": 1.0e-3}}
+        ],
+    }
     model = train_spec(d, quick)
     val, test = splits(model)
     fit_temperatures(model, val)
@@ -89,17 +111,31 @@ def digits_sanity(quick: bool) -> dict:
     full = evaluate(model, test)
     calibrate_budget(model, val, 0.45)  # a margin: the budget is met on val, checked on test
     half = evaluate(model, test)
-    return {"full_accuracy": full["quality"], "accuracy_at_half": half["quality"], "macs_fraction": half["macs_fraction"]}
+    return {
+        "full_accuracy": full["quality"],
+        "accuracy_at_half": half["quality"],
+        "macs_fraction": half["macs_fraction"],
+    }
 
 
 def plot(result: dict, path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     st = result["static"]
     full = result["msdnet_early_exit"]["full_macs"]
-    a.plot([r["macs"] / full for r in st], [100 * r["accuracy"] for r in st], "k.-", label="static depth 1..8")
+    a.plot(
+        [r["macs"] / full for r in st],
+        [100 * r["accuracy"] for r in st],
+        "k.-",
+        label="static depth 1..8",
+    )
     for name, style in (("msdnet_early_exit", "o-"), ("scan_early_exit", "s--")):
         rows = sorted(result[name]["budgets"], key=lambda r: r["test_macs"])
-        a.plot([r["test_macs_fraction"] for r in rows], [100 * r["accuracy"] for r in rows], style, label=name)
+        a.plot(
+            [r["test_macs_fraction"] for r in rows],
+            [100 * r["accuracy"] for r in rows],
+            style,
+            label=name,
+        )
     a.set_xlabel("mean MACs per input / longest path")
     a.set_ylabel("test accuracy (%)")
     a.set_title("state_tracking: early exits vs static networks")

@@ -37,10 +37,20 @@ def run_one(name: str, quick: bool, static: list[dict]) -> dict:
     by_k = [float(blocks[test.meta["k"] == k].mean()) for k in ks]
     static_acc = interpolate(static, r["mean_macs"])
     return {
-        "spec": name, "as_trained": {"accuracy": as_trained["quality"], "macs_fraction": as_trained["macs_fraction"]},
-        "calibrated": cal, "accuracy": r["quality"], "macs_fraction": r["macs_fraction"], "mean_macs": r["mean_macs"],
-        "static_accuracy_same_macs": static_acc, "gain_points": 100 * (r["quality"] - static_acc),
-        "k": ks, "blocks_by_k": by_k, "spearman_blocks_k": spearman(blocks.numpy(), test.meta["k"].numpy()),
+        "spec": name,
+        "as_trained": {
+            "accuracy": as_trained["quality"],
+            "macs_fraction": as_trained["macs_fraction"],
+        },
+        "calibrated": cal,
+        "accuracy": r["quality"],
+        "macs_fraction": r["macs_fraction"],
+        "mean_macs": r["mean_macs"],
+        "static_accuracy_same_macs": static_acc,
+        "gain_points": 100 * (r["quality"] - static_acc),
+        "k": ks,
+        "blocks_by_k": by_k,
+        "spearman_blocks_k": spearman(blocks.numpy(), test.meta["k"].numpy()),
     }
 
 
@@ -57,7 +67,9 @@ def run(quick: bool = False) -> dict:
 def plot(result: dict, path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     st = result["static"]
-    a.plot([r["macs"] for r in st], [100 * r["accuracy"] for r in st], "k.-", label="static depth 1..8")
+    a.plot(
+        [r["macs"] for r in st], [100 * r["accuracy"] for r in st], "k.-", label="static depth 1..8"
+    )
     for name, m in (("skipnet_ff", "o"), ("skipnet_rnn", "s"), ("blockdrop", "^")):
         r = result[name]
         a.plot([r["mean_macs"]], [100 * r["accuracy"]], m, markersize=9, label=name)

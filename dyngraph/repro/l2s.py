@@ -40,15 +40,31 @@ def run(quick: bool = False) -> dict:
         d = float(out.trace.steps[:, 0].float().mean())
         n = nmse_db(out.logits, test.y)
         same = float(np.interp(d, depths, fixed))
-        curve.append({"threshold": t, "mean_depth": d, "nmse_db": n, "fixed_depth_nmse_db": same, "gain_db": same - n})
+        curve.append(
+            {
+                "threshold": t,
+                "mean_depth": d,
+                "nmse_db": n,
+                "fixed_depth_nmse_db": same,
+                "gain_db": same - n,
+            }
+        )
     h.threshold = old
     inner = [c for c in curve if 2 <= c["mean_depth"] <= len(fixed) - 1]
-    result = {"fixed_depth_nmse_db": fixed, "policy": curve,
-              "budgets_with_gain_0.1dB": sum(c["gain_db"] >= 0.1 for c in inner)}
+    result = {
+        "fixed_depth_nmse_db": fixed,
+        "policy": curve,
+        "budgets_with_gain_0.1dB": sum(c["gain_db"] >= 0.1 for c in inner),
+    }
     save_result("l2s" + ("_quick" if quick else ""), result)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.plot(depths, fixed, "k.-", label="same network cut at a fixed depth")
-    ax.plot([c["mean_depth"] for c in curve], [c["nmse_db"] for c in curve], "o-", label="learned stop policy (threshold swept)")
+    ax.plot(
+        [c["mean_depth"] for c in curve],
+        [c["nmse_db"] for c in curve],
+        "o-",
+        label="learned stop policy (threshold swept)",
+    )
     ax.set_xlabel("mean depth (LISTA layers run)")
     ax.set_ylabel("test NMSE (dB)")
     ax.set_title("L2S on sparse recovery (64x128, SNR 20 dB)")

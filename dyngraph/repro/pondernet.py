@@ -21,14 +21,21 @@ def run(quick: bool = False) -> dict:
     nz = test.meta["nonzero"]
     ks = sorted(set(nz.tolist()))
     by_k = [float(steps[nz == k].mean()) for k in ks]
-    result = {"accuracy": r["quality"], "mean_steps": float(steps.mean()), "nonzero": ks, "steps_by_nonzero": by_k,
-              "spearman": spearman(steps.numpy(), nz.numpy())}
+    result = {
+        "accuracy": r["quality"],
+        "mean_steps": float(steps.mean()),
+        "nonzero": ks,
+        "steps_by_nonzero": by_k,
+        "spearman": spearman(steps.numpy(), nz.numpy()),
+    }
     save_result("pondernet" + ("_quick" if quick else ""), result)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.plot(ks, by_k, "o-")
     ax.set_xlabel("number of non-zero input bits")
     ax.set_ylabel("mean steps (halting at the median)")
-    ax.set_title(f"PonderNet parity n=8: accuracy {100 * r['quality']:.1f}%, mean {result['mean_steps']:.2f} steps")
+    ax.set_title(
+        f"PonderNet parity n=8: accuracy {100 * r['quality']:.1f}%, mean {result['mean_steps']:.2f} steps"
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(DOCS / ("pondernet_quick.png" if quick else "pondernet.png"), dpi=110)

@@ -60,7 +60,9 @@ class RunContext:
         b, dev = x.shape[0], x.device
         self.mode, self.batch, self.device = mode, b, dev
         self.compacting = mode == "infer"
-        self.idx: torch.Tensor | None = None  # infer: sample index of each current row; None = all, in order
+        self.idx: torch.Tensor | None = (
+            None  # infer: sample index of each current row; None = all, in order
+        )
         self.live = None if self.compacting else torch.ones(b, dtype=torch.bool, device=dev)
         self.env: dict[str, torch.Tensor] = {"input": x}
         self.states: dict[str, torch.Tensor] = {}
@@ -97,7 +99,11 @@ class RunContext:
         if self.compacting:
             if count is None:
                 return self.idx
-            return count if self.idx is None and count.dtype != torch.bool else self.sample_index()[count]
+            return (
+                count
+                if self.idx is None and count.dtype != torch.bool
+                else self.sample_index()[count]
+            )
         if count is None:
             return self.live
         if count.dtype == torch.bool:
@@ -111,7 +117,9 @@ class RunContext:
         self.events.append((unit.index, self._global(count)))
         return unit(*args)
 
-    def record(self, field: str, col: int | None, values: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    def record(
+        self, field: str, col: int | None, values: torch.Tensor, where: torch.Tensor | None = None
+    ) -> None:
         """Write decisions `values` (one per current row, or per `where` positions) to the trace."""
         t = self.trace[field]
         if self.compacting:

@@ -101,7 +101,8 @@ class DynamicModel(nn.Module):
         for step in after:
             if not hasattr(step, "unit") or not all(r in env for r in step.reads):
                 raise NotImplementedError(
-                    f"per-step losses of {node.name} need only static nodes after it, reading its output")
+                    f"per-step losses of {node.name} need only static nodes after it, reading its output"
+                )
             for k, v in zip(step.outputs, step.unit(*[env[r] for r in step.reads]), strict=True):
                 env[k] = v
         return env[self._plan.output_id]

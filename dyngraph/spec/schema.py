@@ -109,8 +109,12 @@ class DataSpec(Strict):
     name: str
     params: dict[str, Any] = {}
     seed: int = 0
-    fresh: bool | None = Field(None, description="generated sets: new samples every step (default true for them)")
-    n_train: int = Field(20000, gt=0, description="size of a fixed training set of a generated data set")
+    fresh: bool | None = Field(
+        None, description="generated sets: new samples every step (default true for them)"
+    )
+    n_train: int = Field(
+        20000, gt=0, description="size of a fixed training set of a generated data set"
+    )
     n_val: int = Field(2000, gt=0)
     n_test: int = Field(4000, gt=0)
 
@@ -134,14 +138,26 @@ class ObjectiveSpec(Strict):
 
     task_weight: float = Field(1.0, ge=0)
     gate_penalty: float = Field(0.0, ge=0, description="lambda x mean fraction of gated blocks run")
-    penalty_ramp: float = Field(0.0, ge=0, le=1, description="fraction of the stage over which penalties ramp up from 0")
-    gate_reward: Literal["skipnet", "blockdrop"] = Field("skipnet", description="REINFORCE reward when gates sample")
-    skipnet_alpha: float = Field(0.1, ge=0, description="skipnet reward: -CE - alpha x fraction run")
+    penalty_ramp: float = Field(
+        0.0, ge=0, le=1, description="fraction of the stage over which penalties ramp up from 0"
+    )
+    gate_reward: Literal["skipnet", "blockdrop"] = Field(
+        "skipnet", description="REINFORCE reward when gates sample"
+    )
+    skipnet_alpha: float = Field(
+        0.1, ge=0, description="skipnet reward: -CE - alpha x fraction run"
+    )
     blockdrop_gamma: float = Field(5.0, ge=0, description="blockdrop reward when wrong: -gamma")
-    curriculum_steps: int = Field(0, ge=0, description="blockdrop curriculum: one more learnable gate (from the last) every N steps; 0 = off")
+    curriculum_steps: int = Field(
+        0,
+        ge=0,
+        description="blockdrop curriculum: one more learnable gate (from the last) every N steps; 0 = off",
+    )
     policy_weight: float = Field(1.0, ge=0, description="weight of REINFORCE terms")
     entropy_cost: float = Field(0.0, ge=0, description="Composer batch-entropy cost weight")
-    l2s: Literal["likelihood", "imitation", "joint"] = Field("joint", description="L2S stage I, stage II, or both")
+    l2s: Literal["likelihood", "imitation", "joint"] = Field(
+        "joint", description="L2S stage I, stage II, or both"
+    )
 
 
 class StageSpec(Strict):
@@ -152,9 +168,18 @@ class StageSpec(Strict):
     epochs: int | None = Field(None, gt=0)
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
-    trainable: list[str] = Field(["all"], description="all, backbone, heads, controllers, or module/unit names")
-    decisions: Literal["soft", "straight_through", "sample", "hard"] | None = Field(None, description="gate decision mode (default: each gate's `train:`)")
-    explore: float | None = Field(None, ge=0, le=1, description="metalayers' fraction of samples routed at random during this stage (default: each metalayer's `explore`)")
+    trainable: list[str] = Field(
+        ["all"], description="all, backbone, heads, controllers, or module/unit names"
+    )
+    decisions: Literal["soft", "straight_through", "sample", "hard"] | None = Field(
+        None, description="gate decision mode (default: each gate's `train:`)"
+    )
+    explore: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="metalayers' fraction of samples routed at random during this stage (default: each metalayer's `explore`)",
+    )
     objective: ObjectiveSpec = ObjectiveSpec()
     grad_clip: float | None = Field(None, gt=0)
 
@@ -166,8 +191,12 @@ class StageSpec(Strict):
 
 
 class CalibrateSpec(Strict):
-    budget: float | None = Field(None, gt=0, le=1, description="fraction of the longest path's MACs")
-    temperature: bool = Field(True, description="fit temperature scaling per exit on the validation split")
+    budget: float | None = Field(
+        None, gt=0, le=1, description="fraction of the longest path's MACs"
+    )
+    temperature: bool = Field(
+        True, description="fit temperature scaling per exit on the validation split"
+    )
 
 
 class TrainSpec(Strict):
@@ -176,7 +205,9 @@ class TrainSpec(Strict):
     data: DataSpec
     batch_size: int = Field(128, gt=0)
     seed: int = 0
-    backend: Literal["inductor", "aot_eager", "eager", "none"] = Field("none", description="backend while training (eager is quickest to start on small models)")
+    backend: Literal["inductor", "aot_eager", "eager", "none"] = Field(
+        "none", description="backend while training (eager is quickest to start on small models)"
+    )
     stages: list[StageSpec] = []
     eval_every: int = Field(500, gt=0)
     checkpoint_every: int = Field(200, gt=0)

@@ -25,7 +25,13 @@ class Batches:
         self._train = None if self.fresh else self._load("train", d.n_train)
 
     def _load(self, split: str, n: int) -> Data:
-        return load_data(self.d.name, split=split, seed=self.d.seed, n=n if self.generated else None, **self.d.params)
+        return load_data(
+            self.d.name,
+            split=split,
+            seed=self.d.seed,
+            n=n if self.generated else None,
+            **self.d.params,
+        )
 
     @property
     def steps_per_epoch(self) -> int:

@@ -33,7 +33,9 @@ def fit_temperatures(model, val: Data, batch_size: int = 512) -> list[float]:
 
 
 @torch.no_grad()
-def calibrate_budget(model, val: Data, budget: float, batch_size: int = 512, counter: str = "fvcore", iters: int = 24) -> dict:
+def calibrate_budget(
+    model, val: Data, budget: float, batch_size: int = 512, counter: str = "fvcore", iters: int = 24
+) -> dict:
     """Set the model's main decision setting so that mean MACs on `val` is at most
     `budget` x the longest path's MACs, as close to it as the setting allows (bisection)."""
     setting = sweep_setting(model)
@@ -52,7 +54,13 @@ def calibrate_budget(model, val: Data, budget: float, batch_size: int = 512, cou
     cheap, dear = (lo, hi) if increasing else (hi, lo)
     if min(m_lo, m_hi) > target:
         apply(cheap)
-        return {"setting": name, "value": cheap, "mean_macs": min(m_lo, m_hi), "target": target, "met": False}
+        return {
+            "setting": name,
+            "value": cheap,
+            "mean_macs": min(m_lo, m_hi),
+            "target": target,
+            "met": False,
+        }
     a, b = cheap, dear  # mean_macs(a) <= target; move toward b while it stays under
     best = (a, min(m_lo, m_hi))
     for _ in range(iters):

@@ -27,10 +27,13 @@ def evaluate(model, data: Data, batch_size: int = 512, counter: str = "fvcore") 
     path = torch.cat(paths)
     full = model.static_macs(counter)
     res: dict[str, Any] = {
-        "inputs": len(data), "mean_macs": float(macs.double().mean()), "full_macs": full,
+        "inputs": len(data),
+        "mean_macs": float(macs.double().mean()),
+        "full_macs": full,
         "macs_fraction": float(macs.double().mean()) / full,
         "paths": {model.describe_path(int(p)): c for p, c in Counter(path.tolist()).most_common()},
-        "per_input_macs": macs, "logits": logits,
+        "per_input_macs": macs,
+        "logits": logits,
     }
     if model.exits:
         res["exits"] = dict(sorted(Counter(torch.cat(exits).tolist()).items()))

@@ -36,7 +36,11 @@ class TrainingError(RuntimeError):
 def _dist() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("DYNGRAPH_DEVICE", "cpu") == "cuda" else "gloo")
+        dist.init_process_group(
+            "nccl"
+            if torch.cuda.is_available() and os.environ.get("DYNGRAPH_DEVICE", "cpu") == "cuda"
+            else "gloo"
+        )
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -80,7 +84,9 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         if isinstance(spec, str | Path) and Path(spec).exists():
             (out / "spec.yaml").write_text(Path(spec).read_text())
-        (out / "resolved.json").write_text(json.dumps(loaded.spec.model_dump(mode="json"), indent=1))
+        (out / "resolved.json").write_text(
+            json.dumps(loaded.spec.model_dump(mode="json"), indent=1)
+        )
 
     torch.manual_seed(tr.seed)
     model = compile_spec(loaded, backend=tr.backend)
@@ -124,19 +130,26 @@ def train(
             g.mode_override = stage.decisions
         for m in model.metalayers:
             m.explore_override = stage.explore
-        with Progress(total - first, f"{loaded.spec.name} {stage.name}", progress and rank == 0) as bar:
+        with Progress(
+            total - first, f"{loaded.spec.name} {stage.name}", progress and rank == 0
+        ) as bar:
             for step in range(first, total):
                 x, y = batches.batch(global_step)
                 x, y = x.to(device), y.to(device)
                 _curriculum(model, stage.objective, step)
-                ramp = min(1.0, step / (stage.objective.penalty_ramp * total)) if stage.objective.penalty_ramp else 1.0
+                ramp = (
+                    min(1.0, step / (stage.objective.penalty_ramp * total))
+                    if stage.objective.penalty_ramp
+                    else 1.0
+                )
                 out_ = net(x, mode="train")
                 loss, terms = compute_loss(model, out_, x, y, stage.objective, ramp)
                 if not math.isfinite(float(loss.detach())):
                     raise TrainingError(
                         f"{loaded.spec.name}: the loss is {float(loss.detach())} at stage '{stage.name}' step {step} "
                         f"({', '.join(f'{k}={v:.4g}' for k, v in terms.items())}); training stopped. "
-                        f"The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (none was written yet)'}")
+                        f"The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (none was written yet)'}"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if stage.grad_clip:
@@ -144,8 +157,20 @@ def train(
                 opt.step()
                 sched.step()
                 global_step += 1
-                row = _row(model, out_, y, si, stage.name, step + 1, global_step, float(loss.detach()), terms)
-                bar.update(1, loss=row["loss"], acc=row.get("acc", float("nan")), macs=row["mean_macs"])
+                row = _row(
+                    model,
+                    out_,
+                    y,
+                    si,
+                    stage.name,
+                    step + 1,
+                    global_step,
+                    float(loss.detach()),
+                    terms,
+                )
+                bar.update(
+                    1, loss=row["loss"], acc=row.get("acc", float("nan")), macs=row["mean_macs"]
+                )
                 if (step + 1) % 25 == 0 or step + 1 == total:
                     rows.append(row)
                     if writer is not None:
@@ -156,14 +181,33 @@ def train(
                     rows[-1].update({f"val_{k}": v for k, v in _val(model, val).items()})
                 last = step + 1 == total
                 if rank == 0 and ((step + 1) % tr.checkpoint_every == 0 or last):
-                    _save(ckpt_path, model, opt, sched, si + 1 if last else si, 0 if last else step + 1, global_step, rows)
+                    _save(
+                        ckpt_path,
+                        model,
+                        opt,
+                        sched,
+                        si + 1 if last else si,
+                        0 if last else step + 1,
+                        global_step,
+                        rows,
+                    )
                     _write_csv(out / "metrics.csv", rows)
         state = None
         result = _val(model, val) if rank == 0 else {}
         if rank == 0:
-            log(f"{loaded.spec.name} stage '{stage.name}' done: " + ", ".join(f"val {k} {v:.4g}" for k, v in result.items()))
+            log(
+                f"{loaded.spec.name} stage '{stage.name}' done: "
+                + ", ".join(f"val {k} {v:.4g}" for k, v in result.items())
+            )
     if rank == 0:
-        save_atomic({"model": model.state_dict(), "settings": model.decision_settings(), "spec": loaded.spec.name}, out / "final.pt")
+        save_atomic(
+            {
+                "model": model.state_dict(),
+                "settings": model.decision_settings(),
+                "spec": loaded.spec.name,
+            },
+            out / "final.pt",
+        )
     if writer is not None:
         writer.close()
     if world > 1:
@@ -180,7 +224,13 @@ def _val(model, val) -> dict[str, float]:
 
 
 def _row(model, out, y, si, name, step, global_step, loss, terms) -> dict[str, Any]:
-    row: dict[str, Any] = {"global_step": global_step, "stage": si, "stage_name": name, "step": step, "loss": loss}
+    row: dict[str, Any] = {
+        "global_step": global_step,
+        "stage": si,
+        "stage_name": name,
+        "step": step,
+        "loss": loss,
+    }
     row.update({f"loss_{k}": v for k, v in terms.items()})
     if model.spec.task.type == "classification":
         row["acc"] = float((out.logits.argmax(1) == y).float().mean())
@@ -189,11 +239,20 @@ def _row(model, out, y, si, name, step, global_step, loss, terms) -> dict[str, A
 
 
 def _save(path, model, opt, sched, stage, step, global_step, rows) -> None:
-    save_atomic({
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "rng": torch.get_rng_state(), "stage": stage, "step": step, "global_step": global_step,
-        "metrics": rows, "settings": model.decision_settings(),
-    }, path)
+    save_atomic(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": torch.get_rng_state(),
+            "stage": stage,
+            "step": step,
+            "global_step": global_step,
+            "metrics": rows,
+            "settings": model.decision_settings(),
+        },
+        path,
+    )
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -55,7 +55,9 @@ def hard_gates(model):
             g.mode_override = m
 
 
-def compute_loss(model, out, x, y, objective, ramp: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+def compute_loss(
+    model, out, x, y, objective, ramp: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The total loss of a train-mode forward pass and its named terms (for logging)."""
     lc = LossContext(model, out, x, y, objective, ramp)
     terms: dict[str, torch.Tensor] = {}

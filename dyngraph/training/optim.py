@@ -11,11 +11,19 @@ def trainable_parameters(model, names: list[str]) -> list[torch.nn.Parameter]:
     """Parameters of the named parts: all, backbone, heads (exit heads), controllers (every
     other decision unit), or unit/module names (a unit's name like "exit 2 head", a named module
     or controller)."""
-    groups: dict[str, set[int]] = {"all": set(), "backbone": set(), "heads": set(), "controllers": set()}
+    groups: dict[str, set[int]] = {
+        "all": set(),
+        "backbone": set(),
+        "heads": set(),
+        "controllers": set(),
+    }
     by_id = {}
     for u in model.units:
-        part = "heads" if (u.kind == "decision" and u.construct.startswith("exit")) else (
-            "controllers" if u.kind == "decision" else "backbone")
+        part = (
+            "heads"
+            if (u.kind == "decision" and u.construct.startswith("exit"))
+            else ("controllers" if u.kind == "decision" else "backbone")
+        )
         for p in u.module.parameters():
             by_id[id(p)] = p
             groups[part].add(id(p))
@@ -41,7 +49,9 @@ def make_optimizer(spec, params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
     if spec.type == "adamw":
         return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(
+        params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+    )
 
 
 def lr_factor(spec, step: int, total: int) -> float:

@@ -64,7 +64,13 @@ def test_report_and_plots_are_written(tmp_path):
 
     prof = dg.profile(model, load_data("state_tracking", n=200), max_paths=3, measure_each=3)
     out = prof.save(tmp_path / "p")
-    for f in ("profile.json", "report.md", "macs_hist.png", "latency_by_path.png", "accuracy_vs_macs.png"):
+    for f in (
+        "profile.json",
+        "report.md",
+        "macs_hist.png",
+        "latency_by_path.png",
+        "accuracy_vs_macs.png",
+    ):
         assert (out / f).stat().st_size > 0, f
     js = json.loads((out / "profile.json").read_text())
     assert js["schema"] == "dyngraph.profile/1"
@@ -104,8 +110,22 @@ def test_user_block_fvcore_cannot_count_is_named_and_torch_counts_it():
 
 def test_cli_profile_writes_a_profile(tmp_path, capsys):
     out = tmp_path / "ee"
-    rc = main(["profile", str(BY_NAME["digits_early_exit"]), "--backend", "none", "--data", "digits",
-               "--n", "120", "--no-latency", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "profile",
+            str(BY_NAME["digits_early_exit"]),
+            "--backend",
+            "none",
+            "--data",
+            "digits",
+            "--n",
+            "120",
+            "--no-latency",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "mean" in text and "executed/ideal MACs of the batched run: 1.0000" in text

@@ -22,7 +22,9 @@ from dyngraph.training.loss import compute_loss
 from tests.conftest import ROOT, SPECS
 
 TINY = ROOT / "tests" / "fixtures" / "tiny_train.yaml"
-TRAINABLE = [p for p in SPECS if dg.load_spec(p).spec.train is not None and dg.load_spec(p).spec.train.stages]
+TRAINABLE = [
+    p for p in SPECS if dg.load_spec(p).spec.train is not None and dg.load_spec(p).spec.train.stages
+]
 
 EXPECTED_TERMS = {
     "msdnet_early_exit": {"task"},
@@ -51,10 +53,14 @@ def test_first_stage_objective_has_its_terms_and_gradients(path):
     assert EXPECTED_TERMS[path.stem] <= set(terms), terms
     assert torch.isfinite(loss)
     loss.backward()
-    decision = [u for u in model.units if u.kind == "decision" and not u.construct.startswith("exit")]
+    decision = [
+        u for u in model.units if u.kind == "decision" and not u.construct.startswith("exit")
+    ]
     for u in decision:  # every decision unit learns from this stage's objective, where trained
         if any(n in stage.trainable for n in ("all", "controllers")) and stage.name != "backbone":
-            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in u.module.parameters()), u.name
+            assert any(
+                p.grad is not None and p.grad.abs().sum() > 0 for p in u.module.parameters()
+            ), u.name
 
 
 def test_batches_are_a_function_of_the_step_and_ranks_split_them():
@@ -72,8 +78,14 @@ def _final(run: Path) -> dict[str, torch.Tensor]:
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "dyngraph", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dyngraph", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
 
 
 def test_kill_9_then_resume_reaches_the_uninterrupted_weights(tmp_path):
@@ -97,7 +109,10 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_weights(tmp_path):
     state = torch.load(cut / "checkpoint.pt", weights_only=True)
     assert state["global_step"] < 300, "the run finished before it was killed"
     assert not (cut / "final.pt").exists()
-    assert _cli("train", str(TINY), "--out", str(cut), "--resume", "--no-progress").wait(timeout=300) == 0
+    assert (
+        _cli("train", str(TINY), "--out", str(cut), "--resume", "--no-progress").wait(timeout=300)
+        == 0
+    )
     a, b = _final(full), _final(cut)
     assert a.keys() == b.keys()
     for k in a:
@@ -124,7 +139,9 @@ def test_ddp_two_processes_match_one(tmp_path):
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     spec = yaml.safe_load(TINY.read_text())
     spec["train"]["checkpoint_every"] = 1
-    spec["train"]["stages"] = [{"name": "explode", "steps": 200, "optimizer": {"type": "sgd", "lr": 1.0e12}}]
+    spec["train"]["stages"] = [
+        {"name": "explode", "steps": 200, "optimizer": {"type": "sgd", "lr": 1.0e12}}
+    ]
     with pytest.raises(TrainingError, match="loss is (nan|inf).*last good checkpoint is"):
         train(spec, out=tmp_path, log=lambda *a: None)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
