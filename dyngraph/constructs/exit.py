@@ -185,6 +185,7 @@ def exit_objective(lc) -> dict[str, torch.Tensor]:
     terms = {"task": task}
     last, last_feat = logits[-1].detach(), feats[-1].detach()
     kl = feat = 0.0
+    n = max(sum(e.spec.distill is not None for e in exits[:-1]), 1)  # averaged over exits, as the task loss
     for e, z, f in zip(exits[:-1], logits[:-1], feats[:-1], strict=True):
         d = e.spec.distill
         if d is None:
@@ -201,8 +202,8 @@ def exit_objective(lc) -> dict[str, torch.Tensor]:
                 * (norm(f, f.shape[1:]) - norm(last_feat, f.shape[1:])).pow(2).mean()
             )
     if torch.is_tensor(kl):
-        terms["distill_kl"] = kl
+        terms["distill_kl"] = kl / n
     if torch.is_tensor(feat):
-        terms["distill_features"] = feat
+        terms["distill_features"] = feat / n
     lc.task_replaced = True
     return terms

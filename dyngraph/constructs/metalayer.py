@@ -199,30 +199,34 @@ def build_metalayer(spec: MetalayerSpec, b, site) -> tuple[MetalayerRuntime, tup
 
 @register_objective("metalayer")
 def metalayer_objective(lc) -> dict[str, torch.Tensor]:
-    """Composer: REINFORCE on log p(y|x,c) + C(p, c, gamma) with a batch-mean baseline, where
-    C = -sum over preferences of gamma x cost: `params` = the chosen module's parameters over the
-    largest choice's, summed over metalayers; plus the batch-entropy cost (weight
-    `entropy_cost`, or a preference with cost `batch_entropy`), which rewards varied routing."""
+    """Composer: maximize log p(y|x,c) + C(p, c, gamma) over the controller's choices.
+
+    The log-likelihood part by REINFORCE with a batch-mean baseline. The cost part,
+    C = -sum over `params` preferences of gamma x (chosen module's parameters / the largest
+    choice's), is a known function of the choice, so its expectation under the policy,
+    sum_c pi(c | x, gamma) C(c), is differentiated exactly (no sampling variance): this is what
+    teaches the controller to follow gamma. A `batch_entropy` preference (or `entropy_cost`)
+    adds -weight x the entropy of the batch's mean routing, rewarding varied routing."""
     obj, picks = lc.objective, lc.out.extras["choices"]
     reward = -lc.task_loss(lc.out.logits).detach()  # log p(y|x,c) (classification)
     terms: dict[str, torch.Tensor] = {}
-    ent = 0.0
-    logp = 0.0
+    cost = ent = logp = 0.0
     for m, pick in zip(lc.model.metalayers, picks, strict=True):
-        gamma = pick["gamma"]
-        for j, (_, pref) in enumerate(m.ctl.preferences.items()):
+        gamma, probs = pick["gamma"], torch.softmax(pick["logits"], 1)
+        rel = (m.choice_params / m.choice_params.max()).to(probs)
+        batch = probs.mean(0)
+        h = -(batch * batch.clamp_min(1e-8).log()).sum()
+        for j, pref in enumerate(m.ctl.preferences.values()):
             if pref.cost == "params":
-                reward = reward - gamma[:, j] * pick["params"] / m.choice_params.max()
+                cost = cost + (gamma[:, j] * (probs * rel).sum(1)).mean()
             else:
-                probs = torch.softmax(pick["logits"], 1).mean(0)
-                ent = ent - (gamma[:, j].mean() * -(probs * probs.clamp_min(1e-8).log()).sum())
-        logp = logp + pick["logp"]
+                ent = ent - gamma[:, j].mean() * h
         if obj.entropy_cost:
-            probs = torch.softmax(pick["logits"], 1).mean(0)
-            ent = ent - obj.entropy_cost * -(probs * probs.clamp_min(1e-8).log()).sum()
-    terms["route_reinforce"] = (
-        -obj.policy_weight * ((reward - reward.mean()).detach() * logp).mean()
-    )
+            ent = ent - obj.entropy_cost * h
+        logp = logp + pick["logp"]
+    terms["route_reinforce"] = -obj.policy_weight * ((reward - reward.mean()).detach() * logp).mean()
+    if torch.is_tensor(cost):
+        terms["route_cost"] = obj.policy_weight * cost
     if torch.is_tensor(ent):
         terms["batch_entropy"] = ent
     return terms

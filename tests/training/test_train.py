@@ -35,7 +35,7 @@ EXPECTED_TERMS = {
     "act_parity": {"task", "ponder_0"},
     "pondernet_parity": {"ponder_reconstruction", "ponder_kl"},
     "l2s_lista": {"l2s_oracle"},
-    "composer_wide_digits": {"task", "route_reinforce"},
+    "composer_wide_digits": {"task"},
 }
 
 
