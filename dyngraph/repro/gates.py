@@ -9,6 +9,8 @@ and blocks run versus the difficulty k.
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -54,11 +56,15 @@ def run_one(name: str, quick: bool, static: list[dict]) -> dict:
     }
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, only: str | None = None) -> dict:
+    """All three, or with `only` one spec, updating the saved results."""
     static = static_baselines(quick)
-    result = {"static": static}
+    saved = DOCS / ("gates_quick.json" if quick else "gates.json")
+    result = json.loads(saved.read_text()) if only and saved.exists() else {}
+    result["static"] = static
     for name in ("skipnet_ff", "skipnet_rnn", "blockdrop"):
-        result[name] = run_one(name, quick, static)
+        if only in (None, name):
+            result[name] = run_one(name, quick, static)
     save_result("gates" + ("_quick" if quick else ""), result)
     plot(result, DOCS / ("gates_quick.png" if quick else "gates.png"))
     return result
