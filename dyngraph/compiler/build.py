@@ -123,8 +123,11 @@ class Builder:
         line, col = locate(self.raw, path, key_position=key)
         self.problems.append(Problem(self.file, line, col, format_path(path), message))
 
-    def next_index(self, kind: str) -> int:
+    def next_index(self, kind: str, trace: str | None = None) -> int:
+        """The index of the next node of `kind`; it also gets a column of trace field `trace`."""
         self.counters[kind] = self.counters.get(kind, 0) + 1
+        if trace is not None:
+            self.trace_sizes[trace] += 1
         return self.counters[kind] - 1
 
     # ------------------------------------------------------------------ blocks

@@ -132,8 +132,7 @@ class GateRuntime:
 @register_construct("gate", GateSpec, trace_field="gates")
 def build_gate(spec: GateSpec, b, site) -> tuple[GateRuntime, tuple] | None:
     """Check and build one gate node."""
-    index = b.next_index("gate")
-    b.trace_sizes["gates"] += 1
+    index = b.next_index("gate", trace="gates")
     name = f"gate {index}"
     got = b.controller(spec.policy, site.path + ("policy",), site.in_shape, ("gate_policy",))
     if got is None:

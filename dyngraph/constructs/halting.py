@@ -248,8 +248,7 @@ class HaltingRuntime:
 @register_construct("halting", HaltingSpec, trace_field="steps")
 def build_halting(spec, b, site) -> tuple[HaltingRuntime, tuple] | None:
     """Check and build one halting node."""
-    index = b.next_index("halting")
-    b.trace_sizes["steps"] += 1
+    index = b.next_index("halting", trace="steps")
     name, path = f"halting {index}", site.path
     x_shape = site.in_shape
     step_in = (*x_shape[:-1], x_shape[-1] + 1) if getattr(spec, "step_flag", False) else x_shape

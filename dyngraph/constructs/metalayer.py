@@ -149,8 +149,7 @@ def _n_params(module) -> int:
 @register_construct("metalayer", MetalayerSpec, trace_field="choices")
 def build_metalayer(spec: MetalayerSpec, b, site) -> tuple[MetalayerRuntime, tuple] | None:
     """Check and build one metalayer node."""
-    index = b.next_index("metalayer")
-    b.trace_sizes["choices"] += 1
+    index = b.next_index("metalayer", trace="choices")
     name = f"metalayer {index}"
     got = b.controller(spec.controller, site.path + ("controller",), site.in_shape, ("router",))
     unit = None
