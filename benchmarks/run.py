@@ -161,6 +161,10 @@ def measure_case(
     compile_s = time.perf_counter() - t0
     static = dg.compile(static_spec, backend=backend).eval() if static_spec else None
     static_macs = static.static_macs() if static else model.static_macs(decisions=False)
+    if static is not None:  # compile the static model too before recompilations are counted
+        for b in batches:
+            for x in xs_all[b]:
+                static(x)
     rows = []
     for b in batches:
         xs = xs_all[b]
@@ -170,8 +174,6 @@ def measure_case(
         calls = unit_calls(model, xs)
         t_orc = timeit(oracle(model, calls), min_run_time)
         if static is not None:
-            for x in xs:
-                static(x)
             t_static = timeit(lambda xs=xs: [static(x) for x in xs], min_run_time)
         else:  # halting: the step run max_steps times on every input, no halting unit
             h = model.haltings[0]
