@@ -185,7 +185,9 @@ def exit_objective(lc) -> dict[str, torch.Tensor]:
     terms = {"task": task}
     last, last_feat = logits[-1].detach(), feats[-1].detach()
     kl = feat = 0.0
-    n = max(sum(e.spec.distill is not None for e in exits[:-1]), 1)  # averaged over exits, as the task loss
+    n = max(
+        sum(e.spec.distill is not None for e in exits[:-1]), 1
+    )  # averaged over exits, as the task loss
     for e, z, f in zip(exits[:-1], logits[:-1], feats[:-1], strict=True):
         d = e.spec.distill
         if d is None:

@@ -223,7 +223,9 @@ def metalayer_objective(lc) -> dict[str, torch.Tensor]:
         if obj.entropy_cost:
             ent = ent - obj.entropy_cost * h
         logp = logp + pick["logp"]
-    terms["route_reinforce"] = -obj.policy_weight * ((reward - reward.mean()).detach() * logp).mean()
+    terms["route_reinforce"] = (
+        -obj.policy_weight * ((reward - reward.mean()).detach() * logp).mean()
+    )
     if torch.is_tensor(cost):
         terms["route_cost"] = obj.policy_weight * cost
     if torch.is_tensor(ent):
