@@ -114,8 +114,10 @@ class Builder:
         self.shared: dict[str, Any] = {}  # per-controller runtime state shared by its sites
         self._named: dict[str, tuple[nn.Module, list[Shape]]] = {}
         self._named_failed: set[str] = set()
-        self._used_controllers: set[str] = set()
         self._referenced: set[str] = set()
+        self._seen_ids: dict[str, tuple] = {}
+        self._cur_step = 0
+        self.shapes: dict[str, Shape | None] = {}
         self.runtimes: dict[str, list[Any]] = {}
 
     # ------------------------------------------------------------------ problems
@@ -259,7 +261,6 @@ class Builder:
                 f"unknown controller '{ref}'{did_you_mean(ref, list(self.spec.controllers) + list(self.spec.modules))}",
             )
             return None
-        self._used_controllers.add(ref)
         if ref in self._named_failed:
             return None
         if ref not in self.controllers:
@@ -299,7 +300,7 @@ class Builder:
         construct: str = "",
     ) -> Unit:
         u = Unit(len(self.units), name, kind, module, [tuple(s) for s in in_shapes], construct)
-        u.order = (getattr(self, "_cur_step", 0), len(self.units))
+        u.order = (self._cur_step, len(self.units))
         self.units.append(u)
         return u
 
@@ -470,8 +471,7 @@ class Builder:
         self, nodes: list, path: tuple, in_repeat: bool = False
     ) -> list[tuple[str, Any, tuple]]:
         out = []
-        seen: dict[str, tuple] = getattr(self, "_seen_ids", {})
-        self._seen_ids = seen
+        seen = self._seen_ids
         for i, node in enumerate(nodes):
             p = path + (i,)
             if isinstance(node, RepeatNode):

@@ -35,6 +35,7 @@ class Unit:
     in_shapes: list[Shape]
     construct: str = ""
     fn: Callable | None = field(default=None, repr=False)
+    order: tuple[int, int] = (0, 0)  # (plan step, creation): sorts units into execution order
 
     def __call__(self, *args: torch.Tensor):
         return (self.fn if self.fn is not None else self.module)(*args)
