@@ -91,6 +91,9 @@ class GateRuntime:
         on = p >= self.threshold
         ctx.record("gates", self.index, on.long())
         if ctx.compacting:
+            if x.shape[0] == 1:  # one sample: one host sync, no index tensors
+                ctx.env[self.writes] = ctx.call(self.body, x) if bool(on) else x
+                return
             run, _, k = split(on)
             if k == x.shape[0]:
                 y = ctx.call(self.body, x)

@@ -57,6 +57,7 @@ class MetalayerRuntime:
         self.reads, self.writes, self.out_shape = reads, writes, out_shape
         self.force: list[float] | None = None  # benchmarks/tests: route with these probabilities
         self.explore_override: float | None = None  # a training stage's `explore:`
+        self._gamma_cache: dict = {}
         self.live_after: set[str] = set()
 
     @property
@@ -67,17 +68,25 @@ class MetalayerRuntime:
         """[rows, preferences]: sampled once per forward in training, else the test values."""
         key = f"gamma/{self.key}"
         if key not in ctx.states:
-            prefs = list(self.ctl.preferences.values())
             if ctx.mode == "train":
-                cols = [p.gamma.train.sample(n) for p in prefs]
-            else:
+                cols = [p.gamma.train.sample(n) for p in self.ctl.preferences.values()]
+                g = torch.stack(cols, dim=1) if cols else torch.zeros(n, 0)
+                ctx.states[key] = g.to(device=like.device, dtype=like.dtype)
+            else:  # the test values: one tensor per (rows, values), reused across forward passes
                 test = ctx.gamma_overrides.get(self.key, {})
-                cols = [
-                    torch.full((n,), float(test.get(k, p.gamma.test)))
-                    for k, p in self.ctl.preferences.items()
-                ]
-            g = torch.stack(cols, dim=1) if cols else torch.zeros(n, 0)
-            ctx.states[key] = g.to(device=like.device, dtype=like.dtype)
+                values = tuple(
+                    float(test.get(k, p.gamma.test)) for k, p in self.ctl.preferences.items()
+                )
+                ck = (n, values, like.device, like.dtype)
+                if self._gamma_cache.get("key") != ck:
+                    g = (
+                        torch.tensor(values, dtype=like.dtype)
+                        .expand(n, len(values))
+                        .contiguous()
+                        .to(like.device)
+                    )
+                    self._gamma_cache = {"key": ck, "value": g}
+                ctx.states[key] = self._gamma_cache["value"]
         return ctx.states[key]
 
     def route(self, ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +109,19 @@ class MetalayerRuntime:
             c = torch.where(rand, torch.randint_like(c, len(self.choices)), c)
         return logits, c
 
+    def _extras(self, ctx, logits: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> None:
+        """Train mode: what the Composer objective reads."""
+        logp = torch.log_softmax(logits, dim=1).gather(1, c[:, None]).squeeze(1)
+        ctx.extras["choices"].append(
+            {
+                "logits": logits,
+                "action": c,
+                "logp": logp,
+                "gamma": ctx.states[f"gamma/{self.key}"],
+                "params": self.choice_params.to(x.device)[c],
+            }
+        )
+
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]
         logits, c = self.route(ctx, x)
@@ -110,6 +132,12 @@ class MetalayerRuntime:
                 yj = ctx.call(unit, x, count=c == j)
                 sel = (c == j).view(-1, *([1] * (yj.dim() - 1)))
                 y = yj if y is None else torch.where(sel, yj, y)
+            ctx.env[self.writes] = y
+            return
+        if x.shape[0] == 1:  # one sample: one host sync, no bincount
+            y = ctx.call(self.choices[int(c)], x)
+            if ctx.mode == "train":
+                self._extras(ctx, logits, c, x)
             ctx.env[self.writes] = y
             return
         counts = torch.bincount(c, minlength=len(self.choices)).tolist()  # the one host sync
@@ -123,16 +151,7 @@ class MetalayerRuntime:
                     rows = torch.nonzero_static(c == j, size=counts[j]).squeeze(1)
                     y.index_copy_(0, rows, ctx.call(unit, x.index_select(0, rows), count=rows))
         if ctx.mode == "train":
-            logp = torch.log_softmax(logits, dim=1).gather(1, c[:, None]).squeeze(1)
-            ctx.extras["choices"].append(
-                {
-                    "logits": logits,
-                    "action": c,
-                    "logp": logp,
-                    "gamma": ctx.states[f"gamma/{self.key}"],
-                    "params": self.choice_params.to(x.device)[c],
-                }
-            )
+            self._extras(ctx, logits, c, x)
         ctx.env[self.writes] = y
 
 
