@@ -98,7 +98,8 @@ class TaskSpec(Strict):
 
 class CompileSpec(Strict):
     """How static segments are compiled; backend `none` runs them eagerly. The default is `none`:
-    on the project's CPU eager was faster than inductor in every benchmark case (RESULTS.md)."""
+    on the project's CPU eager was as fast as inductor or faster in most benchmark cases
+    (docs/performance.md)."""
 
     backend: Literal["inductor", "aot_eager", "eager", "none"] = "none"
     dynamic: bool = True
