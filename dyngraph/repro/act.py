@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..training.evaluate import evaluate  # noqa: E402
-from .common import DOCS, save_result, spearman, spec_dict, splits, train_spec  # noqa: E402
+from .common import DOCS, save_figure, save_result, spearman, spec_dict, splits, train_spec  # noqa: E402
 
 
 @torch.no_grad()
@@ -85,6 +85,4 @@ def plot(result: dict, path) -> None:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

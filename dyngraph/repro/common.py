@@ -120,3 +120,21 @@ def save_result(name: str, result: dict) -> Path:
 
 def load(name: str):
     return load_spec(SPECS / f"{name}.yaml")
+
+
+def label(ax, xlabel: str, ylabel: str, title: str, legend: bool = True) -> None:
+    """Axis labels, title, a light grid and a small legend: every reproduction plot's style."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+
+
+def save_figure(fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .common import DOCS, save_result, splits, train_spec  # noqa: E402
+from .common import DOCS, label, save_figure, save_result, splits, train_spec  # noqa: E402
 
 GAMMAS = [0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0]
 
@@ -83,19 +83,19 @@ def plot(result: dict, path) -> None:
         "k--",
         label="random mixing",
     )
-    a.set_xlabel("mean parameters used / large module's")
-    a.set_ylabel("test accuracy (%)")
-    a.set_title("accuracy versus parameters (one model)")
-    a.grid(alpha=0.3)
-    a.legend(fontsize=8)
+    label(
+        a,
+        "mean parameters used / large module's",
+        "test accuracy (%)",
+        "accuracy versus parameters (one model)",
+    )
     g = [p["gamma"] for p in pts]
     b.plot(g, [100 * p["left_to_small"] for p in pts], "o-", label="left-half digits")
     b.plot(g, [100 * p["right_to_small"] for p in pts], "s-", label="right-half digits")
-    b.set_xlabel("gamma (test-time preference)")
-    b.set_ylabel("sent to the small module (%)")
-    b.set_title("which inputs go to the small (left-glimpse) module")
-    b.grid(alpha=0.3)
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    label(
+        b,
+        "gamma (test-time preference)",
+        "sent to the small module (%)",
+        "which inputs go to the small (left-glimpse) module",
+    )
+    save_figure(fig, path)

@@ -20,7 +20,16 @@ import torch  # noqa: E402
 
 from ..training.calibrate import calibrate_budget, fit_temperatures  # noqa: E402
 from ..training.evaluate import evaluate  # noqa: E402
-from .common import DOCS, interpolate, save_result, splits, static_baselines, train_spec  # noqa: E402
+from .common import (  # noqa: E402
+    DOCS,
+    interpolate,
+    label,
+    save_figure,
+    save_result,
+    splits,
+    static_baselines,
+    train_spec,
+)
 
 BUDGETS = (0.4, 0.5, 0.6)
 
@@ -136,19 +145,20 @@ def plot(result: dict, path) -> None:
             style,
             label=name,
         )
-    a.set_xlabel("mean MACs per input / longest path")
-    a.set_ylabel("test accuracy (%)")
-    a.set_title("state_tracking: early exits vs static networks")
-    a.grid(alpha=0.3)
-    a.legend(fontsize=8)
+    label(
+        a,
+        "mean MACs per input / longest path",
+        "test accuracy (%)",
+        "state_tracking: early exits vs static networks",
+    )
     r = result["msdnet_early_exit"]
     b.bar(np.array(r["k"]) - 0.2, r["mean_exit_depth_by_k"], width=0.4, label="msdnet_early_exit")
     r = result["scan_early_exit"]
     b.bar(np.array(r["k"]) + 0.2, r["mean_exit_depth_by_k"], width=0.4, label="scan_early_exit")
-    b.set_xlabel("difficulty k (steps of the walk)")
-    b.set_ylabel("mean exit depth (1..8) at the 50% budget")
-    b.set_title("harder inputs leave later")
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    label(
+        b,
+        "difficulty k (steps of the walk)",
+        "mean exit depth (1..8) at the 50% budget",
+        "harder inputs leave later",
+    )
+    save_figure(fig, path)

@@ -19,7 +19,17 @@ import torch  # noqa: E402
 
 from ..training.calibrate import calibrate_budget  # noqa: E402
 from ..training.evaluate import evaluate  # noqa: E402
-from .common import DOCS, interpolate, save_result, spearman, splits, static_baselines, train_spec  # noqa: E402
+from .common import (  # noqa: E402
+    DOCS,
+    interpolate,
+    label,
+    save_figure,
+    save_result,
+    spearman,
+    splits,
+    static_baselines,
+    train_spec,
+)
 
 BUDGET = 0.6
 
@@ -80,16 +90,11 @@ def plot(result: dict, path) -> None:
         r = result[name]
         a.plot([r["mean_macs"]], [100 * r["accuracy"]], m, markersize=9, label=name)
         b.plot(r["k"], r["blocks_by_k"], m + "-", label=name)
-    a.set_xlabel("mean MACs per input")
-    a.set_ylabel("test accuracy (%)")
-    a.set_title("state_tracking: skip gates vs static networks")
-    a.grid(alpha=0.3)
-    a.legend(fontsize=8)
-    b.set_xlabel("difficulty k")
-    b.set_ylabel("blocks run (of 8)")
-    b.set_title("blocks executed rise with difficulty")
-    b.grid(alpha=0.3)
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    label(
+        a,
+        "mean MACs per input",
+        "test accuracy (%)",
+        "state_tracking: skip gates vs static networks",
+    )
+    label(b, "difficulty k", "blocks run (of 8)", "blocks executed rise with difficulty")
+    save_figure(fig, path)

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ..data.sets import nmse_db  # noqa: E402
-from .common import DOCS, save_result, splits, train_spec  # noqa: E402
+from .common import DOCS, label, save_figure, save_result, splits, train_spec  # noqa: E402
 
 THRESHOLDS = [0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98]
 
@@ -65,12 +65,11 @@ def run(quick: bool = False) -> dict:
         "o-",
         label="learned stop policy (threshold swept)",
     )
-    ax.set_xlabel("mean depth (LISTA layers run)")
-    ax.set_ylabel("test NMSE (dB)")
-    ax.set_title("L2S on sparse recovery (64x128, SNR 20 dB)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(DOCS / ("l2s_quick.png" if quick else "l2s.png"), dpi=110)
-    plt.close(fig)
+    label(
+        ax,
+        "mean depth (LISTA layers run)",
+        "test NMSE (dB)",
+        "L2S on sparse recovery (64x128, SNR 20 dB)",
+    )
+    save_figure(fig, DOCS / ("l2s_quick.png" if quick else "l2s.png"))
     return result

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..training.evaluate import evaluate  # noqa: E402
-from .common import DOCS, save_result, spearman, splits, train_spec  # noqa: E402
+from .common import DOCS, save_figure, save_result, spearman, splits, train_spec  # noqa: E402
 
 
 @torch.no_grad()
@@ -37,7 +37,5 @@ def run(quick: bool = False) -> dict:
         f"PonderNet parity n=8: accuracy {100 * r['quality']:.1f}%, mean {result['mean_steps']:.2f} steps"
     )
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(DOCS / ("pondernet_quick.png" if quick else "pondernet.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, DOCS / ("pondernet_quick.png" if quick else "pondernet.png"))
     return result
