@@ -31,6 +31,14 @@ def _pooled_dim(shape: Shape) -> int:
     return shape[0] if len(shape) == 3 else math.prod(shape)
 
 
+def _gate_dim(shape: Shape, dim: int | None, who: str) -> int:
+    """The width a gate sees for an input of `shape`, checked against the declared `dim`."""
+    d = _pooled_dim(shape)
+    if dim is not None and dim != d:
+        raise ShapeError(f"{who} has dim={dim}, but its input here has shape {list(shape)}")
+    return d
+
+
 class LinearGRU(nn.Module):
     """A GRU cell from nn.Linear layers (counted exactly by fvcore and FlopCounterMode)."""
 
@@ -81,10 +89,7 @@ class FFGateParams(BlockParams):
 @register_block("ff_gate", FFGateParams, role="gate_policy")
 def ff_gate(p: FFGateParams, shapes: list[Shape]) -> nn.Module:
     """SkipNet feed-forward gate, one per block (or shared by naming it): prob of running."""
-    d = _pooled_dim(shapes[0])
-    if p.dim is not None and p.dim != d:
-        raise ShapeError(f"dim={p.dim} but the gate's input has shape {list(shapes[0])}")
-    return FFGate(d, p.hidden, p.bias)
+    return FFGate(_gate_dim(shapes[0], p.dim, "ff_gate"), p.hidden, p.bias)
 
 
 class RNNGate(nn.Module):
@@ -101,8 +106,7 @@ class RNNGate(nn.Module):
         nn.init.constant_(self.out.bias, bias)
 
     def add_site(self, in_shape: Shape) -> nn.Module:
-        if _pooled_dim(in_shape) != self.dim:
-            raise ShapeError(f"rnn_gate has dim={self.dim}, its input here is {list(in_shape)}")
+        _gate_dim(in_shape, self.dim, "rnn_gate")
         return self
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,10 +123,7 @@ class RNNGateParams(BlockParams):
 @register_block("rnn_gate", RNNGateParams, role="gate_policy")
 def rnn_gate(p: RNNGateParams, shapes: list[Shape]) -> nn.Module:
     """SkipNet recurrent gate: a GRU shared by the gates that name it, state carried across them."""
-    d = _pooled_dim(shapes[0])
-    if p.dim is not None and p.dim != d:
-        raise ShapeError(f"dim={p.dim} but the gate's input has shape {list(shapes[0])}")
-    return RNNGate(d, p.hidden, p.bias)
+    return RNNGate(_gate_dim(shapes[0], p.dim, "rnn_gate"), p.hidden, p.bias)
 
 
 class BlockDropPolicy(nn.Module):
