@@ -3,9 +3,10 @@
     python benchmarks/run.py            # full suite (eager and inductor), writes benchmarks/RESULTS.md
     python benchmarks/run.py --quick    # eager only, fewer cases, under 2 minutes
 
-One thread, warm, medians of `torch.utils.benchmark` over repeats; every comparison is a ratio
-taken in the same run. Decisions are forced (each construct runtime's `force`, fixed per
-sample by its values) so that the fraction of work each case skips is known.
+One thread, warm; the functions compared in a case are timed in interleaved rounds (one call of
+each per round), and every ratio is one of medians over those rounds, taken in the same run.
+Decisions are forced (each construct runtime's `force`, fixed per sample by its values) so
+that the fraction of work each case skips is known.
 
 Per case and batch size B (256, 64; and B = 1, the mean over 64 inputs run one at a time):
   f        = mean MACs per input (decision units counted) / the static model's MACs
@@ -20,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 import dyngraph as dg
@@ -102,24 +103,29 @@ def force(model, kind: str, setting) -> None:
         model.haltings[0].force = setting
 
 
-def timeit(fn, min_run_time: float) -> float:
-    fn()
-    return (
-        benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1)
-        .blocked_autorange(min_run_time=min_run_time)
-        .median
-    )
+def time_interleaved(fns: dict[str, object], min_run_time: float) -> dict[str, float]:
+    """Median seconds per call of each function, timed in interleaved rounds (one call of each
+    per round), so that the machine's drift and noise fall on all of them alike and their
+    ratios stay meaningful. Each function runs for about `min_run_time` seconds in all."""
+    for fn in fns.values():  # warm
+        fn()
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    spent, rounds = 0.0, 0
+    while rounds < 7 or (spent < min_run_time * len(fns) and rounds < 500):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            times[k].append(dt)
+            spent += dt
+        rounds += 1
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def unit_calls(model, xs: list[torch.Tensor]) -> list[list[tuple[int, int]]]:
     """For each input batch, the (unit, rows) calls its infer run made, in order."""
-    calls = []
-    for x in xs:
-        out = model(x)
-        calls.append(
-            [(u, x.shape[0] if r is None else int(r.numel())) for u, r in out.trace._events]
-        )
-    return calls
+    return [model(x).trace.unit_calls() for x in xs]
 
 
 def oracle(model, calls: list[list[tuple[int, int]]]):
@@ -169,16 +175,20 @@ def measure_case(
     for b in batches:
         xs = xs_all[b]
         before = counters["stats"]["unique_graphs"]
-        t_dyn = timeit(lambda xs=xs: [model(x) for x in xs], min_run_time)
-        t_mask = timeit(lambda xs=xs: [model(x, mode="dense") for x in xs], min_run_time)
         calls = unit_calls(model, xs)
-        t_orc = timeit(oracle(model, calls), min_run_time)
+        fns = {
+            "dyn": lambda xs=xs: [model(x) for x in xs],
+            "mask": lambda xs=xs: [model(x, mode="dense") for x in xs],
+            "oracle": oracle(model, calls),
+        }
         if static is not None:
-            t_static = timeit(lambda xs=xs: [static(x) for x in xs], min_run_time)
+            fns["static"] = lambda xs=xs: [static(x) for x in xs]
         else:  # halting: the step run max_steps times on every input, no halting unit
             h = model.haltings[0]
             full = [[(h.steps[0].index, x.shape[0])] * h.max_steps for x in xs]
-            t_static = timeit(oracle(model, full), min_run_time)
+            fns["static"] = oracle(model, full)
+        med = time_interleaved(fns, min_run_time)
+        t_dyn, t_mask, t_orc, t_static = med["dyn"], med["mask"], med["oracle"], med["static"]
         recompiles = counters["stats"]["unique_graphs"] - before
         macs = torch.cat([model.per_input_macs(model(x).trace) for x in xs]).double().mean().item()
         model.unit_macs("torch")  # counted before, not inside, the FlopCounterMode below
@@ -240,8 +250,8 @@ def write_results(rows: list[dict], profiler: dict | None, path: Path, quick: bo
         "# Benchmark results",
         "",
         f"`python benchmarks/run.py{' --quick' if quick else ''}` — {cpu}, {torch.get_num_threads()} thread, "
-        f"torch {torch.__version__}, Python {platform.python_version()}. Medians of "
-        "`torch.utils.benchmark`; every ratio taken in the same run. d = 512.",
+        f"torch {torch.__version__}, Python {platform.python_version()}. Medians over "
+        "interleaved rounds (one call of each compared function per round); every ratio taken in the same run. d = 512.",
         "",
         "| case | forced setting | backend | B | f (MACs) | t (time) | E = f/t | E_oracle | overhead | vs masking (oracle) | waste | recompiles | ms per call dyn / static (B=1: per input) |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

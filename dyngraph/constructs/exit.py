@@ -17,7 +17,7 @@ from typing import Annotated, Literal, Union
 import torch
 from pydantic import Field
 
-from ..runtime.context import pseudo_uniform, split
+from ..runtime.context import positions, pseudo_uniform
 from ..spec.types import ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -86,12 +86,10 @@ class ExitRuntime:
     def name(self) -> str:
         return f"exit {self.index}"
 
-    def decide(self, logits: torch.Tensor, ctx, x: torch.Tensor) -> torch.Tensor:
-        """Which rows leave here (bool, one per current row)."""
-        if self.last:
-            return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    def stays(self, logits: torch.Tensor, ctx, x: torch.Tensor) -> torch.Tensor:
+        """Which rows go on past this exit (bool, one per current row; not for the last exit)."""
         if self.force is not None:  # leave with probability `force`, fixed per sample (benchmarks)
-            return pseudo_uniform(x, self.index) < self.force
+            return pseudo_uniform(x, self.index) >= self.force
         if self.kind == "patience":
             pred = logits.argmax(dim=1)
             prev = ctx.states.get("exit/pred")
@@ -100,35 +98,44 @@ class ExitRuntime:
                 torch.zeros_like(pred) if prev is None else torch.where(pred == prev, count + 1, 0)
             )
             ctx.states["exit/pred"], ctx.states["exit/count"] = pred, count
-            return count >= self.patience
+            return count < self.patience
         score = confidence(logits, self.kind, self.temperature)
-        return score >= self.threshold if self.kind == "max_prob" else score <= self.threshold
+        return score < self.threshold if self.kind == "max_prob" else score > self.threshold
 
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]
         logits = ctx.call(self.head, x)
-        leave = self.decide(logits, ctx, x)
         if not ctx.compacting:
-            ctx.extras["exit_logits"].append(logits)
-            ctx.extras["exit_features"].append(x)
-            newly = ctx.live & leave
-            ctx.record("exit", None, torch.full_like(ctx.trace["exit"], self.index), where=leave)
-            ctx.emit(leave, logits)
-            ctx.live = ctx.live & ~newly
-            return
-        if ctx.rows == 1:  # one sample: one host sync, no index tensors
-            if bool(leave):
-                ctx.leave(None, logits, self.index)
-                ctx.finish()
-            return
-        going, staying, k = split(leave)
-        if k == 0:
-            return
-        ctx.leave(going, logits, self.index)
-        if staying is None:
+            self._run_dense(ctx, x, logits)
+        elif self.last:
+            ctx.leave(logits, self.index, everyone=True)
             ctx.finish()
+        elif ctx.rows == 1:  # one sample: one host sync, no index tensors
+            if not bool(self.stays(logits, ctx, x)):
+                ctx.leave(logits, self.index, everyone=True)
+                ctx.finish()
         else:
-            ctx.keep(staying, self.live_after)
+            staying = positions(self.stays(logits, ctx, x))
+            n = staying.shape[0]
+            if n == ctx.rows:  # nobody leaves
+                return
+            ctx.leave(logits, self.index, everyone=n == 0)
+            if n == 0:
+                ctx.finish()
+            else:
+                ctx.keep(staying, self.live_after)
+
+    def _run_dense(self, ctx, x: torch.Tensor, logits: torch.Tensor) -> None:
+        """Dense/train: every row goes on; the live rows that would leave here output `logits`."""
+        if self.last:
+            leave = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        else:
+            leave = ~self.stays(logits, ctx, x)
+        ctx.extras["exit_logits"].append(logits)
+        ctx.extras["exit_features"].append(x)
+        ctx.record("exit", None, self.index, where=leave)
+        ctx.emit(leave, logits)
+        ctx.live = ctx.live & ~leave
 
 
 @register_construct("exit", ExitSpec, trace_field="exit")

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..runtime.context import pseudo_uniform, split
+from ..runtime.context import positions, pseudo_uniform
 from ..spec.types import ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -87,20 +87,27 @@ class GateRuntime:
         x = ctx.env[self.reads[0]]
         p = self.probs(ctx, x)
         if self.force is not None:  # run with probability `force`, fixed per sample (benchmarks)
-            p = (pseudo_uniform(x, 100 + self.index) < self.force).to(x.dtype)
-        on = p >= self.threshold
-        ctx.record("gates", self.index, on.long())
+            on = pseudo_uniform(x, 100 + self.index) < self.force
+            p = p if ctx.compacting else on.to(x.dtype)
+        else:
+            on = p >= self.threshold
+        ctx.record("gates", self.index, on)
         if ctx.compacting:
             if x.shape[0] == 1:  # one sample: one host sync, no index tensors
                 ctx.env[self.writes] = ctx.call(self.body, x) if bool(on) else x
                 return
-            run, _, k = split(on)
+            run = positions(on)
+            k = run.shape[0]
             if k == x.shape[0]:
                 y = ctx.call(self.body, x)
             elif k == 0:
                 y = x
-            else:
-                y = x.index_copy(0, run, ctx.call(self.body, x.index_select(0, run), count=run))
+            else:  # skipped rows keep x: write the body's rows into x (in place if x is dead)
+                yr = ctx.call(self.body, x.index_select(0, run), count=run)
+                if ctx.owns(self.reads[0], self.live_after):
+                    y = x.index_copy_(0, run, yr)
+                else:
+                    y = x.index_copy(0, run, yr)
             ctx.env[self.writes] = y
             return
         yb = ctx.call(self.body, x, count=on)

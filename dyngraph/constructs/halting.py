@@ -23,7 +23,7 @@ import torch
 from pydantic import AliasChoices, Field
 from torch import nn
 
-from ..runtime.context import pseudo_uniform, split
+from ..runtime.context import positions, pseudo_uniform
 from ..spec.types import InlineModule, ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -125,75 +125,113 @@ class HaltingRuntime:
         return ctx.call(unit, h, x, count=count)
 
     def _decide(self, ctx, t: int, h, x, carry, prev, count=None):
-        """The halting quantity after step t: (halts now [rows], new carry, raw probability)."""
-        last = t == self.max_steps - 1
+        """The halting quantity after step t: (halts now [rows], new carry, raw probability).
+        The last step's forced halt is left to the caller."""
         if self.rule == "act":
             p = ctx.call(self.unit, h, count=count)
-            halt = (carry + p >= 1 - self.epsilon) | last
-            return halt, carry + p, p
+            new_carry = carry + p
+            return new_carry >= 1 - self.epsilon, new_carry, p
         if self.rule == "l2s":
             onehot = x.new_zeros((x.shape[0], self.max_steps))
             onehot[:, t] = 1.0
             q = ctx.call(self.unit, x, h, prev, onehot, count=count)
-            return (q >= self.threshold) | last, carry, q
+            return q >= self.threshold, carry, q
         lam = ctx.call(self.unit, h, count=count)  # pondernet: carry = prob. of not having halted
         carry = carry * (1 - lam)
-        return (1 - carry >= self.threshold) | last, carry, lam
+        return 1 - carry >= self.threshold, carry, lam
 
-    def _forced(self, t: int, x: torch.Tensor) -> torch.Tensor | None:
-        """With `force = (lo, hi)`, each sample halts after a number of steps drawn in [lo, hi],
-        fixed by its input (benchmarks)."""
+    def _forced_steps(self, x: torch.Tensor) -> torch.Tensor | None:
+        """With `force = (lo, hi)`, the number of steps each sample runs, drawn in [lo, hi] and
+        fixed by its input (benchmarks); None without `force`."""
         if self.force is None:
             return None
         lo, hi = self.force
-        steps = lo + (pseudo_uniform(x, 300 + self.index) * (hi - lo + 1)).long()
-        return steps <= t + 1
+        return lo + (pseudo_uniform(x, 300 + self.index) * (hi - lo + 1)).long()
 
     def _init(self, ctx, x):
         if self.init is not None:
             return ctx.call(self.init, x)
         return x.new_zeros((x.shape[0], *self.state_shape))
 
+    def _weigh(self, acc, halt, carry, p, h):
+        """ACT: add step output `h` to the running mean, weighted by its halting probability
+        `p`, or by the remainder 1 - carry where the sample halts now."""
+        w = torch.where(halt, 1 - carry, p) if torch.is_tensor(halt) else (1 - carry if halt else p)
+        return torch.addcmul(acc, w.view(-1, *([1] * (h.dim() - 1))), h)
+
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]
-        if ctx.compacting:
-            ctx.env[self.writes] = self._infer(ctx, x)
-        else:
+        if not ctx.compacting:
             ctx.env[self.writes] = self._all_steps(ctx, x)
+        elif x.shape[0] == 1:
+            ctx.env[self.writes] = self._infer_one(ctx, x)
+        else:
+            ctx.env[self.writes] = self._infer(ctx, x)
+
+    def _infer_one(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        """Infer, one sample: one host sync per step, no index tensors."""
+        h = self._init(ctx, x)
+        carry = x.new_ones(1) if self.rule == "pondernet" else x.new_zeros(1)
+        acc = torch.zeros_like(h) if self.rule == "act" else None
+        last = self.max_steps - 1
+        forced = self._forced_steps(x)
+        forced = None if forced is None else int(forced)
+        for t in range(self.max_steps):
+            prev, h = h, self._step(ctx, t, h, x)
+            halt, new_carry, p = self._decide(ctx, t, h, x, carry, prev)
+            stop = t == last or (bool(halt) if forced is None else forced <= t + 1)
+            if acc is not None:
+                acc = self._weigh(acc, stop, carry, p, h)
+            if stop:
+                break
+            carry = new_carry
+        ctx.record("steps", self.index, t + 1)
+        return acc if acc is not None else h
 
     def _infer(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        """Infer, a batch: halted rows leave the loop (compacted), their outputs written once."""
         n = x.shape[0]
         h = self._init(ctx, x)
         out = torch.empty_like(h)
-        steps = torch.zeros(n, dtype=torch.long, device=x.device)
-        pos = torch.arange(n, device=x.device)  # rows of the context still in the loop
+        steps = torch.empty(n, dtype=torch.long, device=x.device)  # all halt by max_steps
+        pos = None  # positions of the rows still in the loop, among the context's (None: all)
         carry = x.new_ones(n) if self.rule == "pondernet" else x.new_zeros(n)
         acc = torch.zeros_like(h) if self.rule == "act" else None
-        xa = x
+        xa, last = x, self.max_steps - 1
+        forced = self._forced_steps(x)
         for t in range(self.max_steps):
-            cnt = None if pos.shape[0] == n else pos
-            prev, h = h, self._step(ctx, t, h, xa, cnt)
-            halt, new_carry, p = self._decide(ctx, t, h, xa, carry, prev, cnt)
-            forced = self._forced(t, xa)
+            prev, h = h, self._step(ctx, t, h, xa, pos)
+            halt, new_carry, p = self._decide(ctx, t, h, xa, carry, prev, pos)
             if forced is not None:
-                halt = forced | (t == self.max_steps - 1)
+                halt = forced <= t + 1
+            if t == last:
+                halt = torch.ones_like(halt)
             if acc is not None:
-                w = torch.where(halt, 1 - carry, p)
-                acc = acc + w.view(-1, *([1] * (h.dim() - 1))) * h
+                acc = self._weigh(acc, halt, carry, p, h)
             res = acc if acc is not None else h
-            going, staying, k = split(halt)
-            if going is None:  # every row left in the loop halts now
-                out.index_copy_(0, pos, res)
-                steps.index_fill_(0, pos, t + 1)
-                break
+            going = positions(halt)
+            k, m = going.shape[0], halt.shape[0]
             if k == 0:
                 carry = new_carry
                 continue
-            out.index_copy_(0, pos[going], res[going])
-            steps.index_fill_(0, pos[going], t + 1)
-            pos, h, xa, carry = pos[staying], h[staying], xa[staying], new_carry[staying]
+            if k == m:  # every row left in the loop halts now
+                if pos is None:
+                    out, steps = res, steps.fill_(t + 1)
+                else:
+                    out.index_copy_(0, pos, res)
+                    steps.index_fill_(0, pos, t + 1)
+                break
+            staying = positions(~halt)
+            gone = going if pos is None else pos.index_select(0, going)
+            out.index_copy_(0, gone, res.index_select(0, going))
+            steps.index_fill_(0, gone, t + 1)
+            pos = staying if pos is None else pos.index_select(0, staying)
+            h, xa = h.index_select(0, staying), xa.index_select(0, staying)
+            carry = new_carry.index_select(0, staying)
             if acc is not None:
-                acc = acc[staying]
+                acc = acc.index_select(0, staying)
+            if forced is not None:
+                forced = forced.index_select(0, staying)
         ctx.record("steps", self.index, steps)
         return out
 
@@ -208,19 +246,21 @@ class HaltingRuntime:
         steps = torch.zeros(n, dtype=torch.long, device=x.device)
         remainder = x.new_zeros(n)
         states, probs = [], []
+        forced = self._forced_steps(x)
         view = (-1, *([1] * (h.dim() - 1)))
         for t in range(self.max_steps):
             prev, h = h, self._step(ctx, t, h, x, count=running)
             halt, new_carry, p = self._decide(ctx, t, h, x, carry, prev, count=running)
-            forced = self._forced(t, x)
             if forced is not None:
-                halt = forced | (t == self.max_steps - 1)
+                halt = forced <= t + 1
+            if t == self.max_steps - 1:
+                halt = torch.ones_like(halt)
             states.append(h)
             probs.append(p)
             now = running & halt
             if self.rule == "act":
                 w = torch.where(now, 1 - carry, p) * running
-                acc = acc + w.view(view) * h
+                acc = torch.addcmul(acc, w.view(view), h)
                 remainder = torch.where(now, 1 - carry, remainder)
                 out = acc
             else:

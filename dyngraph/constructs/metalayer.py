@@ -58,6 +58,7 @@ class MetalayerRuntime:
         self.force: list[float] | None = None  # benchmarks/tests: route with these probabilities
         self.explore_override: float | None = None  # a training stage's `explore:`
         self._gamma_cache: dict = {}
+        self._edges: tuple = (None, None)
         self.live_after: set[str] = set()
 
     @property
@@ -95,11 +96,12 @@ class MetalayerRuntime:
         if h is None:
             h = x.new_zeros((x.shape[0], *self.state_shape))
         logits, ctx.states[self.key] = ctx.call(self.router, x, h, self.gamma(ctx, x.shape[0], x))
-        if (
-            self.force is not None
-        ):  # route with probabilities `force`, fixed per sample (benchmarks)
-            edges = torch.tensor(self.force, device=x.device).cumsum(0)[:-1]
-            return logits, torch.bucketize(pseudo_uniform(x, 200 + self.index), edges, right=True)
+        if self.force is not None:  # route with probabilities `force`, fixed per sample
+            key = (tuple(self.force), x.device)
+            if self._edges[0] != key:  # cumulative probabilities, kept while `force` stays
+                self._edges = (key, torch.tensor(self.force, device=x.device).cumsum(0)[:-1])
+            u = pseudo_uniform(x, 200 + self.index)
+            return logits, torch.bucketize(u, self._edges[1], right=True)
         if ctx.mode != "train":
             return logits, logits.argmax(dim=1)
         c = torch.multinomial(torch.softmax(logits.detach(), dim=1), 1).squeeze(1)
@@ -144,12 +146,15 @@ class MetalayerRuntime:
         if max(counts) == x.shape[0]:
             j = counts.index(x.shape[0])
             y = ctx.call(self.choices[j], x)
-        else:
+        else:  # rows grouped by choice: one sort, then each group is a slice of it
+            order = torch.sort(c, stable=True).indices
             y = x.new_empty((x.shape[0], *self.out_shape))
+            start = 0
             for j, unit in enumerate(self.choices):
                 if counts[j]:
-                    rows = torch.nonzero_static(c == j, size=counts[j]).squeeze(1)
+                    rows = order[start : start + counts[j]]
                     y.index_copy_(0, rows, ctx.call(unit, x.index_select(0, rows), count=rows))
+                    start += counts[j]
         if ctx.mode == "train":
             self._extras(ctx, logits, c, x)
         ctx.env[self.writes] = y

@@ -7,6 +7,11 @@ ran (`count=`), so that the trace knows exactly which units each sample executed
 
 In **dense** and **train** modes no row ever leaves: every unit runs on the whole batch, and
 `live` marks the rows that infer mode would still hold (used for the trace and the counts).
+
+The hot path (infer) does as few tensor ops as it can: each one costs 1–5 µs of dispatch,
+which at batch size 1 is as much as a small GEMM. So decisions and unit calls are only *logged*
+here, with the row map current at the time; the trace's tensors are built from the log when
+first read (`Trace`), and a batch that nobody inspects never pays for them.
 """
 
 from __future__ import annotations
@@ -19,36 +24,17 @@ import torch
 MODES = ("infer", "dense", "train")
 
 
-def split(mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-    """Positions where `mask` is true and where it is false, with one host sync.
-
-    `None` stands for "every row" (no index tensor is built when the split is all-or-nothing):
-    `yes` is None when k == n, `no` is None when k == 0.
-    """
-    n = mask.shape[0]
-    k = int(mask.sum())
-    if k == n:
-        return None, _empty(mask.device), k
-    if k == 0:
-        return _empty(mask.device), None, k
-    yes = torch.nonzero_static(mask, size=k).squeeze(1)
-    no = torch.nonzero_static(~mask, size=n - k).squeeze(1)
-    return yes, no, k
-
-
-_EMPTY: dict[torch.device, torch.Tensor] = {}
-
-
-def _empty(device) -> torch.Tensor:
-    if device not in _EMPTY:
-        _EMPTY[device] = torch.empty(0, dtype=torch.long, device=device)
-    return _EMPTY[device]
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions where `mask` is true (one op; its size is known on the host afterwards)."""
+    return torch.where(mask)[0]
 
 
 def pseudo_uniform(x: torch.Tensor, salt: int) -> torch.Tensor:
     """A number in [0, 1) per row, fixed by the row's first value (so a sample gets the same one
     in any batch). Used to force decisions in benchmarks (`force` on a construct runtime)."""
-    return torch.frac(x.detach().flatten(1)[:, 0].abs() * (9973.0 + 101.0 * salt))
+    v = (x if x.dim() == 2 else x.flatten(1)).select(1, 0)
+    v = v.detach() if v.requires_grad else v
+    return v.abs().mul_(9973.0 + 101.0 * salt).frac_()
 
 
 class RunContext:
@@ -57,26 +43,26 @@ class RunContext:
     def __init__(self, x: torch.Tensor, mode: str, trace_sizes: dict[str, int]):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-        b, dev = x.shape[0], x.device
-        self.mode, self.batch, self.device = mode, b, dev
+        b = x.shape[0]
+        self.mode, self.batch, self.device = mode, b, x.device
         self.compacting = mode == "infer"
-        self.idx: torch.Tensor | None = (
-            None  # infer: sample index of each current row; None = all, in order
-        )
-        self.live = None if self.compacting else torch.ones(b, dtype=torch.bool, device=dev)
+        # infer: the sample index of each current row (None: every sample, in order);
+        # dense/train: None, and `live` masks the samples infer mode would still hold.
+        self.idx: torch.Tensor | None = None
+        self.live = None if self.compacting else torch.ones(b, dtype=torch.bool, device=x.device)
         self.env: dict[str, torch.Tensor] = {"input": x}
+        self.input = x  # the caller's tensor: never written to
         self.states: dict[str, torch.Tensor] = {}
         self.out: torch.Tensor | None = None
-        self.events: list[tuple[int, torch.Tensor | None]] = []
+        # (unit index, rows, where) and (field, column, rows, where, values), resolved by Trace:
+        # rows = `idx` (infer) or `live` (dense/train) at the time; where = positions or a mask
+        # over the current rows, or None for all of them.
+        self.events: list[tuple] = []
+        self.decisions: list[tuple] = []
         self.extras: dict[str, Any] = defaultdict(list)
         self.gamma_overrides: dict[str, dict[str, float]] = {}
+        self.trace_sizes = trace_sizes
         self._rows = b
-        self.trace = {
-            "exit": torch.full((b,), -1, dtype=torch.long, device=dev),
-            "gates": torch.full((b, trace_sizes["gates"]), -1, dtype=torch.long, device=dev),
-            "choices": torch.full((b, trace_sizes["choices"]), -1, dtype=torch.long, device=dev),
-            "steps": torch.zeros((b, trace_sizes["steps"]), dtype=torch.long, device=dev),
-        }
 
     @property
     def rows(self) -> int:
@@ -87,76 +73,49 @@ class RunContext:
     def done(self) -> bool:
         return self._rows == 0
 
-    def sample_index(self) -> torch.Tensor:
-        """Infer: the sample index of every current row."""
-        if self.idx is None:
-            self.idx = torch.arange(self.batch, device=self.device)
-        return self.idx
-
-    def _global(self, count: torch.Tensor | None) -> torch.Tensor | None:
-        """Which samples `count` (positions or a mask over the current rows) stands for
-        (None: every current row, in infer mode)."""
-        if self.compacting:
-            if count is None:
-                return self.idx
-            return (
-                count
-                if self.idx is None and count.dtype != torch.bool
-                else self.sample_index()[count]
-            )
-        if count is None:
-            return self.live
-        if count.dtype == torch.bool:
-            return self.live & count
-        mask = torch.zeros_like(self.live)
-        mask[count] = True
-        return self.live & mask
+    def owns(self, key: str, live_after: set[str]) -> bool:
+        """Infer: whether `env[key]` may be overwritten in place by the node reading it: no
+        later node reads it, and it shares no memory with a value that is still read (an
+        identity segment or a skipping gate passes its input on unchanged) or with the
+        caller's input."""
+        if key in live_after:
+            return False
+        ptr = self.env[key].untyped_storage().data_ptr()
+        if ptr == self.input.untyped_storage().data_ptr():
+            return False
+        for k, v in self.env.items():
+            if k in live_after and v.untyped_storage().data_ptr() == ptr:
+                return False
+        return all(v.untyped_storage().data_ptr() != ptr for v in self.states.values())
 
     def call(self, unit, *args: torch.Tensor, count: torch.Tensor | None = None):
-        """Run `unit` and record which samples executed it (all current rows by default)."""
-        self.events.append((unit.index, self._global(count)))
+        """Run `unit` and record which rows executed it (all current rows by default; `count`:
+        positions, or in dense/train mode a mask, over the current rows)."""
+        self.events.append((unit.index, self.live if self.idx is None else self.idx, count))
         return unit(*args)
 
     def record(
-        self, field: str, col: int | None, values: torch.Tensor, where: torch.Tensor | None = None
+        self, field: str, col: int | None, values, where: torch.Tensor | None = None
     ) -> None:
-        """Write decisions `values` (one per current row, or per `where` positions) to the trace."""
-        t = self.trace[field]
-        if self.compacting:
-            if where is None and self.idx is None:
-                if col is None:
-                    t.copy_(values)
-                else:
-                    t[:, col] = values
-                return
-            rows = self.sample_index() if where is None else self.sample_index()[where]
-            if col is None:
-                t[rows] = values
-            else:
-                t[rows, col] = values
-        else:
-            sel = self.live if where is None else self._global(where)
-            if col is None:
-                t.copy_(torch.where(sel, values, t))
-            else:
-                t[:, col] = torch.where(sel, values, t[:, col])
+        """Log decisions `values` (one per current row or per `where` row, or one number for
+        all of them) for the trace's `field` (column `col`)."""
+        rows = self.live if self.idx is None else self.idx
+        self.decisions.append((field, col, rows, where, values))
 
-    def leave(self, going: torch.Tensor | None, logits: torch.Tensor, exit_index: int) -> None:
-        """Infer: the rows at positions `going` (None: every current row) leave with `logits`
-        through exit `exit_index`."""
-        t = self.trace["exit"]
-        if going is None and self.idx is None:  # everyone, in order
-            t.fill_(exit_index)
-            if self.out is None:
-                self.out = logits
-                return
-            self.out.copy_(logits)
+    def leave(self, logits: torch.Tensor, exit_index: int, everyone: bool) -> None:
+        """Infer: output `logits` for every current row, as if they all left through exit
+        `exit_index`. Rows that stay are written again by the exit they do take (the last exit
+        takes all), so no index of the leaving rows is ever built. `everyone`: no row stays."""
+        self.record("exit", None, exit_index)
+        if self.out is None and self.idx is None and everyone:
+            self.out = logits  # the whole batch leaves here, and nothing writes after it
             return
-        rows = self.sample_index() if going is None else self.sample_index()[going]
-        t.index_fill_(0, rows, exit_index)
         if self.out is None:
-            self.out = logits.new_zeros((self.batch, *logits.shape[1:]))
-        self.out.index_copy_(0, rows, logits if going is None else logits.index_select(0, going))
+            self.out = logits.new_empty((self.batch, *logits.shape[1:]))
+        if self.idx is None:
+            self.out.copy_(logits)
+        else:
+            self.out.index_copy_(0, self.idx, logits)
 
     def emit(self, leaving: torch.Tensor, logits: torch.Tensor) -> None:
         """Dense/train: the live samples in the mask `leaving` output `logits` (infer: `leave`)."""
@@ -167,7 +126,7 @@ class RunContext:
 
     def keep(self, rows: torch.Tensor, live_ids: set[str]) -> None:
         """Infer: only the rows at positions `rows` go on; compact every live value to them."""
-        self.idx = rows if self.idx is None else self.idx[rows]
+        self.idx = rows if self.idx is None else self.idx.index_select(0, rows)
         self._rows = rows.shape[0]
         self.env = {k: v.index_select(0, rows) for k, v in self.env.items() if k in live_ids}
         self.states = {k: v.index_select(0, rows) for k, v in self.states.items()}

@@ -53,6 +53,7 @@ class DynamicModel(nn.Module):
         self.paths = PathTable(
             plan.trace_sizes["gates"], plan.trace_sizes["choices"], plan.trace_sizes["steps"]
         )
+        self._in_shape = torch.Size(plan.spec.input.shape)
         self._gamma: dict[str, dict[str, float]] = {}
         self._costs: dict[str, list] = {}
 
@@ -62,22 +63,28 @@ class DynamicModel(nn.Module):
         mode = mode or ("train" if self.training else "infer")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-        expected = tuple(self.spec.input.shape)
-        if tuple(x.shape[1:]) != expected:
+        if x.shape[1:] != self._in_shape:
             raise ValueError(
-                f"{self.name}: expected input [B, {', '.join(map(str, expected))}], got {list(x.shape)}"
+                f"{self.name}: expected input [B, {', '.join(map(str, self._in_shape))}], got {list(x.shape)}"
             )
         ctx = RunContext(x, mode, self._plan.trace_sizes)
         ctx.gamma_overrides = self._gamma
-        with torch.set_grad_enabled(torch.is_grad_enabled() and mode == "train"):
-            for step in self._plan.steps:
-                if ctx.done:
-                    break
-                step.run(ctx)
-            if not self._plan.has_exits:
-                ctx.out = ctx.env[self._plan.output_id]
-        trace = Trace(**ctx.trace, events=ctx.events, n_units=len(self.units), paths=self.paths)
+        grad = torch.is_grad_enabled()
+        if grad and mode != "train":
+            with torch.no_grad():
+                self._run(ctx)
+        else:
+            self._run(ctx)
+        trace = Trace(ctx, len(self.units), self.paths)
         return DynamicOutput(ctx.out, trace, dict(ctx.extras))
+
+    def _run(self, ctx: RunContext) -> None:
+        for step in self._plan.steps:
+            if ctx.done:
+                break
+            step.run(ctx)
+        if not self._plan.has_exits:
+            ctx.out = ctx.env[self._plan.output_id]
 
     @contextlib.contextmanager
     def eager(self):
