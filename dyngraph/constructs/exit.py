@@ -17,7 +17,7 @@ from typing import Annotated, Literal, Union
 import torch
 from pydantic import Field
 
-from ..runtime.context import positions, pseudo_uniform
+from ..runtime.context import const, positions, pseudo_uniform
 from ..spec.types import ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -61,9 +61,9 @@ class ExitSpec(Strict):
 
 def confidence(logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
     """The score a criterion thresholds: top probability or (for `entropy`) the entropy."""
-    p = torch.softmax(logits / temperature, dim=1)
+    p = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=1)
     if kind == "max_prob":
-        return p.max(dim=1).values
+        return p.amax(dim=1)
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
 
 
@@ -89,7 +89,8 @@ class ExitRuntime:
     def stays(self, logits: torch.Tensor, ctx, x: torch.Tensor) -> torch.Tensor:
         """Which rows go on past this exit (bool, one per current row; not for the last exit)."""
         if self.force is not None:  # leave with probability `force`, fixed per sample (benchmarks)
-            return pseudo_uniform(x, self.index) >= self.force
+            u = pseudo_uniform(x, self.index)
+            return u >= const(self.force, u)
         if self.kind == "patience":
             pred = logits.argmax(dim=1)
             prev = ctx.states.get("exit/pred")
@@ -100,7 +101,8 @@ class ExitRuntime:
             ctx.states["exit/pred"], ctx.states["exit/count"] = pred, count
             return count < self.patience
         score = confidence(logits, self.kind, self.temperature)
-        return score < self.threshold if self.kind == "max_prob" else score > self.threshold
+        thr = const(self.threshold, score)
+        return score < thr if self.kind == "max_prob" else score > thr
 
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..runtime.context import positions, pseudo_uniform
+from ..runtime.context import const, positions, pseudo_uniform
 from ..spec.types import ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -87,10 +87,11 @@ class GateRuntime:
         x = ctx.env[self.reads[0]]
         p = self.probs(ctx, x)
         if self.force is not None:  # run with probability `force`, fixed per sample (benchmarks)
-            on = pseudo_uniform(x, 100 + self.index) < self.force
+            u = pseudo_uniform(x, 100 + self.index)
+            on = u < const(self.force, u)
             p = p if ctx.compacting else on.to(x.dtype)
         else:
-            on = p >= self.threshold
+            on = p >= const(self.threshold, p)
         ctx.record("gates", self.index, on)
         if ctx.compacting:
             if x.shape[0] == 1:  # one sample: one host sync, no index tensors

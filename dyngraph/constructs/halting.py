@@ -23,7 +23,7 @@ import torch
 from pydantic import AliasChoices, Field
 from torch import nn
 
-from ..runtime.context import positions, pseudo_uniform
+from ..runtime.context import const, positions, pseudo_uniform
 from ..spec.types import InlineModule, ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -130,15 +130,15 @@ class HaltingRuntime:
         if self.rule == "act":
             p = ctx.call(self.unit, h, count=count)
             new_carry = carry + p
-            return new_carry >= 1 - self.epsilon, new_carry, p
+            return new_carry >= const(1 - self.epsilon, new_carry), new_carry, p
         if self.rule == "l2s":
             onehot = x.new_zeros((x.shape[0], self.max_steps))
             onehot[:, t] = 1.0
             q = ctx.call(self.unit, x, h, prev, onehot, count=count)
-            return q >= self.threshold, carry, q
+            return q >= const(self.threshold, q), carry, q
         lam = ctx.call(self.unit, h, count=count)  # pondernet: carry = prob. of not having halted
         carry = carry * (1 - lam)
-        return 1 - carry >= self.threshold, carry, lam
+        return 1 - carry >= const(self.threshold, carry), carry, lam
 
     def _forced_steps(self, x: torch.Tensor) -> torch.Tensor | None:
         """With `force = (lo, hi)`, the number of steps each sample runs, drawn in [lo, hi] and
@@ -203,7 +203,7 @@ class HaltingRuntime:
             prev, h = h, self._step(ctx, t, h, xa, pos)
             halt, new_carry, p = self._decide(ctx, t, h, xa, carry, prev, pos)
             if forced is not None:
-                halt = forced <= t + 1
+                halt = forced <= const(t + 1, forced)
             if t == last:
                 halt = torch.ones_like(halt)
             if acc is not None:

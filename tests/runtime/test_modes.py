@@ -90,3 +90,19 @@ def _tensors(out):
         yield c["logp"]
     for h in out.extras.get("halting", []):
         yield h["probs"][0]
+
+
+def test_a_trace_read_later_is_the_trace_of_its_own_pass(spec_path):
+    """Traces are built from the pass's log when first read: reading one after other passes
+    (of other batches, in other modes) gives what reading it at once gave."""
+    model = compiled(spec_path, "none")
+    x = random_batch(model)
+    kept = model(x)
+    fresh = model(x)
+    decisions, counts = fresh.trace.decisions(), fresh.trace.unit_counts
+    model(random_batch(model, seed=7))
+    model(x[:1])
+    model(x, mode="dense")
+    assert torch.equal(kept.trace.decisions(), decisions)
+    assert torch.equal(kept.trace.unit_counts, counts)
+    assert len(kept.trace) == x.shape[0]

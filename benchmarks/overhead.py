@@ -1,0 +1,158 @@
+"""What the control overhead is made of: `python benchmarks/overhead.py` (about 3 minutes).
+
+For a few cases of the suite (eager, one thread, forced decisions as in run.py), times in
+interleaved rounds, per input:
+  oracle        the units called back to back on pre-sliced inputs (run.py's oracle)
+  oracle+k ops  the same, with k tiny tensor ops between consecutive unit calls: what any
+                runtime that does *something* between units pays (dispatch, and the caches and
+                branch predictors the units find colder)
+  runtime only  dyngraph's infer pass with every unit replaced by a lookup of its output
+  dyngraph      the real infer pass; and the time spent inside units, in it and in the oracle
+Writes benchmarks/OVERHEAD.md.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import torch
+from run import D, case_specs, force, oracle, time_interleaved, unit_calls
+
+import dyngraph as dg
+
+HERE = Path(__file__).resolve().parent
+CASES = [
+    ("early_exit", 0.3),
+    ("gates", 0.6),
+    ("metalayer", [0.55, 0.25, 0.15, 0.05]),
+    ("halting", (1, 20)),
+]
+
+
+class UnitClock:
+    """Wraps every unit of a model: times the calls, or answers from a table of outputs."""
+
+    def __init__(self, model):
+        self.units, self.seconds, self.stub = model.units, 0.0, False
+        self.table: dict[tuple[int, int], object] = {}
+        for u in self.units:
+            u.fn = self._wrap(u)
+
+    def _wrap(self, unit):
+        module = unit.module
+
+        def fn(*args):
+            if self.stub:
+                key = (unit.index, args[0].shape[0])
+                if key not in self.table:
+                    self.table[key] = module(*args)
+                return self.table[key]
+            t0 = time.perf_counter()
+            out = module(*args)
+            self.seconds += time.perf_counter() - t0
+            return out
+
+        return fn
+
+
+def padded_oracle(model, calls, k: int):
+    """run.py's oracle with `k` tiny tensor ops after each unit call."""
+    small = torch.zeros(4)
+    pre = {}
+    for run in calls:
+        for u, n in run:
+            pre.setdefault((u, n), model.units[u].example_inputs(n))
+    plan = [[(model.units[u], pre[u, n]) for u, n in run] for run in calls]
+
+    def go():
+        for run in plan:
+            for unit, args in run:
+                unit(*args)
+                for _ in range(k):
+                    small.add(1.0)
+
+    return go
+
+
+@torch.no_grad()
+def measure(kind: str, setting, b: int) -> dict:
+    spec, _ = case_specs(kind)
+    torch.manual_seed(0)
+    model = dg.compile(spec, backend="none").eval()
+    force(model, kind, setting)
+    g = torch.Generator().manual_seed(0)
+    xs = (
+        [torch.randn(b, D, generator=g)]
+        if b > 1
+        else [torch.randn(1, D, generator=g) for _ in range(64)]
+    )
+    calls = unit_calls(model, xs)
+    clock = UnitClock(model)
+    inside: dict[str, list[float]] = {"dyngraph": [], "oracle": []}
+
+    def timed(name, fn):
+        def go():
+            clock.seconds = 0.0
+            fn()
+            inside[name].append(clock.seconds)
+
+        return go
+
+    def stubbed():
+        clock.stub = True
+        [model(x) for x in xs]
+        clock.stub = False
+
+    fns = {
+        "oracle": timed("oracle", oracle(model, calls)),
+        "oracle+3 ops": padded_oracle(model, calls, 3),
+        "oracle+10 ops": padded_oracle(model, calls, 10),
+        "runtime only": stubbed,
+        "dyngraph": timed("dyngraph", lambda: [model(x) for x in xs]),
+    }
+    med = time_interleaved(fns, 0.3)
+    n = len(xs)
+    row = {k: 1e6 * v / n for k, v in med.items()}
+    for k, v in inside.items():
+        row[f"in units ({k})"] = 1e6 * sorted(v)[len(v) // 2] / n
+    row["unit calls"] = sum(len(c) for c in calls) / n
+    return row
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    cols = [
+        "oracle",
+        "oracle+3 ops",
+        "oracle+10 ops",
+        "runtime only",
+        "dyngraph",
+        "in units (oracle)",
+        "in units (dyngraph)",
+    ]
+    lines = [
+        "# Control overhead, decomposed",
+        "",
+        f"`python benchmarks/overhead.py` — {platform.machine()}, 1 thread, torch {torch.__version__}, "
+        "eager. µs per call (B = 256, 64: one batch; B = 1: one input, the mean over 64); "
+        "medians over interleaved rounds. `in units`: time spent inside the units' calls.",
+        "",
+        "| case | B | unit calls | " + " | ".join(cols) + " | dyngraph / oracle |",
+        "|---|---:|---:|" + "---:|" * (len(cols) + 1),
+    ]
+    for kind, setting in CASES:
+        for b in (256, 64, 1):
+            r = measure(kind, setting, b)
+            lines.append(
+                f"| {kind} {setting} | {b} | {r['unit calls']:.1f} | "
+                + " | ".join(f"{r[c]:.1f}" for c in cols)
+                + f" | {r['dyngraph'] / r['oracle']:.3f} |"
+            )
+            print(lines[-1], flush=True)
+    (HERE / "OVERHEAD.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
