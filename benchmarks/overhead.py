@@ -25,6 +25,7 @@ import dyngraph as dg
 HERE = Path(__file__).resolve().parent
 CASES = [
     ("early_exit", 0.3),
+    ("early_exit", "max_prob 0.3"),
     ("gates", 0.6),
     ("metalayer", [0.55, 0.25, 0.15, 0.05]),
     ("halting", (1, 20)),
@@ -76,18 +77,35 @@ def padded_oracle(model, calls, k: int):
     return go
 
 
+def real_thresholds(model, xs: list[torch.Tensor], continuing: float) -> None:
+    """Early exit with its real criterion (max_prob): each exit's threshold at the quantile of
+    its confidence over the inputs that lets the fraction `continuing` of its arrivals go on."""
+    from dyngraph.constructs.exit import confidence
+
+    x = torch.cat(xs)
+    logits = model(x, mode="dense").extras["exit_logits"]
+    arrived = torch.ones(x.shape[0], dtype=torch.bool)
+    for e, z in zip(model.exits[:-1], logits, strict=False):
+        conf = confidence(z, "max_prob", 1.0)
+        e.threshold = float(torch.quantile(conf[arrived], continuing)) if arrived.any() else 0.0
+        arrived &= conf < e.threshold
+
+
 @torch.no_grad()
 def measure(kind: str, setting, b: int) -> dict:
     spec, _ = case_specs(kind)
     torch.manual_seed(0)
     model = dg.compile(spec, backend="none").eval()
-    force(model, kind, setting)
     g = torch.Generator().manual_seed(0)
     xs = (
         [torch.randn(b, D, generator=g)]
         if b > 1
         else [torch.randn(1, D, generator=g) for _ in range(64)]
     )
+    if kind == "early_exit" and isinstance(setting, str):  # "max_prob 0.3": a real criterion
+        real_thresholds(model, xs, float(setting.split()[1]))
+    else:
+        force(model, kind, setting)
     calls = unit_calls(model, xs)
     clock = UnitClock(model)
     inside: dict[str, list[float]] = {"dyngraph": [], "oracle": []}
