@@ -93,9 +93,10 @@ class RunContext:
         later node reads it, and it shares no memory with a value that is still read (an
         identity segment or a skipping gate passes its input on unchanged) or with the
         caller's input."""
-        if key in live_after:
+        x = self.env[key]
+        if key in live_after or not x.is_contiguous():  # (an expanded value overlaps itself)
             return False
-        ptr = self.env[key].untyped_storage().data_ptr()
+        ptr = x.untyped_storage().data_ptr()
         if ptr == self.input.untyped_storage().data_ptr():
             return False
         for k, v in self.env.items():
