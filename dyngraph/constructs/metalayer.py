@@ -146,15 +146,17 @@ class MetalayerRuntime:
         if max(counts) == x.shape[0]:
             j = counts.index(x.shape[0])
             y = ctx.call(self.choices[j], x)
-        else:  # rows grouped by choice with one sort and one gather: each group is a slice
+        else:  # rows grouped by choice with one sort: each group's positions are a slice of it
+            # (each choice gathers its own rows: slices of one gathered batch would reach a
+            # compiled unit at a storage offset, which inductor recompiles for)
             order = torch.sort(c, stable=True).indices
-            xs, parts, start = x.index_select(0, order), [], 0
+            y = x.new_empty((x.shape[0], *self.out_shape))
+            start = 0
             for j, unit in enumerate(self.choices):
                 if counts[j]:
                     rows = order[start : start + counts[j]]
-                    parts.append(ctx.call(unit, xs[start : start + counts[j]], count=rows))
+                    y.index_copy_(0, rows, ctx.call(unit, x.index_select(0, rows), count=rows))
                     start += counts[j]
-            y = x.new_empty((x.shape[0], *self.out_shape)).index_copy_(0, order, torch.cat(parts))
         if ctx.mode == "train":
             self._extras(ctx, logits, c, x)
         ctx.env[self.writes] = y

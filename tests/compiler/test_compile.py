@@ -61,3 +61,22 @@ def test_thresholds_and_gamma_change_without_recompiling():
     co(xc)
     co.set_gamma(0.3)
     assert counters["stats"]["unique_graphs"] == before
+
+
+def test_no_recompile_per_subset_size_or_mode():
+    """Units compile once with a dynamic batch dimension (plus the size-1 specialization): new
+    batches, with other subset sizes at every decision point, and dense mode reuse them."""
+    from torch._dynamo.utils import counters
+
+    from tests.conftest import SPECS
+
+    by_name = {p.stem: p for p in SPECS}
+    for name in ("msdnet_early_exit", "composer_wide_digits", "skipnet_ff"):
+        model = compiled(by_name[name], "inductor")
+        x = random_batch(model)
+        model(x), model(x[:1])  # warm: the dynamic graphs and the size-1 specializations
+        before = counters["stats"]["unique_graphs"]
+        for seed in (2, 3):
+            model(random_batch(model, n=48, seed=seed))
+        model(x, mode="dense")
+        assert counters["stats"]["unique_graphs"] == before, name
