@@ -61,9 +61,11 @@ class ExitSpec(Strict):
 
 def confidence(logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
     """The score a criterion thresholds: top probability or (for `entropy`) the entropy."""
-    p = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=1)
-    if kind == "max_prob":
-        return p.amax(dim=1)
+    z = logits if temperature == 1.0 else logits / temperature
+    if kind == "max_prob":  # 1 / sum(exp(z - max z)), without softmax: its CPU kernel is slow on
+        # short rows (256 x 10 logits: 52 us, against 15 us for these four ops)
+        return (z - z.amax(dim=1, keepdim=True)).exp_().sum(dim=1).reciprocal_()
+    p = torch.softmax(z, dim=1)
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
 
 

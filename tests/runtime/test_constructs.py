@@ -29,6 +29,15 @@ def test_max_prob_exits_where_the_criterion_first_holds():
         torch.testing.assert_close(out.logits[i], dense[first[i]][i])
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_confidence_is_the_top_softmax_probability_and_the_entropy(temperature):
+    z = torch.randn(300, 10) * 4
+    p = torch.softmax(z / temperature, dim=1)
+    torch.testing.assert_close(confidence(z, "max_prob", temperature), p.amax(1))
+    entropy = -(p * p.log()).sum(1)
+    torch.testing.assert_close(confidence(z, "entropy", temperature), entropy)
+
+
 def test_patience_exit():
     spec = (
         HEADER
