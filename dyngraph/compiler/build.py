@@ -458,6 +458,14 @@ class Builder:
                 self.problem(("modules", name), f"module '{name}' is never used", key=True)
         if self.runtimes.get("exit"):
             self.runtimes["exit"][-1].last = True
+            for _, runtime, path in steps:  # only the last exit may go without a criterion
+                if runtime in self.runtimes["exit"][:-1] and runtime.kind is None:
+                    self.problem(
+                        path + ("exit",),
+                        f"{runtime.name} has no criterion: only the graph's last exit may leave it "
+                        "out (it takes every sample left); add e.g. "
+                        "`criterion: {type: max_prob, threshold: 0.9}`",
+                    )
         for ctl in self.controllers.values():
             if hasattr(ctl, "finalize"):
                 ctl.finalize()
