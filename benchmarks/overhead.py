@@ -60,25 +60,6 @@ class UnitClock:
         return fn
 
 
-def padded_oracle(model, calls, k: int):
-    """run.py's oracle with `k` tiny tensor ops after each unit call."""
-    small = torch.zeros(4)
-    pre = {}
-    for run in calls:
-        for u, n in run:
-            pre.setdefault((u, n), model.units[u].example_inputs(n))
-    plan = [[(model.units[u], pre[u, n]) for u, n in run] for run in calls]
-
-    def go():
-        for run in plan:
-            for unit, args in run:
-                unit(*args)
-                for _ in range(k):
-                    small.add(1.0)
-
-    return go
-
-
 def real_thresholds(model, xs: list[torch.Tensor], continuing: float) -> None:
     """Early exit with its real criterion (max_prob): each exit's threshold at the quantile of
     its confidence over the inputs that lets the fraction `continuing` of its arrivals go on."""
@@ -132,8 +113,8 @@ def measure(kind: str, setting, b: int) -> dict:
 
     fns = {
         "oracle": timed("oracle", oracle(model, calls)),
-        "oracle+3 ops": padded_oracle(model, calls, 3),
-        "oracle+10 ops": padded_oracle(model, calls, 10),
+        "oracle+3 ops": oracle(model, calls, between=3),
+        "oracle+10 ops": oracle(model, calls, between=10),
         "runtime only": stubbed,
         "dyngraph": timed("dyngraph", lambda: [model(x) for x in xs]),
     }

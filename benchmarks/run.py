@@ -128,8 +128,9 @@ def unit_calls(model, xs: list[torch.Tensor]) -> list[list[tuple[int, int]]]:
     return [model(x).trace.unit_calls() for x in xs]
 
 
-def oracle(model, calls: list[list[tuple[int, int]]]):
-    """Call the same units on inputs already sliced to the sizes the run produced."""
+def oracle(model, calls: list[list[tuple[int, int]]], between: int = 0):
+    """Call the same units on inputs already sliced to the sizes the run produced (with
+    `between` tiny tensor ops after each call: benchmarks/overhead.py)."""
     pre = {}
     for run in calls:
         for u, n in run:
@@ -142,7 +143,18 @@ def oracle(model, calls: list[list[tuple[int, int]]]):
             for unit, args in run:
                 unit(*args)
 
-    return go
+    if not between:
+        return go
+    small = torch.zeros(4)
+
+    def padded():
+        for run in plan:
+            for unit, args in run:
+                unit(*args)
+                for _ in range(between):
+                    small.add(1.0)
+
+    return padded
 
 
 @torch.no_grad()

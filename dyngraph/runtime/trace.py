@@ -7,8 +7,6 @@ from typing import Any
 
 import torch
 
-FIELDS = ("exit", "gates", "choices", "steps")
-
 
 def _rows(batch: int, rows: torch.Tensor | None, where, compacting: bool, device):
     """The samples a logged call or decision stands for: None (all of them), sample indices
