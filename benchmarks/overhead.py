@@ -9,6 +9,7 @@ interleaved rounds, per input:
   runtime only  dyngraph's infer pass with every unit replaced by a lookup of its output, right
                 after the other functions' units ran (cold caches), and run again at once (warm)
   dyngraph      the real infer pass; and the time spent inside units, in it and in the oracle
+  dyngraph (ATen decisions)  the same pass with the fused decision kernels off
 Writes benchmarks/OVERHEAD.md.
 """
 
@@ -23,6 +24,7 @@ import torch
 from run import D, case_specs, force, oracle, time_interleaved, unit_calls
 
 import dyngraph as dg
+from dyngraph.runtime import kernels
 
 HERE = Path(__file__).resolve().parent
 CASES = [
@@ -111,12 +113,17 @@ def measure(kind: str, setting, b: int) -> dict:
         warm.append(time.perf_counter() - t0)
         clock.stub = False
 
+    def aten_decisions():  # the same pass with the fused decision kernels off
+        with kernels.disabled():
+            [model(x) for x in xs]
+
     fns = {
         "oracle": timed("oracle", oracle(model, calls)),
         "oracle+3 ops": oracle(model, calls, between=3),
         "oracle+10 ops": oracle(model, calls, between=10),
         "runtime only": stubbed,
         "dyngraph": timed("dyngraph", lambda: [model(x) for x in xs]),
+        "dyngraph (ATen decisions)": aten_decisions,
     }
     med = time_interleaved(fns, 0.3)
     n = len(xs)
@@ -140,6 +147,7 @@ def main() -> None:
         "dyngraph",
         "in units (oracle)",
         "in units (dyngraph)",
+        "dyngraph (ATen decisions)",
     ]
     lines = [
         "# Control overhead, decomposed",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..runtime import kernels
 from ..runtime.model import DynamicModel
 from ..spec.load import LoadedSpec, load_spec
 from .build import build_plan
@@ -48,4 +49,5 @@ def compile(  # noqa: A001 - the public name in DESIGN §6
     plan = build_plan(loaded.spec, loaded.raw, loaded.file, trust_imports or loaded.trust_imports)
     model = DynamicModel(plan, backend or loaded.spec.compile.backend)
     compile_units(model, model.backend, loaded.spec.compile.dynamic)
+    kernels.load()  # the fused decision kernels: built the first time on a machine (~15-30 s)
     return model

@@ -17,7 +17,8 @@ from typing import Annotated, Literal, Union
 import torch
 from pydantic import Field
 
-from ..runtime.context import const, positions, pseudo_uniform
+from ..runtime import kernels
+from ..runtime.context import const, draw_scale, positions, pseudo_uniform
 from ..spec.types import ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -60,7 +61,13 @@ class ExitSpec(Strict):
 
 
 def confidence(logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-    """The score a criterion thresholds: top probability or (for `entropy`) the entropy."""
+    """The score a criterion thresholds: top probability or (for `entropy`) the entropy.
+
+    On the CPU it is the fused kernel's number (the one its decisions compare), so that a
+    threshold set on these scores splits the samples as the infer runtime does."""
+    o = kernels.ops(logits.detach())
+    if o is not None and logits.dim() == 2 and logits.is_contiguous():
+        return o.confidence(logits.detach(), kernels.KINDS[kind], temperature)
     z = logits if temperature == 1.0 else logits / temperature
     if kind == "max_prob":  # 1 / sum(exp(z - max z)), without softmax: its CPU kernel is slow on
         # short rows (256 x 10 logits: 52 us, against 15 us for these four ops)
@@ -106,28 +113,52 @@ class ExitRuntime:
         thr = const(self.threshold, score)
         return score < thr if self.kind == "max_prob" else score > thr
 
+    def staying(self, ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """Infer: positions of the rows that go on, in one fused kernel call (None where the
+        kernels do not apply: the caller runs `stays`)."""
+        k = ctx.kernels
+        if k is None:
+            return None
+        if self.force is not None:
+            if x.dtype not in kernels.FLOATS or not x.is_contiguous():
+                return None
+            return k.rows_where(x, kernels.DRAW_AT_LEAST, self.force, draw_scale(self.index))
+        if self.kind == "patience" or logits.dtype not in kernels.FLOATS:
+            return None
+        if not logits.is_contiguous():
+            return None
+        return k.rows_where(logits, kernels.KINDS[self.kind], self.threshold, self.temperature)
+
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]
         logits = ctx.call(self.head, x)
         if not ctx.compacting:
             self._run_dense(ctx, x, logits)
-        elif self.last:
+            return
+        if self.last:
             ctx.leave(logits, self.index, everyone=True)
             ctx.finish()
+            return
+        staying = self.staying(ctx, logits, x)
+        if staying is not None:
+            self._partition(ctx, logits, staying)
         elif ctx.rows == 1:  # one sample: one host sync, no index tensors
             if not bool(self.stays(logits, ctx, x)):
                 ctx.leave(logits, self.index, everyone=True)
                 ctx.finish()
         else:
-            staying = positions(self.stays(logits, ctx, x))
-            n = staying.shape[0]
-            if n == ctx.rows:  # nobody leaves
-                return
-            ctx.leave(logits, self.index, everyone=n == 0)
-            if n == 0:
-                ctx.finish()
-            else:
-                ctx.keep(staying, self.live_after)
+            self._partition(ctx, logits, positions(self.stays(logits, ctx, x)))
+
+    def _partition(self, ctx, logits: torch.Tensor, staying: torch.Tensor) -> None:
+        """Infer: the rows at `staying` go on, the others leave with `logits`."""
+        n = staying.shape[0]
+        if n == ctx.rows:  # nobody leaves
+            return
+        ctx.leave(logits, self.index, everyone=n == 0)
+        if n == 0:
+            ctx.finish()
+        else:
+            ctx.keep(staying, self.live_after)
 
     def _run_dense(self, ctx, x: torch.Tensor, logits: torch.Tensor) -> None:
         """Dense/train: every row goes on; the live rows that would leave here output `logits`."""

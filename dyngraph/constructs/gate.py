@@ -21,7 +21,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..runtime.context import const, positions, pseudo_uniform
+from ..runtime import kernels
+from ..runtime.context import const, draw_scale, positions, pseudo_uniform
 from ..spec.types import ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -70,6 +71,21 @@ class GateRuntime:
     def name(self) -> str:
         return f"gate {self.index}"
 
+    def _merge(self, ctx, x: torch.Tensor, run: torch.Tensor) -> None:
+        """Infer: the body runs on the rows at positions `run`; the others keep `x`."""
+        k = run.shape[0]
+        if k == x.shape[0]:
+            y = ctx.call(self.body, x)
+        elif k == 0:
+            y = x
+        else:  # skipped rows keep x: write the body's rows into x (in place if x is dead)
+            yr = ctx.call(self.body, x.index_select(0, run), count=run)
+            if ctx.owns(self.reads[0], self.live_after):
+                y = x.index_copy_(0, run, yr)
+            else:
+                y = x.index_copy(0, run, yr)
+        ctx.env[self.writes] = y
+
     def probs(self, ctx, x: torch.Tensor) -> torch.Tensor:
         if self.style == "ff":
             return ctx.call(self.policy, x)
@@ -83,9 +99,32 @@ class GateRuntime:
             ctx.states[self.key] = ctx.call(self.policy, ctx.env[self.reads[1]])
         return ctx.states[self.key][:, self.column]
 
+    def running(self, ctx, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
+        """Infer: positions of the rows that run the body, in one fused kernel call (None where
+        the kernels do not apply)."""
+        k = ctx.kernels
+        if k is None:
+            return None
+        if self.force is not None:
+            if x.dtype not in kernels.FLOATS or not x.is_contiguous():
+                return None
+            return k.rows_where(x, kernels.DRAW_BELOW, self.force, draw_scale(100 + self.index))
+        col = 0
+        if self.style == "oneshot":  # p is a column of the policy's [B, gates] output
+            p, col = ctx.states[self.key], self.column
+        if p.dtype not in kernels.FLOATS or not p.is_contiguous():
+            return None
+        return k.rows_where(p, kernels.AT_LEAST, self.threshold, col)
+
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]
         p = self.probs(ctx, x)
+        run = self.running(ctx, x, p)
+        if run is not None:
+            ctx.record("gates", self.index, 0)
+            ctx.record("gates", self.index, 1, where=run)
+            self._merge(ctx, x, run)
+            return
         if self.force is not None:  # run with probability `force`, fixed per sample (benchmarks)
             u = pseudo_uniform(x, 100 + self.index)
             on = u < const(self.force, u)
@@ -97,19 +136,7 @@ class GateRuntime:
             if x.shape[0] == 1:  # one sample: one host sync, no index tensors
                 ctx.env[self.writes] = ctx.call(self.body, x) if bool(on) else x
                 return
-            run = positions(on)
-            k = run.shape[0]
-            if k == x.shape[0]:
-                y = ctx.call(self.body, x)
-            elif k == 0:
-                y = x
-            else:  # skipped rows keep x: write the body's rows into x (in place if x is dead)
-                yr = ctx.call(self.body, x.index_select(0, run), count=run)
-                if ctx.owns(self.reads[0], self.live_after):
-                    y = x.index_copy_(0, run, yr)
-                else:
-                    y = x.index_copy(0, run, yr)
-            ctx.env[self.writes] = y
+            self._merge(ctx, x, positions(on))
             return
         yb = ctx.call(self.body, x, count=on)
         if ctx.mode == "dense":

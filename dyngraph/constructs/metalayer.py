@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..runtime.context import pseudo_uniform
+from ..runtime import kernels
+from ..runtime.context import draw_scale, pseudo_uniform
 from ..spec.types import ModuleRef, Strict
 from .registry import register_construct, register_objective
 
@@ -90,26 +91,47 @@ class MetalayerRuntime:
                 ctx.states[key] = self._gamma_cache["value"]
         return ctx.states[key]
 
-    def route(self, ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Controller scores [rows, choices] and the choice per row."""
+    def scores(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        """The controller's scores [rows, choices] (its state carried to the next metalayer)."""
         h = ctx.states.get(self.key)
         if h is None:
             h = x.new_zeros((x.shape[0], *self.state_shape))
         logits, ctx.states[self.key] = ctx.call(self.router, x, h, self.gamma(ctx, x.shape[0], x))
+        return logits
+
+    def pick(self, ctx, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The choice of each row: forced, the top score (infer, dense) or sampled (train)."""
         if self.force is not None:  # route with probabilities `force`, fixed per sample
-            key = (tuple(self.force), x.device)
-            if self._edges[0] != key:  # cumulative probabilities, kept while `force` stays
-                self._edges = (key, torch.tensor(self.force, device=x.device).cumsum(0)[:-1])
             u = pseudo_uniform(x, 200 + self.index)
-            return logits, torch.bucketize(u, self._edges[1], right=True)
+            return torch.bucketize(u, self.edges(u), right=True)
         if ctx.mode != "train":
-            return logits, logits.argmax(dim=1)
+            return logits.argmax(dim=1)
         c = torch.multinomial(torch.softmax(logits.detach(), dim=1), 1).squeeze(1)
         explore = self.explore if self.explore_override is None else self.explore_override
         if explore > 0:
             rand = torch.rand(c.shape, device=c.device) < explore
             c = torch.where(rand, torch.randint_like(c, len(self.choices)), c)
-        return logits, c
+        return c
+
+    def grouped(self, ctx, x: torch.Tensor, logits: torch.Tensor) -> tuple | None:
+        """Infer: (choice per row, rows grouped by choice, count per choice) in one fused
+        kernel call (None where the kernels do not apply)."""
+        k = ctx.kernels
+        if k is None:
+            return None
+        t, rule = (x, kernels.DRAW_BUCKET) if self.force is not None else (logits, kernels.ARGMAX)
+        if t.dtype not in kernels.FLOATS or not t.is_contiguous():
+            return None
+        c, order, counts = k.choose(t, rule, self.edges(t), draw_scale(200 + self.index))
+        return c, order, counts + [0] * (len(self.choices) - len(counts))
+
+    def edges(self, like: torch.Tensor) -> torch.Tensor:
+        """Forced routing's cumulative probabilities (kept while `force` stays; none unforced)."""
+        key = (None if self.force is None else tuple(self.force), like.device, like.dtype)
+        if self._edges[0] != key:
+            e = torch.tensor(self.force or [0.0], device=like.device, dtype=like.dtype)
+            self._edges = (key, e.cumsum(0)[:-1])
+        return self._edges[1]
 
     def _extras(self, ctx, logits: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> None:
         """Train mode: what the Composer objective reads."""
@@ -126,7 +148,14 @@ class MetalayerRuntime:
 
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]
-        logits, c = self.route(ctx, x)
+        logits = self.scores(ctx, x)
+        got = self.grouped(ctx, x, logits)
+        if got is not None:
+            c, order, counts = got
+            ctx.record("choices", self.index, c)
+            ctx.env[self.writes] = self._dispatch(ctx, x, order, counts)
+            return
+        c = self.pick(ctx, x, logits)
         ctx.record("choices", self.index, c)
         if ctx.mode == "dense":
             y = None
@@ -138,28 +167,29 @@ class MetalayerRuntime:
             return
         if x.shape[0] == 1:  # one sample: one host sync, no bincount
             y = ctx.call(self.choices[int(c)], x)
-            if ctx.mode == "train":
-                self._extras(ctx, logits, c, x)
-            ctx.env[self.writes] = y
-            return
-        counts = torch.bincount(c, minlength=len(self.choices)).tolist()  # the one host sync
-        if max(counts) == x.shape[0]:
-            j = counts.index(x.shape[0])
-            y = ctx.call(self.choices[j], x)
-        else:  # rows grouped by choice with one sort: each group's positions are a slice of it
-            # (each choice gathers its own rows: slices of one gathered batch would reach a
-            # compiled unit at a storage offset, which inductor recompiles for)
-            order = torch.sort(c, stable=True).indices
-            y = x.new_empty((x.shape[0], *self.out_shape))
-            start = 0
-            for j, unit in enumerate(self.choices):
-                if counts[j]:
-                    rows = order[start : start + counts[j]]
-                    y.index_copy_(0, rows, ctx.call(unit, x.index_select(0, rows), count=rows))
-                    start += counts[j]
+        else:
+            counts = torch.bincount(c, minlength=len(self.choices)).tolist()  # one host sync
+            # rows grouped by choice with one sort: each group's positions are a slice of it
+            order = None if max(counts) == x.shape[0] else torch.sort(c, stable=True).indices
+            y = self._dispatch(ctx, x, order, counts)
         if ctx.mode == "train":
             self._extras(ctx, logits, c, x)
         ctx.env[self.writes] = y
+
+    def _dispatch(self, ctx, x: torch.Tensor, order: torch.Tensor | None, counts: list[int]):
+        """Infer/train: each choice runs on its rows (`order`: rows grouped by choice)."""
+        if max(counts) == x.shape[0]:
+            return ctx.call(self.choices[counts.index(x.shape[0])], x)
+        # (each choice gathers its own rows: slices of one gathered batch would reach a
+        # compiled unit at a storage offset, which inductor recompiles for)
+        y = x.new_empty((x.shape[0], *self.out_shape))
+        start = 0
+        for j, unit in enumerate(self.choices):
+            if counts[j]:
+                rows = order[start : start + counts[j]]
+                y.index_copy_(0, rows, ctx.call(unit, x.index_select(0, rows), count=rows))
+                start += counts[j]
+        return y
 
 
 def choice_label(choice) -> str:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from . import kernels
+
 MODES = ("infer", "dense", "train")
 
 
@@ -44,12 +46,17 @@ def const(value: float, like: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def draw_scale(salt: int) -> float:
+    """The multiplier of `pseudo_uniform` (and of the kernels' forced rules) for `salt`."""
+    return 9973.0 + 101.0 * salt
+
+
 def pseudo_uniform(x: torch.Tensor, salt: int) -> torch.Tensor:
     """A number in [0, 1) per row, fixed by the row's first value (so a sample gets the same one
     in any batch). Used to force decisions in benchmarks (`force` on a construct runtime)."""
     v = (x if x.dim() == 2 else x.flatten(1)).select(1, 0)
     v = v.detach() if v.requires_grad else v
-    return v.abs().mul_(const(9973.0 + 101.0 * salt, v)).frac_()
+    return v.abs().mul_(const(draw_scale(salt), v)).frac_()
 
 
 class RunContext:
@@ -61,6 +68,8 @@ class RunContext:
         b = x.shape[0]
         self.mode, self.batch, self.device = mode, b, x.device
         self.compacting = mode == "infer"
+        # the fused decision kernels (infer on a CPU: no autograd), or None: ATen ops
+        self.kernels = kernels.for_device(x.device) if self.compacting else None
         # infer: the sample index of each current row (None: every sample, in order);
         # dense/train: None, and `live` masks the samples infer mode would still hold.
         self.idx: torch.Tensor | None = None
@@ -142,10 +151,22 @@ class RunContext:
 
     def keep(self, rows: torch.Tensor, live_ids: set[str]) -> None:
         """Infer: only the rows at positions `rows` go on; compact every live value to them."""
-        self.idx = rows if self.idx is None else self.idx.index_select(0, rows)
         self._rows = rows.shape[0]
-        self.env = {k: v.index_select(0, rows) for k, v in self.env.items() if k in live_ids}
-        self.states = {k: v.index_select(0, rows) for k, v in self.states.items()}
+        names = [k for k in self.env if k in live_ids]
+        values = [self.env[k] for k in names]
+        values += self.states.values()
+        if self.idx is not None:
+            values.append(self.idx)
+        k = self.kernels
+        kept = (
+            k.gather_rows(values, rows)
+            if k is not None
+            else [v.index_select(0, rows) for v in values]
+        )
+        self.idx = rows if self.idx is None else kept.pop()
+        self.env = dict(zip(names, kept))  # noqa: B905 - states and idx follow the env values
+        if self.states:
+            self.states = dict(zip(self.states, kept[len(names) :]))  # noqa: B905
 
     def finish(self) -> None:
         """Infer: every remaining row has left."""

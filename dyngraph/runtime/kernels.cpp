@@ -1,0 +1,220 @@
+// dyngraph's fused decision kernels (CPU): what a decision point of the infer runtime does
+// between two units, in one call instead of 5 to 10 ATen ops from Python. On this kind of CPU
+// each ATen op costs 2-5 us of dispatch and allocation whatever its size, which at batch 64 or 1
+// is as much as the unit it decides about (docs/performance.md). Built on first use by
+// dyngraph/runtime/kernels.py; without them the runtime runs the same rules as ATen ops.
+//
+//   rows_where(t, rule, threshold, a) -> int64 positions of the rows that meet `rule`
+//   confidence(logits, kind, temperature) -> [B] the score an exit criterion thresholds
+//   gather_rows(tensors, rows) -> each tensor's rows at `rows` (index_select, all in one call)
+//   choose(t, rule, edges, a) -> (choice per row, rows grouped by choice, count per choice)
+//
+// The scores are computed by the same inline functions in both ops, so a threshold chosen on
+// `confidence` (calibration) splits the samples exactly as `rows_where` does.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+enum Choice : int64_t {
+  kArgmax = 0,  // metalayer: the controller's top choice (the first one on ties, as argmax)
+  kDrawBucket = 1,  // forced: the bucket of the sample's draw among the edges (bucketize right)
+};
+
+enum Rule : int64_t {
+  kMaxProbBelow = 0,  // exit max_prob: stays while the top probability < threshold
+  kEntropyAbove = 1,  // exit entropy: stays while the entropy > threshold
+  kDrawAtLeast = 2,   // forced: the sample's pseudo-uniform draw >= threshold
+  kDrawBelow = 3,     // forced: the draw < threshold
+  kAtLeast = 4,       // gate: the probability in column `a` of the row >= threshold
+};
+
+// 1 / sum(exp(z - max z)) with z = logits / temperature (the softmax's top probability).
+template <typename T>
+inline T max_prob(const T* r, int64_t c, T temperature) {
+  T m = r[0] / temperature;
+  for (int64_t j = 1; j < c; ++j) m = std::max(m, r[j] / temperature);
+  T s = 0;
+  for (int64_t j = 0; j < c; ++j) s += std::exp(r[j] / temperature - m);
+  return T(1) / s;
+}
+
+// The softmax's entropy in nats (probabilities clamped at 1e-12 inside the log).
+template <typename T>
+inline T entropy(const T* r, int64_t c, T temperature) {
+  T m = r[0] / temperature;
+  for (int64_t j = 1; j < c; ++j) m = std::max(m, r[j] / temperature);
+  T s = 0;
+  for (int64_t j = 0; j < c; ++j) s += std::exp(r[j] / temperature - m);
+  T h = 0;
+  for (int64_t j = 0; j < c; ++j) {
+    T p = std::exp(r[j] / temperature - m) / s;
+    h -= p * std::log(std::max(p, T(1e-12)));
+  }
+  return h;
+}
+
+// dyngraph.runtime.context.pseudo_uniform, bit for bit: frac(|first value| * scale).
+template <typename T>
+inline T draw(T v, T scale) {
+  T a = std::abs(v) * scale;
+  return a - std::trunc(a);
+}
+
+template <typename T>
+at::Tensor rows_where_impl(const at::Tensor& t, int64_t rule, double threshold, double a) {
+  const int64_t b = t.size(0);
+  const int64_t width = b ? t.numel() / b : 0;
+  const T* p = t.data_ptr<T>();
+  const T thr = static_cast<T>(threshold), arg = static_cast<T>(a);
+  const int64_t col = rule == kAtLeast ? static_cast<int64_t>(a) : 0;
+  auto out = at::empty({b}, t.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  int64_t n = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    const T* r = p + i * width;
+    bool keep = false;
+    switch (rule) {
+      case kMaxProbBelow: keep = max_prob(r, width, arg) < thr; break;
+      case kEntropyAbove: keep = entropy(r, width, arg) > thr; break;
+      case kDrawAtLeast: keep = draw(r[0], arg) >= thr; break;
+      case kDrawBelow: keep = draw(r[0], arg) < thr; break;
+      case kAtLeast: keep = r[col] >= thr; break;
+      default: TORCH_CHECK(false, "dyngraph::rows_where: unknown rule ", rule);
+    }
+    if (keep) o[n++] = i;
+  }
+  return out.resize_({n});
+}
+
+at::Tensor rows_where(const at::Tensor& t, int64_t rule, double threshold, double a) {
+  TORCH_CHECK(t.dim() >= 1 && t.is_contiguous(), "dyngraph::rows_where: a contiguous tensor");
+  TORCH_CHECK(rule != kAtLeast || (a >= 0 && a * t.size(0) < t.numel()),
+              "dyngraph::rows_where: column ", a, " out of range");
+  TORCH_CHECK(rule > kEntropyAbove || (t.dim() == 2 && t.size(1) > 0),
+              "dyngraph::rows_where: logits [B, C]");
+  if (t.scalar_type() == at::kDouble) return rows_where_impl<double>(t, rule, threshold, a);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "dyngraph::rows_where: float32 or float64");
+  return rows_where_impl<float>(t, rule, threshold, a);
+}
+
+template <typename T>
+at::Tensor confidence_impl(const at::Tensor& z, int64_t kind, double temperature) {
+  const int64_t b = z.size(0), c = z.size(1);
+  const T* p = z.data_ptr<T>();
+  const T temp = static_cast<T>(temperature);
+  auto out = at::empty({b}, z.options());
+  T* o = out.data_ptr<T>();
+  for (int64_t i = 0; i < b; ++i)
+    o[i] = kind == kMaxProbBelow ? max_prob(p + i * c, c, temp) : entropy(p + i * c, c, temp);
+  return out;
+}
+
+at::Tensor confidence(const at::Tensor& logits, int64_t kind, double temperature) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.is_contiguous(),
+              "dyngraph::confidence: contiguous logits [B, C]");
+  TORCH_CHECK(kind == kMaxProbBelow || kind == kEntropyAbove, "dyngraph::confidence: kind 0 or 1");
+  if (logits.scalar_type() == at::kDouble) return confidence_impl<double>(logits, kind, temperature);
+  TORCH_CHECK(logits.scalar_type() == at::kFloat, "dyngraph::confidence: float32 or float64");
+  return confidence_impl<float>(logits, kind, temperature);
+}
+
+std::vector<at::Tensor> gather_rows(at::TensorList tensors, const at::Tensor& rows) {
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
+              "dyngraph::gather_rows: rows are int64 positions");
+  const int64_t n = rows.size(0);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.dim() >= 1, "dyngraph::gather_rows: tensors with a batch dimension");
+    const int64_t b = t.size(0);
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK(r[i] >= 0 && r[i] < b, "dyngraph::gather_rows: row ", r[i], " out of ", b);
+    if (!t.is_contiguous()) {
+      out.push_back(t.index_select(0, rows));
+      continue;
+    }
+    auto sizes = t.sizes().vec();
+    sizes[0] = n;
+    at::Tensor g = at::empty(sizes, t.options());
+    const int64_t bytes = b ? t.nbytes() / b : 0;
+    const char* src = static_cast<const char*>(t.data_ptr());
+    char* dst = static_cast<char*>(g.data_ptr());
+    for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * bytes, src + r[i] * bytes, bytes);
+    out.push_back(std::move(g));
+  }
+  return out;
+}
+
+template <typename T>
+void choose_impl(const at::Tensor& t, int64_t rule, const at::Tensor& edges, double a,
+                 int64_t* c) {
+  const int64_t b = t.size(0);
+  const int64_t width = b ? t.numel() / b : 0;
+  const T* p = t.data_ptr<T>();
+  const T* e = edges.data_ptr<T>();
+  const int64_t ne = edges.numel();
+  const T scale = static_cast<T>(a);
+  for (int64_t i = 0; i < b; ++i) {
+    const T* r = p + i * width;
+    int64_t j = 0;
+    if (rule == kArgmax) {
+      for (int64_t k = 1; k < width; ++k)
+        if (r[k] > r[j] || (std::isnan(r[k]) && !std::isnan(r[j]))) j = k;
+    } else {
+      const T u = draw(r[0], scale);
+      while (j < ne && e[j] <= u) ++j;
+    }
+    c[i] = j;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> choose(const at::Tensor& t, int64_t rule,
+                                                                const at::Tensor& edges,
+                                                                double a) {
+  TORCH_CHECK(t.dim() >= 1 && t.is_contiguous(), "dyngraph::choose: a contiguous tensor");
+  TORCH_CHECK(rule == kArgmax || rule == kDrawBucket, "dyngraph::choose: unknown rule ", rule);
+  TORCH_CHECK(rule != kArgmax || (t.dim() == 2 && t.size(1) > 0), "dyngraph::choose: scores [B, K]");
+  TORCH_CHECK(edges.dim() == 1 && edges.is_contiguous() && edges.scalar_type() == t.scalar_type(),
+              "dyngraph::choose: edges, 1-d, of the tensor's dtype");
+  const int64_t b = t.size(0);
+  const int64_t k = rule == kArgmax ? t.size(1) : edges.numel() + 1;
+  auto c = at::empty({b}, t.options().dtype(at::kLong));
+  int64_t* cp = c.data_ptr<int64_t>();
+  if (t.scalar_type() == at::kDouble) {
+    choose_impl<double>(t, rule, edges, a, cp);
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "dyngraph::choose: float32 or float64");
+    choose_impl<float>(t, rule, edges, a, cp);
+  }
+  std::vector<int64_t> counts(k, 0), start(k, 0);
+  for (int64_t i = 0; i < b; ++i) ++counts[cp[i]];
+  for (int64_t j = 1; j < k; ++j) start[j] = start[j - 1] + counts[j - 1];
+  auto order = at::empty({b}, c.options());
+  int64_t* o = order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i) o[start[cp[i]]++] = i;  // stable: rows in order per choice
+  return {c, order, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dyngraph, m) {
+  m.def("rows_where(Tensor t, int rule, float threshold, float a) -> Tensor");
+  m.def("confidence(Tensor logits, int kind, float temperature) -> Tensor");
+  m.def("gather_rows(Tensor[] tensors, Tensor rows) -> Tensor[]");
+  m.def("choose(Tensor t, int rule, Tensor edges, float a) -> (Tensor, Tensor, int[])");
+}
+
+TORCH_LIBRARY_IMPL(dyngraph, CPU, m) {
+  m.impl("rows_where", rows_where);
+  m.impl("confidence", confidence);
+  m.impl("gather_rows", gather_rows);
+  m.impl("choose", choose);
+}

@@ -1,0 +1,136 @@
+"""The fused decision kernels (kernels.cpp): built once per machine, used where they apply.
+
+A decision point of the infer runtime (an exit's criterion, then the positions of the rows that
+go on, then gathering those rows of every live value) is 5 to 10 ATen ops from Python, 2–5 µs
+each on a CPU: at batch 64 or 1 as much as the unit it decides about. `kernels.cpp` does each
+step in one call with plain loops. It is compiled by `torch.utils.cpp_extension` the first
+time a process asks for it (15–30 s; cached under `TORCH_EXTENSIONS_DIR`, by default
+`~/.cache/torch_extensions`, and rebuilt when the source changes), i.e. at the first
+`dyngraph.compile` on a machine.
+
+They apply to CPU tensors of float32/float64 in infer mode; everything else (CUDA, other
+dtypes, dense and train mode, which need autograd) runs the same rules as ATen ops, and so does
+everything when they cannot be built (no C++ compiler: a warning says why) or when the
+environment sets `DYNGRAPH_KERNELS=0`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+# rules of rows_where, as in kernels.cpp
+MAX_PROB_BELOW, ENTROPY_ABOVE, DRAW_AT_LEAST, DRAW_BELOW, AT_LEAST = range(5)
+KINDS = {"max_prob": MAX_PROB_BELOW, "entropy": ENTROPY_ABOVE}
+# rules of choose
+ARGMAX, DRAW_BUCKET = range(2)
+
+FLOATS = (torch.float32, torch.float64)
+
+
+class Ops:
+    """The kernels' ops, resolved once (an overload is called with less Python in between)."""
+
+    def __init__(self, ns):
+        self.rows_where = ns.rows_where.default
+        self.confidence = ns.confidence.default
+        self.gather_rows = ns.gather_rows.default
+        self.choose = ns.choose.default
+
+
+_state: dict = {"tried": False, "ops": None, "enabled": True}
+
+
+def load() -> bool:
+    """Build (first time on this machine) and load the kernels; False if they cannot be."""
+    if _state["tried"]:
+        return _state["ops"] is not None
+    _state["tried"] = True
+    if os.environ.get("DYNGRAPH_KERNELS", "1") == "0":
+        return False
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        with _ninja_on_path():
+            build(
+                name="dyngraph_kernels",
+                sources=[str(SOURCE)],
+                build_directory=str(_build_directory()),
+                extra_cflags=["-O3", "-ffp-contract=off"],  # bit-equal to ATen's draws
+                is_python_module=False,
+                verbose=False,
+            )
+        _state["ops"] = Ops(torch.ops.dyngraph)
+    except Exception as e:  # no compiler, no ninja, a read-only cache: the ATen path still works
+        first = (str(e).strip().splitlines() or [""])[0]
+        warnings.warn(
+            f"dyngraph: the fused decision kernels could not be built ({type(e).__name__}: "
+            f"{first}); decisions run as ATen ops, slower at small batches. "
+            "Set DYNGRAPH_KERNELS=0 to skip the attempt.",
+            stacklevel=2,
+        )
+    return _state["ops"] is not None
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch's builder runs `ninja` from PATH: add the `ninja` package's, which a virtual
+    environment that is not activated leaves out."""
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    except ImportError:  # a system ninja may still be on PATH
+        pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+def _build_directory() -> Path:
+    """Where the kernels are built: one folder per torch and Python version, under
+    TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). A lock that a killed build left
+    behind would make every later build wait for ever: one older than 10 minutes is removed."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    tag = f"dyngraph_kernels-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    path = Path(root) / tag.replace("+", "_")
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > 600:
+            lock.unlink()
+    return path
+
+
+def for_device(device: torch.device) -> Ops | None:
+    """The kernels for a pass on `device` (built, enabled and a CPU), else None."""
+    return _state["ops"] if _state["enabled"] and device.type == "cpu" else None
+
+
+def ops(t: torch.Tensor) -> Ops | None:
+    """The kernels when their float ops apply to `t` (a CPU float32/float64 tensor outside
+    autograd), else None."""
+    o = for_device(t.device)
+    if o is None or t.dtype not in FLOATS or (t.requires_grad and torch.is_grad_enabled()):
+        return None
+    return o
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the ATen path for a while (tests compare the two)."""
+    before = _state["enabled"]
+    _state["enabled"] = False
+    try:
+        yield
+    finally:
+        _state["enabled"] = before

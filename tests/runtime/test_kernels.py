@@ -1,0 +1,170 @@
+"""The fused decision kernels decide exactly as the ATen ops they replace."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dyngraph as dg
+from dyngraph.constructs.exit import confidence
+from dyngraph.runtime import kernels
+from dyngraph.runtime.context import draw_scale, pseudo_uniform
+
+from ..conftest import ROOT, compiled, random_batch
+
+
+def test_the_kernels_build_and_load_here():
+    """CI proves the fast path exists: without it every decision runs as ATen ops."""
+    assert kernels.load(), "the fused decision kernels did not build (see the warning)"
+
+
+@pytest.fixture
+def ops() -> kernels.Ops:
+    assert kernels.load()
+    return kernels.for_device(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_rows_where_on_exit_criteria_matches_the_confidence_it_reports(ops, dtype, temperature):
+    g = torch.Generator().manual_seed(0)
+    z = (3 * torch.randn(200, 10, generator=g)).to(dtype)
+    p = torch.softmax(z / temperature, dim=1)
+    conf = ops.confidence(z, kernels.MAX_PROB_BELOW, temperature)
+    ent = ops.confidence(z, kernels.ENTROPY_ABOVE, temperature)
+    torch.testing.assert_close(conf, p.amax(1))
+    torch.testing.assert_close(ent, -(p * p.log()).sum(1))
+    for rule, score, thr, stays in [
+        (kernels.MAX_PROB_BELOW, conf, float(conf.median()), lambda s, t: s < t),
+        (kernels.ENTROPY_ABOVE, ent, float(ent.median()), lambda s, t: s > t),
+        (kernels.MAX_PROB_BELOW, conf, float(conf[7]), lambda s, t: s < t),  # a tie at row 7
+    ]:
+        got = ops.rows_where(z, rule, thr, temperature)
+        want = torch.where(stays(score, torch.tensor(thr, dtype=dtype)))[0]
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(300, 8), (300, 3, 4, 4)])
+def test_forced_draws_are_bit_equal_to_pseudo_uniform(ops, shape):
+    x = 4 * torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    u = pseudo_uniform(x, 7)
+    for thr in (0.0, 0.3, float(u[11]), 1.0):
+        t = torch.tensor(thr)
+        at_least = ops.rows_where(x, kernels.DRAW_AT_LEAST, thr, draw_scale(7))
+        below = ops.rows_where(x, kernels.DRAW_BELOW, thr, draw_scale(7))
+        assert torch.equal(at_least, torch.where(u >= t)[0])
+        assert torch.equal(below, torch.where(u < t)[0])
+
+
+def test_gate_rule_reads_its_column(ops):
+    p = torch.rand(50, 4, generator=torch.Generator().manual_seed(2))
+    for col in range(4):
+        got = ops.rows_where(p, kernels.AT_LEAST, 0.5, col)
+        assert torch.equal(got, torch.where(p[:, col] >= 0.5)[0])
+    with pytest.raises(RuntimeError, match="column 4 out of range"):
+        ops.rows_where(p, kernels.AT_LEAST, 0.5, 4)
+
+
+def test_choose_groups_rows_as_argmax_bincount_and_a_stable_sort(ops):
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(100, 5, generator=g).round()  # many ties: argmax takes the first
+    scores[9, 2] = float("nan")  # argmax takes a NaN
+    c, order, counts = ops.choose(scores, kernels.ARGMAX, torch.zeros(0), 0.0)
+    assert torch.equal(c, scores.argmax(1))
+    assert counts == torch.bincount(c, minlength=5).tolist()
+    assert torch.equal(order, torch.sort(c, stable=True).indices)
+    x = torch.randn(100, 6, generator=g)
+    edges = torch.tensor([0.5, 0.2, 0.2, 0.1]).cumsum(0)[:-1]
+    c, order, counts = ops.choose(x, kernels.DRAW_BUCKET, edges, draw_scale(3))
+    assert torch.equal(c, torch.bucketize(pseudo_uniform(x, 3), edges, right=True))
+    assert counts == torch.bincount(c, minlength=4).tolist()
+    assert torch.equal(order, torch.sort(c, stable=True).indices)
+
+
+def test_gather_rows_is_index_select_for_every_tensor(ops):
+    g = torch.Generator().manual_seed(4)
+    ts = [
+        torch.randn(9, 5, generator=g),
+        torch.randint(0, 100, (9,), generator=g),
+        torch.randn(9, 2, 3, generator=g, dtype=torch.float64),
+        torch.randn(5, 9, generator=g).t(),  # not contiguous
+    ]
+    rows = torch.tensor([8, 0, 3, 3])
+    for got, t in zip(ops.gather_rows(ts, rows), ts, strict=True):
+        assert torch.equal(got, t.index_select(0, rows))
+    with pytest.raises(RuntimeError, match="row 9 out of 9"):
+        ops.gather_rows(ts, torch.tensor([1, 9]))
+
+
+def _force_every_decision(model) -> None:
+    for e in model.exits[:-1]:
+        e.force = 0.4
+    for gate in model.gates:
+        gate.force = 0.6
+    for m in model.metalayers:
+        m.force = [1.0 / len(m.choices)] * len(m.choices)
+
+
+def _run_both(model, x):
+    with torch.no_grad():
+        fast = model(x)
+        with kernels.disabled():
+            slow = model(x)
+    return fast, slow
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["criteria", "forced"])
+def test_every_spec_decides_alike_with_and_without_kernels(spec_path, forced):
+    """Same decisions, same executed units, same outputs (batch 64 and one sample)."""
+    model = compiled(spec_path, "none")
+    saved = [(o, o.force) for o in [*model.exits, *model.gates, *model.metalayers]]
+    if forced:
+        _force_every_decision(model)
+    try:
+        x = random_batch(model, 64, seed=5)
+        for batch in (x, x[:1], x[1:2]):
+            fast, slow = _run_both(model, batch)
+            assert torch.equal(fast.trace.decisions(), slow.trace.decisions())
+            assert torch.equal(fast.trace.unit_counts, slow.trace.unit_counts)
+            torch.testing.assert_close(fast.logits, slow.logits, rtol=0, atol=0)
+    finally:
+        for o, f in saved:
+            o.force = f
+
+
+def test_without_kernels_the_runtime_runs_on_aten_ops():
+    """DYNGRAPH_KERNELS=0 (as on a machine that cannot build them): nothing is built or
+    loaded, and the model decides as it does with the kernels."""
+    code = (
+        "import json, torch, dyngraph as dg\n"
+        "from dyngraph.runtime import kernels\n"
+        "torch.manual_seed(0)\n"
+        "m = dg.compile('specs/skipnet_ff.yaml', backend='none').eval()\n"
+        "assert not kernels.load() and kernels.for_device(torch.device('cpu')) is None\n"
+        "x = torch.randn(32, *m.spec.input.shape, generator=torch.Generator().manual_seed(1))\n"
+        "print(json.dumps(m(x).trace.decisions().tolist()))\n"
+    )
+    env = {**os.environ, "DYNGRAPH_KERNELS": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    torch.manual_seed(0)
+    model = dg.compile(ROOT / "specs" / "skipnet_ff.yaml", backend="none").eval()
+    assert kernels.for_device(torch.device("cpu")) is not None
+    x = torch.randn(32, *model.spec.input.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert model(x).trace.decisions().tolist() == json.loads(out.stdout)
+
+
+def test_confidence_uses_the_kernel_numbers_on_cpu():
+    """Thresholds set on `confidence` split the samples as the infer runtime does (ties too)."""
+    z = 3 * torch.randn(64, 10, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(
+        confidence(z, "max_prob", 1.0), kernels.for_device(z.device).confidence(z, 0, 1.0)
+    )
