@@ -154,7 +154,11 @@ def main() -> None:
         "",
         f"`python benchmarks/overhead.py` — {platform.machine()}, 1 thread, torch {torch.__version__}, "
         "eager. µs per call (B = 256, 64: one batch; B = 1: one input, the mean over 64); "
-        "medians over interleaved rounds. `in units`: time spent inside the units' calls.",
+        "medians over interleaved rounds. `in units`: time spent inside the units' calls. "
+        "`dyngraph (ATen decisions)`: the same pass with the fused decision kernels off (where a "
+        "quantile threshold equals a sample's score, as at an exit that one sample reaches in the "
+        "`max_prob` case, the two paths' scores may differ in the last bit and the pass may run "
+        "other units).",
         "",
         "| case | B | unit calls | " + " | ".join(cols) + " | dyngraph / oracle |",
         "|---|---:|---:|" + "---:|" * (len(cols) + 1),
