@@ -149,24 +149,29 @@ class RunContext:
         sel = (self.live & leaving).view(-1, *([1] * (logits.dim() - 1)))
         self.out = torch.where(sel, logits, self.out)
 
+    def gather(self, values: list[torch.Tensor | None], rows: torch.Tensor) -> list:
+        """Infer: the rows at positions `rows` of every value (None stays None), in one kernel
+        call on the CPU."""
+        present = [v for v in values if v is not None]
+        k = self.kernels
+        got = iter(
+            k.gather_rows(present, rows)
+            if k is not None
+            else [v.index_select(0, rows) for v in present]
+        )
+        return [None if v is None else next(got) for v in values]
+
     def keep(self, rows: torch.Tensor, live_ids: set[str]) -> None:
         """Infer: only the rows at positions `rows` go on; compact every live value to them."""
         self._rows = rows.shape[0]
         names = [k for k in self.env if k in live_ids]
         values = [self.env[k] for k in names]
         values += self.states.values()
-        if self.idx is not None:
-            values.append(self.idx)
-        k = self.kernels
-        kept = (
-            k.gather_rows(values, rows)
-            if k is not None
-            else [v.index_select(0, rows) for v in values]
-        )
-        self.idx = rows if self.idx is None else kept.pop()
+        kept = self.gather([*values, self.idx], rows)
+        self.idx = rows if self.idx is None else kept[-1]
         self.env = dict(zip(names, kept))  # noqa: B905 - states and idx follow the env values
         if self.states:
-            self.states = dict(zip(self.states, kept[len(names) :]))  # noqa: B905
+            self.states = dict(zip(self.states, kept[len(names) : len(values)]))  # noqa: B905
 
     def finish(self) -> None:
         """Infer: every remaining row has left."""
