@@ -120,12 +120,10 @@ class ExitRuntime:
         if k is None:
             return None
         if self.force is not None:
-            if x.dtype not in kernels.FLOATS or not x.is_contiguous():
-                return None
-            return k.rows_where(x, kernels.DRAW_AT_LEAST, self.force, draw_scale(self.index))
-        if self.kind == "patience" or logits.dtype not in kernels.FLOATS:
-            return None
-        if not logits.is_contiguous():
+            return kernels.draw_rows(
+                k, x, kernels.DRAW_AT_LEAST, self.force, draw_scale(self.index)
+            )
+        if self.kind == "patience" or not kernels.applies(logits):
             return None
         return k.rows_where(logits, kernels.KINDS[self.kind], self.threshold, self.temperature)
 

@@ -106,13 +106,12 @@ class GateRuntime:
         if k is None:
             return None
         if self.force is not None:
-            if x.dtype not in kernels.FLOATS or not x.is_contiguous():
-                return None
-            return k.rows_where(x, kernels.DRAW_BELOW, self.force, draw_scale(100 + self.index))
+            scale = draw_scale(100 + self.index)
+            return kernels.draw_rows(k, x, kernels.DRAW_BELOW, self.force, scale)
         col = 0
         if self.style == "oneshot":  # p is a column of the policy's [B, gates] output
             p, col = ctx.states[self.key], self.column
-        if p.dtype not in kernels.FLOATS or not p.is_contiguous():
+        if not kernels.applies(p):
             return None
         return k.rows_where(p, kernels.AT_LEAST, self.threshold, col)
 

@@ -120,7 +120,7 @@ class MetalayerRuntime:
         if k is None:
             return None
         t, rule = (x, kernels.DRAW_BUCKET) if self.force is not None else (logits, kernels.ARGMAX)
-        if t.dtype not in kernels.FLOATS or not t.is_contiguous():
+        if not kernels.applies(t):
             return None
         c, order, counts = k.choose(t, rule, self.edges(t), draw_scale(200 + self.index))
         return c, order, counts + [0] * (len(self.choices) - len(counts))

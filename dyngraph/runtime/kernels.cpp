@@ -35,23 +35,28 @@ enum Rule : int64_t {
   kAtLeast = 4,       // gate: the probability in column `a` of the row >= threshold
 };
 
-// 1 / sum(exp(z - max z)) with z = logits / temperature (the softmax's top probability).
+// sum(exp(z - max z)) with z = logits / temperature (the softmax's denominator); sets `m`.
 template <typename T>
-inline T max_prob(const T* r, int64_t c, T temperature) {
-  T m = r[0] / temperature;
+inline T exp_sum(const T* r, int64_t c, T temperature, T& m) {
+  m = r[0] / temperature;
   for (int64_t j = 1; j < c; ++j) m = std::max(m, r[j] / temperature);
   T s = 0;
   for (int64_t j = 0; j < c; ++j) s += std::exp(r[j] / temperature - m);
-  return T(1) / s;
+  return s;
+}
+
+// The softmax's top probability: 1 / sum(exp(z - max z)).
+template <typename T>
+inline T max_prob(const T* r, int64_t c, T temperature) {
+  T m;
+  return T(1) / exp_sum(r, c, temperature, m);
 }
 
 // The softmax's entropy in nats (probabilities clamped at 1e-12 inside the log).
 template <typename T>
 inline T entropy(const T* r, int64_t c, T temperature) {
-  T m = r[0] / temperature;
-  for (int64_t j = 1; j < c; ++j) m = std::max(m, r[j] / temperature);
-  T s = 0;
-  for (int64_t j = 0; j < c; ++j) s += std::exp(r[j] / temperature - m);
+  T m;
+  const T s = exp_sum(r, c, temperature, m);
   T h = 0;
   for (int64_t j = 0; j < c; ++j) {
     T p = std::exp(r[j] / temperature - m) / s;

@@ -125,6 +125,17 @@ def ops(t: torch.Tensor) -> Ops | None:
     return o
 
 
+def applies(t: torch.Tensor) -> bool:
+    """Whether the float kernels read `t` as it is (float32/float64, contiguous)."""
+    return t.dtype in FLOATS and t.is_contiguous()
+
+
+def draw_rows(k: Ops, x: torch.Tensor, rule: int, p: float, scale: float) -> torch.Tensor | None:
+    """Positions of the rows whose forced draw (`pseudo_uniform` with multiplier `scale`) meets
+    `rule` against `p`; None where the kernel does not read `x`."""
+    return k.rows_where(x, rule, p, scale) if applies(x) else None
+
+
 @contextlib.contextmanager
 def disabled():
     """Run the ATen path for a while (tests compare the two)."""
