@@ -154,9 +154,9 @@ class RunContext:
         call on the CPU."""
         present = [v for v in values if v is not None]
         k = self.kernels
-        got = iter(
+        got = iter(  # (one tensor: index_select is the cheaper call, 3.4 vs 4.5 us)
             k.gather_rows(present, rows)
-            if k is not None
+            if k is not None and len(present) > 1
             else [v.index_select(0, rows) for v in present]
         )
         return [None if v is None else next(got) for v in values]

@@ -168,3 +168,35 @@ def test_confidence_uses_the_kernel_numbers_on_cpu():
     assert torch.equal(
         confidence(z, "max_prob", 1.0), kernels.for_device(z.device).confidence(z, 0, 1.0)
     )
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path, monkeypatch):
+    """torch's builder waits for ever on a lock file; one older than 10 minutes is stale."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = kernels._build_directory()
+    lock = folder / "lock"
+    lock.touch()
+    assert kernels._build_directory() == folder and lock.exists()  # a build may be running
+    old = lock.stat().st_mtime - 601
+    os.utime(lock, (old, old))
+    kernels._build_directory()
+    assert not lock.exists()
+
+
+def test_without_a_compiler_a_warning_says_why_and_the_model_still_runs(tmp_path):
+    code = (
+        "import warnings, torch, dyngraph as dg\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    m = dg.compile('specs/skipnet_ff.yaml', backend='none').eval()\n"
+        "print([str(x.message) for x in w if 'kernels' in str(x.message)])\n"
+        "print(m(torch.randn(8, *m.spec.input.shape)).logits.shape[0])\n"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": str(tmp_path / "no-cxx")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    warned, rows = out.stdout.strip().splitlines()[-2:]
+    assert "could not be built" in warned and "DYNGRAPH_KERNELS=0" in warned
+    assert rows == "8"
