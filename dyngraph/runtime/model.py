@@ -70,7 +70,9 @@ class DynamicModel(nn.Module):
         ctx = RunContext(x, mode, self._plan.trace_sizes)
         ctx.gamma_overrides = self._gamma
         grad = torch.is_grad_enabled()
-        if grad and mode != "train":
+        if x.shape[0] == 0:  # an empty batch: nothing runs, the answer is empty
+            ctx.out = x.new_empty((0, *self._plan.out_shape))
+        elif grad and mode != "train":
             with torch.no_grad():
                 self._run(ctx)
         else:

@@ -26,6 +26,18 @@ def test_batch_equals_each_sample_alone(spec_path):
         assert torch.equal(one.trace.unit_counts[0], batch.trace.unit_counts[i])
 
 
+def test_an_empty_batch_gives_an_empty_answer(spec_path):
+    model = compiled(spec_path, "none")
+    one = model(random_batch(model, 1))
+    x = random_batch(model, 1)[:0]
+    for mode in ("infer", "dense"):
+        out = model(x, mode=mode)
+        assert out.logits.shape == (0, *one.logits.shape[1:])
+        assert out.trace.decisions().shape == (0, one.trace.decisions().shape[1])
+        assert out.trace.unit_counts.shape == (0, len(model.units))
+        assert model.per_input_macs(out.trace).shape == (0,)
+
+
 def test_dense_mode_records_what_infer_does(spec_path):
     model = compiled(spec_path, "none")
     x = random_batch(model)
