@@ -65,9 +65,10 @@ def confidence(logits: torch.Tensor, kind: str, temperature: float) -> torch.Ten
 
     On the CPU it is the fused kernel's number (the one its decisions compare), so that a
     threshold set on these scores splits the samples as the infer runtime does."""
-    o = kernels.ops(logits.detach())
-    if o is not None and logits.dim() == 2 and logits.is_contiguous():
-        return o.confidence(logits.detach(), kernels.KINDS[kind], temperature)
+    d = logits.detach()
+    o = kernels.ops(d)
+    if o is not None and d.dim() == 2 and d.is_contiguous():
+        return o.confidence(d, kernels.KINDS[kind], temperature)
     z = logits if temperature == 1.0 else logits / temperature
     if kind == "max_prob":  # 1 / sum(exp(z - max z)), without softmax: its CPU kernel is slow on
         # short rows (256 x 10 logits: 52 us, against 15 us for these four ops)

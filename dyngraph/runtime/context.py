@@ -149,25 +149,19 @@ class RunContext:
         sel = (self.live & leaving).view(-1, *([1] * (logits.dim() - 1)))
         self.out = torch.where(sel, logits, self.out)
 
-    def gather(self, values: list[torch.Tensor | None], rows: torch.Tensor) -> list:
-        """Infer: the rows at positions `rows` of every value (None stays None), in one kernel
-        call on the CPU."""
-        present = [v for v in values if v is not None]
-        k = self.kernels
-        got = iter(  # (one tensor: index_select is the cheaper call, 3.4 vs 4.5 us)
-            k.gather_rows(present, rows)
-            if k is not None and len(present) > 1
-            else [v.index_select(0, rows) for v in present]
-        )
-        return [None if v is None else next(got) for v in values]
+    def gather(self, values: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor]:
+        """Infer: the rows at positions `rows` of every value, in one kernel call on the CPU
+        (one value: index_select, the cheaper call, 3.4 vs 4.5 us)."""
+        if self.kernels is not None and len(values) > 1:
+            return self.kernels.gather_rows(values, rows)
+        return [v.index_select(0, rows) for v in values]
 
     def keep(self, rows: torch.Tensor, live_ids: set[str]) -> None:
         """Infer: only the rows at positions `rows` go on; compact every live value to them."""
         self._rows = rows.shape[0]
         names = [k for k in self.env if k in live_ids]
-        values = [self.env[k] for k in names]
-        values += self.states.values()
-        kept = self.gather([*values, self.idx], rows)
+        values = [self.env[k] for k in names] + list(self.states.values())
+        kept = self.gather(values if self.idx is None else [*values, self.idx], rows)
         self.idx = rows if self.idx is None else kept[-1]
         self.env = dict(zip(names, kept))  # noqa: B905 - states and idx follow the env values
         if self.states:
