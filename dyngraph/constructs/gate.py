@@ -80,10 +80,8 @@ class GateRuntime:
             y = x
         else:  # skipped rows keep x: write the body's rows into x (in place if x is dead)
             yr = ctx.call(self.body, x.index_select(0, run), count=run)
-            if ctx.owns(self.reads[0], self.live_after):
-                y = x.index_copy_(0, run, yr)
-            else:
-                y = x.index_copy(0, run, yr)
+            owned = ctx.owns(self.reads[0], self.live_after)
+            y = ctx.put(x if owned else x.clone(), run, yr)
         ctx.env[self.writes] = y
 
     def probs(self, ctx, x: torch.Tensor) -> torch.Tensor:

@@ -218,12 +218,12 @@ class HaltingRuntime:
                 if pos is None:
                     out, steps = res, steps.fill_(t + 1)
                 else:
-                    out.index_copy_(0, pos, res)
+                    ctx.put(out, pos, res)
                     steps.index_fill_(0, pos, t + 1)
                 break
             staying = positions(~halt)
             gone = going if pos is None else pos.index_select(0, going)
-            out.index_copy_(0, gone, res.index_select(0, going))
+            ctx.put(out, gone, res, going)
             steps.index_fill_(0, gone, t + 1)
             pos = staying if pos is None else pos.index_select(0, staying)
             h, xa = h.index_select(0, staying), xa.index_select(0, staying)

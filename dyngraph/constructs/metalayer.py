@@ -187,7 +187,7 @@ class MetalayerRuntime:
         for j, unit in enumerate(self.choices):
             if counts[j]:
                 rows = order[start : start + counts[j]]
-                y.index_copy_(0, rows, ctx.call(unit, x.index_select(0, rows), count=rows))
+                ctx.put(y, rows, ctx.call(unit, x.index_select(0, rows), count=rows))
                 start += counts[j]
         return y
 

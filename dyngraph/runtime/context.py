@@ -137,10 +137,7 @@ class RunContext:
             return
         if self.out is None:
             self.out = logits.new_empty((self.batch, *logits.shape[1:]))
-        if self.idx is None:
-            self.out.copy_(logits)
-        else:
-            self.out.index_copy_(0, self.idx, logits)
+        self.put(self.out, self.idx, logits)
 
     def emit(self, leaving: torch.Tensor, logits: torch.Tensor) -> None:
         """Dense/train: the live samples in the mask `leaving` output `logits` (infer: `leave`)."""
@@ -155,6 +152,24 @@ class RunContext:
         if self.kernels is not None and len(values) > 1:
             return self.kernels.gather_rows(values, rows)
         return [v.index_select(0, rows) for v in values]
+
+    def put(
+        self,
+        dst: torch.Tensor,
+        rows: torch.Tensor | None,
+        src: torch.Tensor,
+        src_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Infer: `dst[rows] = src[src_rows]` in place (None: every row, in order), one memcpy
+        per row on the CPU (ATen's index_copy_ walks the elements: 8 vs 3 us for 35 rows of 512
+        floats)."""
+        k = self.kernels
+        if k is not None and dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous():
+            k.copy_rows_(dst, rows, src, src_rows)
+            return dst
+        if src_rows is not None:
+            src = src.index_select(0, src_rows)
+        return dst.copy_(src) if rows is None else dst.index_copy_(0, rows, src)
 
     def keep(self, rows: torch.Tensor, live_ids: set[str]) -> None:
         """Infer: only the rows at positions `rows` go on; compact every live value to them."""

@@ -43,6 +43,7 @@ class Ops:
         self.confidence = ns.confidence.default
         self.gather_rows = ns.gather_rows.default
         self.choose = ns.choose.default
+        self.copy_rows_ = ns.copy_rows_.default
 
 
 _state: dict = {"tried": False, "ops": None, "enabled": True}

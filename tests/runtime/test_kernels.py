@@ -101,6 +101,38 @@ def test_gather_rows_is_index_select_for_every_tensor(ops):
         ops.gather_rows(ts, torch.tensor([1, 9]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.bool])
+def test_copy_rows_is_index_copy_of_the_selected_rows(ops, dtype):
+    g = torch.Generator().manual_seed(5)
+    dst = torch.randn(9, 2, 3, generator=g).mul(5).to(dtype)
+    src = torch.randn(6, 2, 3, generator=g).mul(5).to(dtype)
+    dst_rows, src_rows = torch.tensor([7, 0, 4]), torch.tensor([5, 5, 1])
+    want = dst.clone().index_copy_(0, dst_rows, src.index_select(0, src_rows))
+    got = dst.clone()
+    ops.copy_rows_(got, dst_rows, src, src_rows)
+    assert torch.equal(got, want)
+    got = dst.clone()  # every source row, in order
+    ops.copy_rows_(got, torch.tensor([8, 2, 1, 0, 3, 6]), src, None)
+    assert torch.equal(got, dst.clone().index_copy_(0, torch.tensor([8, 2, 1, 0, 3, 6]), src))
+    got = dst[:6].clone()  # every destination row
+    ops.copy_rows_(got, None, src, None)
+    assert torch.equal(got, src)
+
+
+def test_copy_rows_refuses_what_index_copy_refuses(ops):
+    dst, src = torch.zeros(4, 3), torch.ones(2, 3)
+    with pytest.raises(RuntimeError, match="dst_rows 4 out of 4"):
+        ops.copy_rows_(dst, torch.tensor([0, 4]), src, None)
+    with pytest.raises(RuntimeError, match="src_rows -1 out of 2"):
+        ops.copy_rows_(dst, torch.tensor([0]), src, torch.tensor([-1]))
+    with pytest.raises(RuntimeError, match="as many rows"):
+        ops.copy_rows_(dst, torch.tensor([0, 1, 2]), src, None)
+    for bad in (torch.ones(2, 4), src.double(), torch.ones(3, 2).t()):
+        with pytest.raises(RuntimeError, match="one dtype and row shape"):
+            ops.copy_rows_(dst, torch.tensor([0, 1]), bad, None)
+    assert torch.equal(dst, torch.zeros(4, 3)), "a refused copy wrote nothing"
+
+
 def _force_every_decision(model) -> None:
     for e in model.exits[:-1]:
         e.force = 0.4
