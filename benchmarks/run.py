@@ -112,7 +112,7 @@ def time_interleaved(fns: dict[str, object], min_run_time: float) -> dict[str, f
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     spent, rounds = 0.0, 0
-    while rounds < 7 or (spent < min_run_time * len(fns) and rounds < 500):
+    while rounds < 15 or (spent < min_run_time * len(fns) and rounds < 500):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()

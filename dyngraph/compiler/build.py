@@ -69,9 +69,13 @@ class SegmentStep:
     writes: str | None = None
 
     def run(self, ctx) -> None:
-        outs = ctx.call(self.unit, *[ctx.env[i] for i in self.reads])
+        env = ctx.env
+        if len(self.reads) == 1 == len(self.outputs):  # the common case, with less Python
+            env[self.outputs[0]] = ctx.call(self.unit, env[self.reads[0]])[0]
+            return
+        outs = ctx.call(self.unit, *[env[i] for i in self.reads])
         for k, v in zip(self.outputs, outs, strict=True):
-            ctx.env[k] = v
+            env[k] = v
 
 
 @dataclass

@@ -86,16 +86,11 @@ class RunContext:
         self.extras: dict[str, Any] = defaultdict(list)
         self.gamma_overrides: dict[str, dict[str, float]] = {}
         self.trace_sizes = trace_sizes
-        self._rows = b
-
-    @property
-    def rows(self) -> int:
-        """The number of rows the values in `env` have now."""
-        return self._rows
+        self.rows = b  # the number of rows the values in `env` have now (0: every sample left)
 
     @property
     def done(self) -> bool:
-        return self._rows == 0
+        return self.rows == 0
 
     def owns(self, key: str, live_after: set[str]) -> bool:
         """Infer: whether `env[key]` may be overwritten in place by the node reading it: no
@@ -173,7 +168,7 @@ class RunContext:
 
     def keep(self, rows: torch.Tensor, live_ids: set[str]) -> None:
         """Infer: only the rows at positions `rows` go on; compact every live value to them."""
-        self._rows = rows.shape[0]
+        self.rows = rows.shape[0]
         names = [k for k in self.env if k in live_ids]
         values = [self.env[k] for k in names] + list(self.states.values())
         kept = self.gather(values if self.idx is None else [*values, self.idx], rows)
@@ -184,4 +179,4 @@ class RunContext:
 
     def finish(self) -> None:
         """Infer: every remaining row has left."""
-        self._rows = 0
+        self.rows = 0

@@ -36,14 +36,14 @@ FLOATS = (torch.float32, torch.float64)
 
 
 class Ops:
-    """The kernels' ops, resolved once (an overload is called with less Python in between)."""
+    """The kernels (a module built from kernels.cpp), with the names the runtime calls."""
 
-    def __init__(self, ns):
-        self.rows_where = ns.rows_where.default
-        self.confidence = ns.confidence.default
-        self.gather_rows = ns.gather_rows.default
-        self.choose = ns.choose.default
-        self.copy_rows_ = ns.copy_rows_.default
+    def __init__(self, module):
+        self.rows_where = module.rows_where
+        self.confidence = module.confidence
+        self.gather_rows = module.gather_rows
+        self.choose = module.choose
+        self.copy_rows_ = module.copy_rows_
 
 
 _state: dict = {"tried": False, "ops": None, "enabled": True}
@@ -60,15 +60,15 @@ def load() -> bool:
         from torch.utils.cpp_extension import load as build
 
         with _ninja_on_path():
-            build(
+            module = build(
                 name="dyngraph_kernels",
                 sources=[str(SOURCE)],
                 build_directory=str(_build_directory()),
                 extra_cflags=["-O3", "-ffp-contract=off"],  # bit-equal to ATen's draws
-                is_python_module=False,
+                is_python_module=True,
                 verbose=False,
             )
-        _state["ops"] = Ops(torch.ops.dyngraph)
+        _state["ops"] = Ops(module)
     except Exception as e:  # no compiler, no ninja, a read-only cache: the ATen path still works
         first = (str(e).strip().splitlines() or [""])[0]
         warnings.warn(

@@ -82,7 +82,7 @@ class DynamicModel(nn.Module):
 
     def _run(self, ctx: RunContext) -> None:
         for step in self._plan.steps:
-            if ctx.done:
+            if not ctx.rows:  # every sample has left
                 break
             step.run(ctx)
         if not self._plan.has_exits:
