@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -106,14 +107,20 @@ def force(model, kind: str, setting) -> None:
 def time_interleaved(fns: dict[str, object], min_run_time: float) -> dict[str, float]:
     """Median seconds per call of each function, timed in interleaved rounds (one call of each
     per round), so that the machine's drift and noise fall on all of them alike and their
-    ratios stay meaningful. Each function runs for about `min_run_time` seconds in all."""
+    ratios stay meaningful. Each round runs them in a new (seeded) random order: in a fixed
+    order each function would always follow the same one, which leaves the caches warm for
+    some (the oracle ran right after the masking baseline, which reads the same weights) and
+    cold for others. Each function runs for about `min_run_time` seconds in all."""
     for fn in fns.values():  # warm
         fn()
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(0)
     spent, rounds = 0.0, 0
     while rounds < 15 or (spent < min_run_time * len(fns) and rounds < 500):
-        for k, fn in fns.items():
+        rng.shuffle(order)
+        for k in order:
+            fn = fns[k]
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
