@@ -3,8 +3,10 @@
 A decision point of the infer runtime (an exit's criterion, then the positions of the rows that
 go on, then gathering those rows of every live value) is 5 to 10 ATen ops from Python, 2–5 µs
 each on a CPU: at batch 64 or 1 as much as the unit it decides about. `kernels.cpp` does each
-step in one call with plain loops. It is compiled by `torch.utils.cpp_extension` the first
-time a process asks for it (15–30 s; cached under `TORCH_EXTENSIONS_DIR`, by default
+step in one call with plain loops, in a Python module of plain functions (pybind11: 1 µs a
+call, where a `torch.ops` call parses its arguments against the op's schema for 2–4 µs). It
+is compiled by `torch.utils.cpp_extension` the first time a process asks for it (about 25 s
+here; cached under `TORCH_EXTENSIONS_DIR`, by default
 `~/.cache/torch_extensions`, and rebuilt when the source changes), i.e. at the first
 `dyngraph.compile` on a machine.
 

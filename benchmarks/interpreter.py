@@ -1,0 +1,150 @@
+"""How much of the control overhead is the runtime's interpreter?
+
+    python benchmarks/interpreter.py      # about 1 minute; writes benchmarks/INTERPRETER.md
+
+Early exit (8 blocks, d = 512, 30% of the rows continuing past each exit), timed in
+interleaved rounds against the oracle (benchmarks/run.py), with four versions of the same
+infer pass. All of them call the same units and the same fused kernels on the same rows, and
+return the same logits (checked):
+
+  dyngraph        `model(x)`: the plan interpreter, its log and the DynamicOutput/Trace wrapper
+  no wrapper      the interpreter alone (RunContext + `_run`), without `forward`'s checks,
+                  Trace and DynamicOutput
+  no log          the same, with unit calls and decisions not logged (no trace could be built)
+  straight-line   the pass written out by hand for this model: locals instead of the env dict,
+                  no step loop, no construct objects; still logs its unit calls
+
+The straight-line column is what a generated infer function per model (docs/performance.md,
+next steps) could reach at best on this model.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+from run import D, case_specs, force, oracle, time_interleaved, unit_calls
+
+import dyngraph as dg
+from dyngraph.runtime import kernels
+from dyngraph.runtime.context import RunContext, draw_scale
+
+CONTINUING = 0.3
+
+
+class Unlogged(RunContext):
+    """A context that logs nothing (a pass whose trace could not be built)."""
+
+    def call(self, unit, *args, count=None):
+        return unit(*args)
+
+    def record(self, *args, **kwargs) -> None:
+        pass
+
+
+def straight_line(model):
+    """The infer pass of the early-exit case, written out by hand."""
+    k = kernels.for_device(torch.device("cpu"))
+    segments, heads = model.units[0::2], model.units[1::2]
+    scales = [draw_scale(e.index) for e in model.exits]
+    leave_p = model.exits[0].force
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        events, b, out, idx, rows = [], x.shape[0], None, None, x.shape[0]
+        for i in range(len(heads) - 1):
+            (h,) = segments[i](x)
+            events.append((segments[i].index, idx, None))
+            z = heads[i](h)
+            events.append((heads[i].index, idx, None))
+            stay = k.rows_where(h, kernels.DRAW_AT_LEAST, leave_p, scales[i])
+            n = stay.shape[0]
+            if n != rows:
+                if out is None:
+                    out = z.new_empty((b, z.shape[1]))
+                k.copy_rows_(out, idx, z, None)
+                if n == 0:
+                    return out
+                if idx is None:
+                    h, idx = h.index_select(0, stay), stay
+                else:
+                    h, idx = k.gather_rows([h, idx], stay)
+                rows = n
+            x = h
+        (h,) = segments[-1](x)
+        z = heads[-1](h)
+        if out is None:
+            return z
+        k.copy_rows_(out, idx, z, None)
+        return out
+
+    return run
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    spec, _ = case_specs("early_exit")
+    model = dg.compile(spec, backend="none").eval()
+    force(model, "early_exit", CONTINUING)
+    assert kernels.for_device(torch.device("cpu")) is not None, "the kernels did not build"
+    plan = model._plan
+
+    def interpreter(ctx_type):
+        def run(x):
+            ctx = ctx_type(x, "infer", plan.trace_sizes)
+            model._run(ctx)
+            return ctx.out
+
+        return run
+
+    passes = {
+        "dyngraph": lambda x: model(x).logits,
+        "no wrapper": interpreter(RunContext),
+        "no log": interpreter(Unlogged),
+        "straight-line": straight_line(model),
+    }
+    lines = [
+        "# The interpreter's share of the control overhead",
+        "",
+        f"`python benchmarks/interpreter.py` — {platform.processor() or platform.machine()}, 1 thread, "
+        f"torch {torch.__version__}, eager. Early exit, {CONTINUING:.0%} of the rows continuing past "
+        "each exit. Each column: time / the oracle's, medians over interleaved rounds (B = 1: 64 "
+        "inputs, one at a time). What each column runs: the docstring of interpreter.py.",
+        "",
+        "| B | oracle | " + " | ".join(passes) + " |",
+        "|---:|" + "---:|" * (len(passes) + 1),
+    ]
+    print("\n".join(lines[-2:]))
+    for b in (256, 64, 1):
+        g = torch.Generator().manual_seed(0)
+        xs = (
+            [torch.randn(b, D, generator=g)]
+            if b > 1
+            else [torch.randn(1, D, generator=g) for _ in range(64)]
+        )
+        with torch.no_grad():
+            want = [model(x).logits for x in xs]
+            for fn in passes.values():
+                assert all(torch.equal(fn(x), w) for x, w in zip(xs, want, strict=True))
+            fns = {"oracle": oracle(model, unit_calls(model, xs))}
+
+        def timed(fn, xs=xs):
+            def go():
+                with torch.no_grad():
+                    for x in xs:
+                        fn(x)
+
+            return go
+
+        fns.update({name: timed(fn) for name, fn in passes.items()})
+        med = time_interleaved(fns, 6.0)
+        cells = [f"{1e6 * med['oracle'] / len(xs):.0f} µs"]
+        cells += [f"{med[k] / med['oracle']:.3f}" for k in passes]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    (Path(__file__).resolve().parent / "INTERPRETER.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
