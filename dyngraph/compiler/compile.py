@@ -49,5 +49,5 @@ def compile(  # noqa: A001 - the public name in DESIGN §6
     plan = build_plan(loaded.spec, loaded.raw, loaded.file, trust_imports or loaded.trust_imports)
     model = DynamicModel(plan, backend or loaded.spec.compile.backend)
     compile_units(model, model.backend, loaded.spec.compile.dynamic)
-    kernels.load()  # the fused decision kernels: built the first time on a machine (~15-30 s)
+    kernels.load()  # the fused decision kernels: built the first time on a machine (~25 s)
     return model

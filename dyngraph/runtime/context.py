@@ -88,10 +88,6 @@ class RunContext:
         self.trace_sizes = trace_sizes
         self.rows = b  # the number of rows the values in `env` have now (0: every sample left)
 
-    @property
-    def done(self) -> bool:
-        return self.rows == 0
-
     def owns(self, key: str, live_after: set[str]) -> bool:
         """Infer: whether `env[key]` may be overwritten in place by the node reading it: no
         later node reads it, and it shares no memory with a value that is still read (an
@@ -143,7 +139,8 @@ class RunContext:
 
     def gather(self, values: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor]:
         """Infer: the rows at positions `rows` of every value, in one kernel call on the CPU
-        (one value: index_select, the cheaper call, 3.4 vs 4.5 us)."""
+        (one value: index_select, which copies large selections faster: 6.4 vs 7.8 us for 150
+        rows of 512 floats)."""
         if self.kernels is not None and len(values) > 1:
             return self.kernels.gather_rows(values, rows)
         return [v.index_select(0, rows) for v in values]
