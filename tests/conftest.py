@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -75,6 +76,25 @@ def diversify(model: dg.DynamicModel) -> None:
                 continue
             c = confidence(logits, e.kind, e.temperature)
             e.threshold = float(torch.quantile(c, 0.7 if e.kind == "max_prob" else 0.3))
+
+
+@contextlib.contextmanager
+def forced_decisions(model: dg.DynamicModel, on: bool = True):
+    """Force every exit, gate and metalayer (`force`: partial batches at every decision) for
+    a while; `on=False`: leave the criteria as they are."""
+    saved = [(o, o.force) for o in [*model.exits, *model.gates, *model.metalayers]]
+    if on:
+        for e in model.exits[:-1]:
+            e.force = 0.4
+        for gate in model.gates:
+            gate.force = 0.6
+        for m in model.metalayers:
+            m.force = [1.0 / len(m.choices)] * len(m.choices)
+    try:
+        yield model
+    finally:
+        for o, f in saved:
+            o.force = f
 
 
 @pytest.fixture(params=SPECS, ids=spec_id)

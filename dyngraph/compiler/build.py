@@ -67,6 +67,7 @@ class SegmentStep:
     reads: list[str]
     outputs: list[str]
     writes: str | None = None
+    live_after: set[str] = field(default_factory=set)  # ids read after it (or the output)
 
     def run(self, ctx) -> None:
         env = ctx.env
@@ -76,6 +77,11 @@ class SegmentStep:
         outs = ctx.call(self.unit, *[env[i] for i in self.reads])
         for k, v in zip(self.outputs, outs, strict=True):
             env[k] = v
+
+    def emit_infer(self, g) -> None:
+        """Infer code (runtime/codegen.py): `v3, = unit(v2)`."""
+        call = g.call(self.unit, [g.var(r) for r in self.reads])
+        g.line(f"{g.define(self.outputs)}= {call}")
 
 
 @dataclass
@@ -578,7 +584,7 @@ class Builder:
                     [shapes[i] for i in reads],
                     "segment",
                 )
-                plan_steps.append(SegmentStep(u, reads, outs))
+                plan_steps.append(SegmentStep(u, reads, outs, live_after=live_after[k]))
             else:
                 obj.live_after = live_after[k]
                 plan_steps.append(obj)

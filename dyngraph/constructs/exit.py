@@ -128,6 +128,31 @@ class ExitRuntime:
             return None
         return k.rows_where(logits, kernels.KINDS[self.kind], self.threshold, self.temperature)
 
+    def split(self, ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Infer: positions of the rows that go on (the fused kernel where it applies)."""
+        staying = self.staying(ctx, logits, x)
+        return positions(self.stays(logits, ctx, x)) if staying is None else staying
+
+    def emit_infer(self, g) -> None:
+        """Infer code (runtime/codegen.py): the head, then `split`; leaving rows' logits go
+        to the output and the others' live values are compacted, as `run` does."""
+        x = g.var(self.reads[0])
+        g.line(f"z = {g.call(self.head, [x])}")
+        if self.last:
+            g.line(f"ctx.leave(z, {self.index}, True)")
+            g.line("ctx.rows = 0")
+            g.line("return")
+            return
+        g.line(f"stay = {g.bind(self, f'exit{self.index}')}.split(ctx, z, {x})")
+        g.line("n = stay.shape[0]")
+        with g.block("if n != ctx.rows:"):
+            g.line(f"ctx.leave(z, {self.index}, n == 0)")
+            with g.block("if n == 0:"):
+                g.line("ctx.rows = 0")
+                g.line("return")
+            live = g.live(self.live_after)
+            g.line(f"{g.values(live)}= ctx.compact(stay, [{g.values(live)}])")
+
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]
         logits = ctx.call(self.head, x)

@@ -165,14 +165,20 @@ class RunContext:
 
     def keep(self, rows: torch.Tensor, live_ids: set[str]) -> None:
         """Infer: only the rows at positions `rows` go on; compact every live value to them."""
-        self.rows = rows.shape[0]
         names = [k for k in self.env if k in live_ids]
-        values = [self.env[k] for k in names] + list(self.states.values())
+        self.env = dict(zip(names, self.compact(rows, [self.env[k] for k in names])))  # noqa: B905
+
+    def compact(self, rows: torch.Tensor, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Infer: only the rows at positions `rows` go on. Returns `values` compacted to them
+        (one gather with the states and the row map, which are compacted too)."""
+        self.rows = rows.shape[0]
+        n = len(values)
+        values = values + list(self.states.values())
         kept = self.gather(values if self.idx is None else [*values, self.idx], rows)
         self.idx = rows if self.idx is None else kept[-1]
-        self.env = dict(zip(names, kept))  # noqa: B905 - states and idx follow the env values
         if self.states:
-            self.states = dict(zip(self.states, kept[len(names) : len(values)]))  # noqa: B905
+            self.states = dict(zip(self.states, kept[n : len(values)]))  # noqa: B905
+        return kept[:n]
 
     def finish(self) -> None:
         """Infer: every remaining row has left."""

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .codegen import generate
 from .context import MODES, RunContext
 from .trace import PathTable, Trace
 
@@ -56,6 +57,10 @@ class DynamicModel(nn.Module):
         self._in_shape = torch.Size(plan.spec.input.shape)
         self._gamma: dict[str, dict[str, float]] = {}
         self._costs: dict[str, list] = {}
+        # infer mode runs a function generated from the plan (runtime/codegen.py); False: the
+        # interpreter, as dense and train mode (tests compare the two)
+        self.codegen = True
+        self._infer, self._source = generate(plan)
 
     # ------------------------------------------------------------------ running
     def forward(self, x: torch.Tensor, mode: str | None = None) -> DynamicOutput:
@@ -81,12 +86,19 @@ class DynamicModel(nn.Module):
         return DynamicOutput(ctx.out, trace, dict(ctx.extras))
 
     def _run(self, ctx: RunContext) -> None:
+        if ctx.compacting and self.codegen:
+            self._infer(ctx)
+            return
         for step in self._plan.steps:
             if not ctx.rows:  # every sample has left
                 break
             step.run(ctx)
         if not self._plan.has_exits:
             ctx.out = ctx.env[self._plan.output_id]
+
+    def source(self) -> str:
+        """The Python source of this model's infer function (runtime/codegen.py)."""
+        return self._source
 
     @contextlib.contextmanager
     def eager(self):

@@ -15,7 +15,7 @@ from dyngraph.constructs.exit import confidence
 from dyngraph.runtime import kernels
 from dyngraph.runtime.context import draw_scale, pseudo_uniform
 
-from ..conftest import ROOT, compiled, random_batch
+from ..conftest import ROOT, compiled, forced_decisions, random_batch
 
 
 def test_the_kernels_build_and_load_here():
@@ -133,15 +133,6 @@ def test_copy_rows_refuses_what_index_copy_refuses(ops):
     assert torch.equal(dst, torch.zeros(4, 3)), "a refused copy wrote nothing"
 
 
-def _force_every_decision(model) -> None:
-    for e in model.exits[:-1]:
-        e.force = 0.4
-    for gate in model.gates:
-        gate.force = 0.6
-    for m in model.metalayers:
-        m.force = [1.0 / len(m.choices)] * len(m.choices)
-
-
 def _run_both(model, x):
     with torch.no_grad():
         fast = model(x)
@@ -154,19 +145,13 @@ def _run_both(model, x):
 def test_every_spec_decides_alike_with_and_without_kernels(spec_path, forced):
     """Same decisions, same executed units, same outputs (batch 64 and one sample)."""
     model = compiled(spec_path, "none")
-    saved = [(o, o.force) for o in [*model.exits, *model.gates, *model.metalayers]]
-    if forced:
-        _force_every_decision(model)
-    try:
+    with forced_decisions(model, forced):
         x = random_batch(model, 64, seed=5)
         for batch in (x, x[:1], x[1:2]):
             fast, slow = _run_both(model, batch)
             assert torch.equal(fast.trace.decisions(), slow.trace.decisions())
             assert torch.equal(fast.trace.unit_counts, slow.trace.unit_counts)
             torch.testing.assert_close(fast.logits, slow.logits, rtol=0, atol=0)
-    finally:
-        for o, f in saved:
-            o.force = f
 
 
 def test_without_kernels_the_runtime_runs_on_aten_ops():
