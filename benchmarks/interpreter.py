@@ -1,21 +1,24 @@
-"""How much of the control overhead is the runtime's interpreter?
+"""How much of the control overhead is the runtime's interpreter, and what does the generated
+infer function (runtime/codegen.py) recover?
 
-    python benchmarks/interpreter.py      # about 1 minute; writes benchmarks/INTERPRETER.md
+    python benchmarks/interpreter.py      # about 2 minutes; writes benchmarks/INTERPRETER.md
 
 Early exit (8 blocks, d = 512, 30% of the rows continuing past each exit), timed in
-interleaved rounds against the oracle (benchmarks/run.py), with four versions of the same
+interleaved rounds against the oracle (benchmarks/run.py), with five versions of the same
 infer pass. All of them call the same units and the same fused kernels on the same rows, and
 return the same logits (checked):
 
-  dyngraph        `model(x)`: the plan interpreter, its log and the DynamicOutput/Trace wrapper
-  no wrapper      the interpreter alone (RunContext + `_run`), without `forward`'s checks,
-                  Trace and DynamicOutput
-  no log          the same, with unit calls and decisions not logged (no trace could be built)
-  straight-line   the pass written out by hand for this model: locals instead of the env dict,
-                  no step loop, no construct objects; still logs its unit calls
+  dyngraph          `model(x)`: the function generated for the model, its log and the
+                    DynamicOutput/Trace wrapper
+  no wrapper        the generated function alone (RunContext + `_run`), without `forward`'s
+                    checks, Trace and DynamicOutput
+  interpreter       `model(x)` with `model.codegen = False`: the plan interpreter (the step
+                    loop, the env dict, each construct's `run`), as dense and train mode run
+  interp. no wrap.  the interpreter alone
+  straight-line     the pass written out by hand for this model: locals, no construct objects,
+                    the kernels called directly; still logs its unit calls
 
-The straight-line column is what a generated infer function per model (docs/performance.md,
-next steps) could reach at best on this model.
+The straight-line column is about what any Python runtime could reach on this model.
 """
 
 from __future__ import annotations
@@ -31,16 +34,6 @@ from dyngraph.runtime import kernels
 from dyngraph.runtime.context import RunContext, draw_scale
 
 CONTINUING = 0.3
-
-
-class Unlogged(RunContext):
-    """A context that logs nothing (a pass whose trace could not be built)."""
-
-    def call(self, unit, *args, count=None):
-        return unit(*args)
-
-    def record(self, *args, **kwargs) -> None:
-        pass
 
 
 def straight_line(model):
@@ -90,18 +83,27 @@ def main() -> None:
     assert kernels.for_device(torch.device("cpu")) is not None, "the kernels did not build"
     plan = model._plan
 
-    def interpreter(ctx_type):
+    def no_wrapper(codegen: bool):
         def run(x):
-            ctx = ctx_type(x, "infer", plan.trace_sizes)
+            model.codegen = codegen
+            ctx = RunContext(x, "infer", plan.trace_sizes)
             model._run(ctx)
             return ctx.out
 
         return run
 
+    def forward(codegen: bool):
+        def run(x):
+            model.codegen = codegen
+            return model(x).logits
+
+        return run
+
     passes = {
-        "dyngraph": lambda x: model(x).logits,
-        "no wrapper": interpreter(RunContext),
-        "no log": interpreter(Unlogged),
+        "dyngraph": forward(True),
+        "no wrapper": no_wrapper(True),
+        "interpreter": forward(False),
+        "interp. no wrap.": no_wrapper(False),
         "straight-line": straight_line(model),
     }
     lines = [

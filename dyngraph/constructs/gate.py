@@ -71,20 +71,21 @@ class GateRuntime:
     def name(self) -> str:
         return f"gate {self.index}"
 
-    def _merge(self, ctx, x: torch.Tensor, run: torch.Tensor) -> None:
+    def _merge(self, ctx, x: torch.Tensor, run: torch.Tensor, live) -> torch.Tensor:
         """Infer: the body runs on the rows at positions `run`; the others keep `x`."""
         k = run.shape[0]
         if k == x.shape[0]:
-            y = ctx.call(self.body, x)
-        elif k == 0:
-            y = x
-        else:  # skipped rows keep x: write the body's rows into x (in place if x is dead)
-            yr = ctx.call(self.body, x.index_select(0, run), count=run)
-            owned = ctx.owns(self.reads[0], self.live_after)
-            y = ctx.put(x if owned else x.clone(), run, yr)
-        ctx.env[self.writes] = y
+            return ctx.call(self.body, x)
+        if k == 0:
+            return x
+        # skipped rows keep x: write the body's rows into x (in place if nothing reads x again)
+        yr = ctx.call(self.body, x.index_select(0, run), count=run)
+        owned = live is not None and ctx.free(x, live)
+        return ctx.put(x if owned else x.clone(), run, yr)
 
-    def probs(self, ctx, x: torch.Tensor) -> torch.Tensor:
+    def probs(self, ctx, x: torch.Tensor, src: torch.Tensor | None) -> torch.Tensor:
+        """The policy's probability of running the body, per row (`src`: what a one-shot
+        policy reads, at its first gate)."""
         if self.style == "ff":
             return ctx.call(self.policy, x)
         if self.style == "recurrent":
@@ -94,7 +95,7 @@ class GateRuntime:
             p, ctx.states[self.key] = ctx.call(self.policy, x, h)
             return p
         if self.column == 0:  # one-shot: the policy runs once, at its first gate
-            ctx.states[self.key] = ctx.call(self.policy, ctx.env[self.reads[1]])
+            ctx.states[self.key] = ctx.call(self.policy, src)
         return ctx.states[self.key][:, self.column]
 
     def running(self, ctx, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
@@ -113,28 +114,52 @@ class GateRuntime:
             return None
         return k.rows_where(p, kernels.AT_LEAST, self.threshold, col)
 
-    def run(self, ctx) -> None:
-        x = ctx.env[self.reads[0]]
-        p = self.probs(ctx, x)
+    def on(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Which rows run the body (bool): `force`d (benchmarks: with probability `force`,
+        fixed per sample) or p >= threshold."""
+        if self.force is not None:
+            u = pseudo_uniform(x, 100 + self.index)
+            return u < const(self.force, u)
+        return p >= const(self.threshold, p)
+
+    def infer(self, ctx, x: torch.Tensor, src: torch.Tensor | None, live) -> torch.Tensor:
+        """Infer: the node's output for the current rows. `src`: what a one-shot policy reads;
+        `live`: the values read after this node (None when `x` is one of them), which its
+        output must not be written into."""
+        p = self.probs(ctx, x, src)
         run = self.running(ctx, x, p)
-        if run is not None:
+        if run is None:
+            on = self.on(x, p)
+            ctx.record("gates", self.index, on)
+            if x.shape[0] == 1:  # one sample: one host sync, no index tensors
+                return ctx.call(self.body, x) if bool(on) else x
+            run = positions(on)
+        else:
             ctx.record("gates", self.index, 0)
             ctx.record("gates", self.index, 1, where=run)
-            self._merge(ctx, x, run)
-            return
-        if self.force is not None:  # run with probability `force`, fixed per sample (benchmarks)
-            u = pseudo_uniform(x, 100 + self.index)
-            on = u < const(self.force, u)
-            p = p if ctx.compacting else on.to(x.dtype)
-        else:
-            on = p >= const(self.threshold, p)
-        ctx.record("gates", self.index, on)
+        return self._merge(ctx, x, run, live)
+
+    def emit_infer(self, g) -> None:
+        """Infer code (runtime/codegen.py): one call of `infer` on the locals it reads."""
+        x, key = g.var(self.reads[0]), self.reads[0]
+        src = g.var(self.reads[1]) if self.style == "oneshot" and self.column == 0 else "None"
+        live = "None" if key in self.live_after else f"[{g.values(g.live(self.live_after))}]"
+        call = f"{g.bind(self, f'gate{self.index}')}.infer(ctx, {x}, {src}, {live})"
+        g.assign(self.writes, call)
+
+    def run(self, ctx) -> None:
+        env, key = ctx.env, self.reads[0]
+        x = env[key]
+        src = env[self.reads[1]] if self.style == "oneshot" and self.column == 0 else None
         if ctx.compacting:
-            if x.shape[0] == 1:  # one sample: one host sync, no index tensors
-                ctx.env[self.writes] = ctx.call(self.body, x) if bool(on) else x
-                return
-            self._merge(ctx, x, positions(on))
+            live = None if key in self.live_after else [env[k] for k in self.live_after if k in env]
+            env[self.writes] = self.infer(ctx, x, src, live)
             return
+        p = self.probs(ctx, x, src)
+        on = self.on(x, p)
+        if self.force is not None:
+            p = on.to(x.dtype)
+        ctx.record("gates", self.index, on)
         yb = ctx.call(self.body, x, count=on)
         if ctx.mode == "dense":
             ctx.env[self.writes] = torch.where(_bcast(on, x), yb, x)

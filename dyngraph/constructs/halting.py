@@ -161,12 +161,16 @@ class HaltingRuntime:
 
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]
-        if not ctx.compacting:
-            ctx.env[self.writes] = self._all_steps(ctx, x)
-        elif x.shape[0] == 1:
-            ctx.env[self.writes] = self._infer_one(ctx, x)
-        else:
-            ctx.env[self.writes] = self._infer(ctx, x)
+        ctx.env[self.writes] = self.infer(ctx, x) if ctx.compacting else self._all_steps(ctx, x)
+
+    def infer(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        """Infer: the node's output for the current rows."""
+        return self._infer_one(ctx, x) if x.shape[0] == 1 else self._infer(ctx, x)
+
+    def emit_infer(self, g) -> None:
+        """Infer code (runtime/codegen.py): one call of `infer` on the local it reads."""
+        x = g.var(self.reads[0])
+        g.assign(self.writes, f"{g.bind(self, f'halting{self.index}')}.infer(ctx, {x})")
 
     def _infer_one(self, ctx, x: torch.Tensor) -> torch.Tensor:
         """Infer, one sample: one host sync per step, no index tensors."""

@@ -147,14 +147,21 @@ class MetalayerRuntime:
         )
 
     def run(self, ctx) -> None:
-        x = ctx.env[self.reads[0]]
+        ctx.env[self.writes] = self.apply(ctx, ctx.env[self.reads[0]])
+
+    def emit_infer(self, g) -> None:
+        """Infer code (runtime/codegen.py): one call of `apply` on the local it reads."""
+        x = g.var(self.reads[0])
+        g.assign(self.writes, f"{g.bind(self, f'metalayer{self.index}')}.apply(ctx, {x})")
+
+    def apply(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        """The node's output for the current rows, in the context's mode."""
         logits = self.scores(ctx, x)
         got = self.grouped(ctx, x, logits)
         if got is not None:
             c, order, counts = got
             ctx.record("choices", self.index, c)
-            ctx.env[self.writes] = self._dispatch(ctx, x, order, counts)
-            return
+            return self._dispatch(ctx, x, order, counts)
         c = self.pick(ctx, x, logits)
         ctx.record("choices", self.index, c)
         if ctx.mode == "dense":
@@ -163,8 +170,7 @@ class MetalayerRuntime:
                 yj = ctx.call(unit, x, count=c == j)
                 sel = (c == j).view(-1, *([1] * (yj.dim() - 1)))
                 y = yj if y is None else torch.where(sel, yj, y)
-            ctx.env[self.writes] = y
-            return
+            return y
         if x.shape[0] == 1:  # one sample: one host sync, no bincount
             y = ctx.call(self.choices[int(c)], x)
         else:
@@ -174,7 +180,7 @@ class MetalayerRuntime:
             y = self._dispatch(ctx, x, order, counts)
         if ctx.mode == "train":
             self._extras(ctx, logits, c, x)
-        ctx.env[self.writes] = y
+        return y
 
     def _dispatch(self, ctx, x: torch.Tensor, order: torch.Tensor | None, counts: list[int]):
         """Infer/train: each choice runs on its rows (`order`: rows grouped by choice)."""

@@ -71,6 +71,11 @@ class Emitter:
         self.defined.update(keys)
         return self.values(keys)
 
+    def assign(self, key: str, expr: str) -> None:
+        """`v3 = expr`: the line that defines value `key`."""
+        self.defined.add(key)
+        self.line(f"{self.var(key)} = {expr}")
+
     def values(self, keys) -> str:
         """`v1, v2, `: the locals of `keys` (a tuple target or a list's body)."""
         return "".join(f"{self.var(k)}, " for k in keys)

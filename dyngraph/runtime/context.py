@@ -88,21 +88,16 @@ class RunContext:
         self.trace_sizes = trace_sizes
         self.rows = b  # the number of rows the values in `env` have now (0: every sample left)
 
-    def owns(self, key: str, live_after: set[str]) -> bool:
-        """Infer: whether `env[key]` may be overwritten in place by the node reading it: no
-        later node reads it, and it shares no memory with a value that is still read (an
-        identity segment or a skipping gate passes its input on unchanged) or with the
-        caller's input."""
-        x = self.env[key]
-        if key in live_after or not x.is_contiguous():  # (an expanded value overlaps itself)
+    def free(self, x: torch.Tensor, live: list[torch.Tensor]) -> bool:
+        """Infer: whether `x` may be overwritten in place, given the values `live` that are
+        still read: it shares no memory with one of them (an identity segment or a skipping
+        gate passes its input on unchanged), with a state or with the caller's input."""
+        if not x.is_contiguous():  # (an expanded value overlaps itself)
             return False
         ptr = x.untyped_storage().data_ptr()
         if ptr == self.input.untyped_storage().data_ptr():
             return False
-        for k, v in self.env.items():
-            if k in live_after and v.untyped_storage().data_ptr() == ptr:
-                return False
-        return all(v.untyped_storage().data_ptr() != ptr for v in self.states.values())
+        return all(v.untyped_storage().data_ptr() != ptr for v in (*live, *self.states.values()))
 
     def call(self, unit, *args: torch.Tensor, count: torch.Tensor | None = None):
         """Run `unit` and record which rows executed it (all current rows by default; `count`:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import dyngraph as dg
+from dyngraph.compiler.build import SegmentStep
 from dyngraph.runtime import kernels
+from dyngraph.runtime.codegen import generate
 
 from ..conftest import ROOT, compiled, forced_decisions, random_batch
 
@@ -59,15 +63,47 @@ def test_settings_changed_after_compiling_reach_the_generated_function():
         model.set_threshold(saved[:-1])
 
 
-def test_segments_and_exits_are_written_out_and_other_constructs_run_as_steps():
-    """An early-exit model's function calls its units directly (no environment dict); a step
-    without its own code runs through `step.run` on the values it reads."""
-    ee = compiled(ROOT / "specs" / "msdnet_early_exit.yaml", "none")
-    src = ee.source()
-    assert "ctx.env" not in src and src.count(".split(ctx") == len(ee.exits) - 1
-    assert all(f"u{u.index}(" in src for u in ee.units)
-    l2s = compiled(ROOT / "specs" / "l2s_lista.yaml", "none")
-    assert "halting_0.run(ctx)" in l2s.source()
+def test_every_construct_writes_its_own_code(spec_path):
+    """No step of a built-in construct falls back to the environment dict; every unit is
+    called directly or by its construct."""
+    model = compiled(spec_path, "none")
+    src = model.source()
+    assert "ctx.env" not in src
+    for step in model._plan.steps:
+        assert not isinstance(step, SegmentStep) or f"u{step.unit.index}(" in src
+
+
+class _Opaque:
+    """A construct runtime without `emit_infer` (as a new construct may be): it runs as a
+    step on `ctx.env`."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+        self.reads, self.writes, self.live_after = inner.reads, inner.writes, inner.live_after
+
+    def run(self, ctx) -> None:
+        self.inner.run(ctx)
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["criteria", "forced"])
+def test_a_step_without_its_own_code_runs_on_the_environment(spec_path, forced):
+    model = compiled(spec_path, "none")
+    plan = model._plan
+    opaque = copy.copy(plan)
+    opaque.steps = [s if isinstance(s, SegmentStep) else _Opaque(s) for s in plan.steps]
+    fn, src = generate(opaque)
+    assert src.count(".run(ctx)") == sum(isinstance(s, _Opaque) for s in opaque.steps)
+    x = random_batch(model, 48, seed=10)
+    saved = model._infer
+    with forced_decisions(model, forced):
+        want = [_both(model, b)[0] for b in (x, x[:1])]
+        model._infer = fn
+        try:
+            for b, w in zip((x, x[:1]), want, strict=True):
+                with torch.no_grad():
+                    _assert_same(model(b), w)
+        finally:
+            model._infer = saved
 
 
 def test_dense_and_train_modes_still_run_the_interpreter():
