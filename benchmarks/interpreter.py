@@ -1,7 +1,7 @@
 """How much of the control overhead is the runtime's interpreter, and what does the generated
 infer function (runtime/codegen.py) recover?
 
-    python benchmarks/interpreter.py      # about 2 minutes; writes benchmarks/INTERPRETER.md
+    python benchmarks/interpreter.py      # about 5 minutes; writes benchmarks/INTERPRETER.md
 
 Early exit (8 blocks, d = 512, 30% of the rows continuing past each exit), timed in
 interleaved rounds against the oracle (benchmarks/run.py), with five versions of the same
@@ -19,6 +19,8 @@ return the same logits (checked):
                     the kernels called directly; still logs its unit calls
 
 The straight-line column is about what any Python runtime could reach on this model.
+
+A second table times `model(x)` generated and interpreted on one setting of each case.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ from dyngraph.runtime import kernels
 from dyngraph.runtime.context import RunContext, draw_scale
 
 CONTINUING = 0.3
+# the second table: each construct once (a setting of each of run.py's cases)
+CASES = [
+    ("early_exit", 0.3),
+    ("gates", 0.6),
+    ("metalayer", [0.55, 0.25, 0.15, 0.05]),
+    ("halting", (1, 20)),
+]
 
 
 def straight_line(model):
@@ -74,19 +83,44 @@ def straight_line(model):
     return run
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    spec, _ = case_specs("early_exit")
-    model = dg.compile(spec, backend="none").eval()
-    force(model, "early_exit", CONTINUING)
-    assert kernels.for_device(torch.device("cpu")) is not None, "the kernels did not build"
-    plan = model._plan
+def inputs(b: int) -> list[torch.Tensor]:
+    """One batch of b rows, or (b = 1) 64 single inputs."""
+    g = torch.Generator().manual_seed(0)
+    n, rows = (1, b) if b > 1 else (64, 1)
+    return [torch.randn(rows, D, generator=g) for _ in range(n)]
+
+
+def against_oracle(model, passes: dict, xs: list[torch.Tensor], seconds: float) -> dict:
+    """Each pass's time / the oracle's on inputs `xs` (interleaved rounds), after checking that
+    every pass returns the logits of `model(x)`; with the oracle's µs per input."""
+    with torch.no_grad():
+        want = [model(x).logits for x in xs]
+        for fn in passes.values():
+            assert all(torch.equal(fn(x), w) for x, w in zip(xs, want, strict=True))
+        fns = {"oracle": oracle(model, unit_calls(model, xs))}
+
+    def timed(fn):
+        def go():
+            with torch.no_grad():
+                for x in xs:
+                    fn(x)
+
+        return go
+
+    fns.update({name: timed(fn) for name, fn in passes.items()})
+    med = time_interleaved(fns, seconds)
+    ratios = {k: med[k] / med["oracle"] for k in passes}
+    return {"oracle_us": 1e6 * med["oracle"] / len(xs), **ratios}
+
+
+def passes_of(model) -> dict:
+    """`model(x)` through the generated function and through the interpreter, and each without
+    `forward`'s wrapper."""
 
     def no_wrapper(codegen: bool):
         def run(x):
             model.codegen = codegen
-            ctx = RunContext(x, "infer", plan.trace_sizes)
+            ctx = RunContext(x, "infer", model._plan.trace_sizes)
             model._run(ctx)
             return ctx.out
 
@@ -99,52 +133,65 @@ def main() -> None:
 
         return run
 
-    passes = {
+    return {
         "dyngraph": forward(True),
         "no wrapper": no_wrapper(True),
         "interpreter": forward(False),
         "interp. no wrap.": no_wrapper(False),
-        "straight-line": straight_line(model),
     }
+
+
+def compiled(kind: str, setting):
+    torch.manual_seed(0)
+    spec, _ = case_specs(kind)
+    model = dg.compile(spec, backend="none").eval()
+    force(model, kind, setting)
+    return model
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    assert kernels.load(), "the kernels did not build"
+    model = compiled("early_exit", CONTINUING)
+    passes = {**passes_of(model), "straight-line": straight_line(model)}
     lines = [
         "# The interpreter's share of the control overhead",
         "",
         f"`python benchmarks/interpreter.py` — {platform.processor() or platform.machine()}, 1 thread, "
-        f"torch {torch.__version__}, eager. Early exit, {CONTINUING:.0%} of the rows continuing past "
-        "each exit. Each column: time / the oracle's, medians over interleaved rounds (B = 1: 64 "
-        "inputs, one at a time). What each column runs: the docstring of interpreter.py.",
+        f"torch {torch.__version__}, eager. Each column: time / the oracle's, medians over "
+        "interleaved rounds (B = 1: 64 inputs, one at a time). What each column runs: the "
+        "docstring of interpreter.py.",
+        "",
+        f"Early exit, {CONTINUING:.0%} of the rows continuing past each exit:",
         "",
         "| B | oracle | " + " | ".join(passes) + " |",
         "|---:|" + "---:|" * (len(passes) + 1),
     ]
     print("\n".join(lines[-2:]))
     for b in (256, 64, 1):
-        g = torch.Generator().manual_seed(0)
-        xs = (
-            [torch.randn(b, D, generator=g)]
-            if b > 1
-            else [torch.randn(1, D, generator=g) for _ in range(64)]
-        )
-        with torch.no_grad():
-            want = [model(x).logits for x in xs]
-            for fn in passes.values():
-                assert all(torch.equal(fn(x), w) for x, w in zip(xs, want, strict=True))
-            fns = {"oracle": oracle(model, unit_calls(model, xs))}
-
-        def timed(fn, xs=xs):
-            def go():
-                with torch.no_grad():
-                    for x in xs:
-                        fn(x)
-
-            return go
-
-        fns.update({name: timed(fn) for name, fn in passes.items()})
-        med = time_interleaved(fns, 6.0)
-        cells = [f"{1e6 * med['oracle'] / len(xs):.0f} µs"]
-        cells += [f"{med[k] / med['oracle']:.3f}" for k in passes]
+        r = against_oracle(model, passes, inputs(b), 6.0)
+        cells = [f"{r['oracle_us']:.0f} µs"] + [f"{r[k]:.3f}" for k in passes]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
+    lines += [
+        "",
+        "Every case, the generated function against the interpreter (`model.codegen = False`), "
+        "in the same rounds:",
+        "",
+        "| case | B | oracle | dyngraph | interpreter | interpreter / dyngraph |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(lines[-2:]))
+    for kind, setting in CASES:
+        model = compiled(kind, setting)
+        both = {k: v for k, v in passes_of(model).items() if k in ("dyngraph", "interpreter")}
+        for b in (256, 64, 1):
+            r = against_oracle(model, both, inputs(b), 3.0)
+            lines.append(
+                f"| {kind} {setting} | {b} | {r['oracle_us']:.0f} µs | {r['dyngraph']:.3f} | "
+                f"{r['interpreter']:.3f} | {r['interpreter'] / r['dyngraph']:.3f} |"
+            )
+            print(lines[-1], flush=True)
     (Path(__file__).resolve().parent / "INTERPRETER.md").write_text("\n".join(lines) + "\n")
 
 
