@@ -1,7 +1,8 @@
 """The performance suite: do saved MACs become saved time?
 
     python benchmarks/run.py            # full suite (eager and inductor), writes benchmarks/RESULTS.md
-    python benchmarks/run.py --quick    # eager only, fewer cases, under 2 minutes
+    python benchmarks/run.py --quick    # eager only, fewer cases, under 2 minutes; writes
+                                        # benchmarks/RESULTS-quick.md (not kept in git)
 
 One thread, warm; the functions compared in a case are timed in interleaved rounds (one call of
 each per round), and every ratio is one of medians over those rounds, taken in the same run.
@@ -376,8 +377,12 @@ def main() -> None:
     ap.add_argument(
         "--backends", default=None, help="comma-separated (default: none,inductor; quick: none)"
     )
-    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default RESULTS.md (quick: RESULTS-quick.md)"
+    )
     args = ap.parse_args()
+    # a quick run must not replace the full run's recorded results
+    args.out = args.out or HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
     torch.set_num_threads(1)
     backends = (args.backends or ("none" if args.quick else "none,inductor")).split(",")
     cases = QUICK if args.quick else CASES
