@@ -62,6 +62,18 @@ class DynamicModel(nn.Module):
         self.codegen = True
         self._infer, self._source = generate(plan)
 
+    def __getstate__(self) -> dict:
+        # the generated function calls this model's own units and runtimes: a copy (deepcopy,
+        # pickle) writes its own from its copy of the plan
+        state = super().__getstate__()
+        state.pop("_infer", None)
+        state.pop("_source", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._infer, self._source = generate(self._plan)
+
     # ------------------------------------------------------------------ running
     def forward(self, x: torch.Tensor, mode: str | None = None) -> DynamicOutput:
         """Run a batch; `mode` defaults to train when `self.training`, else infer."""

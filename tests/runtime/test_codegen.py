@@ -121,6 +121,23 @@ def test_dense_and_train_modes_still_run_the_interpreter():
     assert calls == ["infer"]
 
 
+def test_a_deep_copy_runs_its_own_weights():
+    """The generated function is bound to its model's units: a copy (an EMA or teacher model)
+    gets its own, and changing the copy leaves the original as it was."""
+    model = compiled(ROOT / "specs" / "msdnet_early_exit.yaml", "none")
+    twin = copy.deepcopy(model)
+    assert twin._infer is not model._infer and twin.source() == model.source()
+    x = random_batch(model, 32, seed=11)
+    with torch.no_grad():
+        before = model(x).logits
+        for p in twin.parameters():
+            p.mul_(-1.0)
+        gen, interp = _both(twin, x)
+        _assert_same(gen, interp)
+        assert not torch.equal(gen.logits, before)
+        assert torch.equal(model(x).logits, before)
+
+
 def test_a_model_compiled_again_gets_its_own_function():
     a = dg.compile(ROOT / "specs" / "digits_early_exit.yaml", backend="none")
     b = dg.compile(ROOT / "specs" / "digits_early_exit.yaml", backend="none")
