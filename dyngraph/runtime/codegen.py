@@ -63,7 +63,7 @@ class Emitter:
         name = self._locals.get(key)
         if name is None:
             name = self._locals[key] = f"v{len(self._locals)}"
-            self.line(f"# {name}: {key}")
+            self.line(f"# {name}: {key!r}")
         return name
 
     def define(self, keys) -> str:
