@@ -29,9 +29,8 @@ import platform
 from pathlib import Path
 
 import torch
-from run import D, case_specs, force, oracle, time_interleaved, unit_calls
+from run import case_model, inputs, oracle, time_interleaved, unit_calls
 
-import dyngraph as dg
 from dyngraph.runtime import kernels
 from dyngraph.runtime.context import RunContext, draw_scale
 
@@ -81,13 +80,6 @@ def straight_line(model):
         return out
 
     return run
-
-
-def inputs(b: int) -> list[torch.Tensor]:
-    """One batch of b rows, or (b = 1) 64 single inputs."""
-    g = torch.Generator().manual_seed(0)
-    n, rows = (1, b) if b > 1 else (64, 1)
-    return [torch.randn(rows, D, generator=g) for _ in range(n)]
 
 
 def against_oracle(model, passes: dict, xs: list[torch.Tensor], seconds: float) -> dict:
@@ -141,18 +133,10 @@ def passes_of(model) -> dict:
     }
 
 
-def compiled(kind: str, setting):
-    torch.manual_seed(0)
-    spec, _ = case_specs(kind)
-    model = dg.compile(spec, backend="none").eval()
-    force(model, kind, setting)
-    return model
-
-
 def main() -> None:
     torch.set_num_threads(1)
     assert kernels.load(), "the kernels did not build"
-    model = compiled("early_exit", CONTINUING)
+    model = case_model("early_exit", CONTINUING)
     passes = {**passes_of(model), "straight-line": straight_line(model)}
     lines = [
         "# The interpreter's share of the control overhead",
@@ -183,7 +167,7 @@ def main() -> None:
     ]
     print("\n".join(lines[-2:]))
     for kind, setting in CASES:
-        model = compiled(kind, setting)
+        model = case_model(kind, setting)
         both = {k: v for k, v in passes_of(model).items() if k in ("dyngraph", "interpreter")}
         for b in (256, 64, 1):
             r = against_oracle(model, both, inputs(b), 3.0)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from run import D, case_specs, force, oracle, time_interleaved, unit_calls
+from run import case_specs, force, inputs, oracle, time_interleaved, unit_calls
 
 import dyngraph as dg
 from dyngraph.runtime import kernels
@@ -81,12 +81,7 @@ def measure(kind: str, setting, b: int) -> dict:
     spec, _ = case_specs(kind)
     torch.manual_seed(0)
     model = dg.compile(spec, backend="none").eval()
-    g = torch.Generator().manual_seed(0)
-    xs = (
-        [torch.randn(b, D, generator=g)]
-        if b > 1
-        else [torch.randn(1, D, generator=g) for _ in range(64)]
-    )
+    xs = inputs(b)
     if kind == "early_exit" and isinstance(setting, str):  # "max_prob 0.3": a real criterion
         real_thresholds(model, xs, float(setting.split()[1]))
     else:

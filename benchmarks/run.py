@@ -105,6 +105,22 @@ def force(model, kind: str, setting) -> None:
         model.haltings[0].force = setting
 
 
+def case_model(kind: str, setting, backend: str = "none"):
+    """The case's dynamic model (seed-0 weights), in eval mode, with its decisions forced."""
+    spec, _ = case_specs(kind)
+    torch.manual_seed(0)
+    model = dg.compile(spec, backend=backend).eval()
+    force(model, kind, setting)
+    return model
+
+
+def inputs(b: int) -> list[torch.Tensor]:
+    """Seeded inputs: one batch of b rows, or (b = 1) 64 single inputs."""
+    g = torch.Generator().manual_seed(0)
+    n, rows = (1, b) if b > 1 else (64, 1)
+    return [torch.randn(rows, D, generator=g) for _ in range(n)]
+
+
 def time_interleaved(fns: dict[str, object], min_run_time: float) -> dict[str, float]:
     """Median seconds per call of each function, timed in interleaved rounds (one call of each
     per round), so that the machine's drift and noise fall on all of them alike and their
@@ -169,11 +185,9 @@ def oracle(model, calls: list[list[tuple[int, int]]], between: int = 0):
 def measure_case(
     kind: str, setting, backend: str, batches: list[int], min_run_time: float
 ) -> list[dict]:
-    spec, static_spec = case_specs(kind)
-    torch.manual_seed(0)
+    _, static_spec = case_specs(kind)
     t0 = time.perf_counter()
-    model = dg.compile(spec, backend=backend).eval()
-    force(model, kind, setting)
+    model = case_model(kind, setting, backend)
     g = torch.Generator().manual_seed(0)
     xs_all = {
         b: [torch.randn(b, D, generator=g)]

@@ -69,7 +69,7 @@ class RunContext:
         self.mode, self.batch, self.device = mode, b, x.device
         self.compacting = mode == "infer"
         # the fused decision kernels (infer on a CPU: no autograd), or None: ATen ops
-        self.kernels = kernels.for_device(x.device) if self.compacting else None
+        self.kernels = kernels.for_device(self.device) if self.compacting else None
         # infer: the sample index of each current row (None: every sample, in order);
         # dense/train: None, and `live` masks the samples infer mode would still hold.
         self.idx: torch.Tensor | None = None
