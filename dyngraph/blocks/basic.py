@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, StrictInt
 from torch import nn
 
 from .registry import BlockParams, Shape, ShapeError, in_features, register_block
@@ -264,7 +264,7 @@ class Glimpse(nn.Module):
 
 
 class GlimpseParams(BlockParams):
-    slices: list[tuple[int, int]] = Field(min_length=1)
+    slices: list[Annotated[tuple[StrictInt, StrictInt], Field(strict=False)]] = Field(min_length=1)
     flatten: bool = True
 
 

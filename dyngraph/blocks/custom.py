@@ -11,6 +11,7 @@ import inspect
 from typing import Any
 
 from pydantic import Field
+import torch
 from torch import nn
 
 from .registry import BlockParams, Shape, ShapeError, register_block
@@ -39,7 +40,8 @@ def custom(p: CustomParams, shapes: list[Shape]) -> nn.Module:
     kwargs = dict(p.kwargs)
     if "in_shapes" in inspect.signature(cls).parameters:
         kwargs["in_shapes"] = shapes  # let the class size itself from its inputs
-    module = cls(**kwargs)
+    with torch.device("cpu"):  # user code may compute at init: never on the meta device
+        module = cls(**kwargs)
     if not isinstance(module, nn.Module):
         raise ShapeError(f"'{p.target}' is not a torch.nn.Module")
     return module

@@ -16,9 +16,10 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import nn
 
+from ..spec.types import SPEC_CONFIG
 from .registry import BlockParams, Shape, ShapeError, register_block
 
 
@@ -173,8 +174,8 @@ def blockdrop_policy(p: BlockDropParams, shapes: list[Shape]) -> nn.Module:
 class GammaDist(BaseModel):
     """A distribution of the preference value gamma during training."""
 
-    model_config = ConfigDict(extra="forbid")
-    uniform: tuple[float, float] | None = None
+    model_config = SPEC_CONFIG
+    uniform: tuple[float, float] | None = Field(None, strict=False)  # YAML gives a list
     constant: float | None = None
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -185,7 +186,7 @@ class GammaDist(BaseModel):
 
 
 class GammaSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = SPEC_CONFIG
     train: GammaDist = GammaDist(constant=0.0)
     test: float = 0.0
 
@@ -193,7 +194,7 @@ class GammaSpec(BaseModel):
 class Preference(BaseModel):
     """A policy preference of Composer: a cost of the chosen module, weighed by gamma."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SPEC_CONFIG
     cost: Literal["params", "batch_entropy"] = "params"
     gamma: GammaSpec = GammaSpec()
 

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from torch import nn
+
+from ..spec.types import SPEC_CONFIG
 
 Shape = tuple[int, ...]
 
@@ -30,7 +32,7 @@ ROLES = {
 class BlockParams(BaseModel):
     """Base of every block's parameter model: unknown keys are rejected."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    model_config = {**SPEC_CONFIG, "frozen": True}
 
 
 class ShapeError(ValueError):

@@ -68,7 +68,7 @@ def rnn_step(p: StepParams, shapes: list[Shape]) -> nn.Module:
 def measurement_matrix(m: int, n: int, seed: int) -> torch.Tensor:
     """The Gaussian sensing matrix A (m x n, unit-norm columns) of sparse recovery, from a seed."""
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(m, n, generator=g) / math.sqrt(m)
+    a = torch.randn(m, n, generator=g, device="cpu") / math.sqrt(m)  # cached: never on meta
     return a / a.norm(dim=0, keepdim=True)
 
 
@@ -77,8 +77,11 @@ class ListaLayer(nn.Module):
 
     def __init__(self, m: int, n: int, seed: int, lam: float):
         super().__init__()
-        a = measurement_matrix(m, n, seed).clone()
-        lip = float(torch.linalg.matrix_norm(a, ord=2) ** 2)
+        if torch.empty(0).is_meta:  # built on the meta device (validation): shapes only
+            a, lip = torch.empty(m, n), 1.0
+        else:
+            a = measurement_matrix(m, n, seed).clone()
+            lip = float(torch.linalg.matrix_norm(a, ord=2) ** 2)
         self.register_buffer("A", a)
         self.W = nn.Parameter(a.t().clone() / lip)  # ISTA's step at init
         self.theta = nn.Parameter(torch.tensor(lam / lip))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import networkx as nx
@@ -26,6 +28,7 @@ from ..spec.schema import RepeatNode, Spec
 from ..spec.types import InlineModule
 from ..spec.yaml_loader import locate
 from .fx_segments import StaticNode, segment_module
+from .memory import memory_problems
 from .units import Shape, Unit
 
 
@@ -42,9 +45,19 @@ def _quiet_fake_tensor():
 
 
 def fake_shapes(fn, in_shapes: list[Shape]) -> Any:
-    """Run `fn` on fake tensors of per-sample shapes `in_shapes`; return output shapes (no batch)."""
-    with _quiet_fake_tensor(), FakeTensorMode(allow_non_fake_inputs=True):
-        out = fn(*[torch.empty(2, *s) for s in in_shapes])  # batch 2: BatchNorm needs > 1
+    """Run `fn` on fake tensors of per-sample shapes `in_shapes`; return output shapes (no batch).
+
+    A module built on the meta device runs on meta inputs directly (~50 us a block, against
+    ~20 ms under FakeTensorMode); anything that cannot (a user's block holding real weights, an
+    op without a meta kernel) runs under FakeTensorMode.
+    """
+    out = None
+    if torch.empty(0).is_meta:
+        with contextlib.suppress(Exception):  # FakeTensorMode below says what is wrong
+            out = fn(*[torch.empty(2, *s, device="meta") for s in in_shapes])
+    if out is None:
+        with _quiet_fake_tensor(), FakeTensorMode(allow_non_fake_inputs=True):
+            out = fn(*[torch.empty(2, *s) for s in in_shapes])  # batch 2: BatchNorm needs > 1
 
     def shape(t):
         if isinstance(t, torch.Tensor):
@@ -129,6 +142,9 @@ class Builder:
         self._cur_step = 0
         self.shapes: dict[str, Shape | None] = {}
         self.runtimes: dict[str, list[Any]] = {}
+        self.block_paths: dict[int, tuple] = {}  # id(module) -> where the spec defines it
+        self._shape_cache: dict[tuple, Any] = {}
+        self._unrolled = 0
 
     # ------------------------------------------------------------------ problems
     def problem(self, path: tuple, message: str, key: bool = False) -> None:
@@ -192,6 +208,7 @@ class Builder:
         while name in self.blocks:
             name += "_"
         self.blocks[name] = module
+        self.block_paths[id(module)] = path
         return module
 
     def _pydantic_problem(self, prefix: tuple, err: dict) -> None:
@@ -293,8 +310,14 @@ class Builder:
 
     def shapes_of(self, fn, in_shapes: list[Shape], path: tuple, what: str) -> Any:
         """Output shapes of `fn` on fake inputs, or None (with a problem) if it cannot run."""
+        key = _structure_key(fn, in_shapes)
+        if key is not None and key in self._shape_cache:  # a repeated block: run it once
+            return self._shape_cache[key]
         try:
-            return fake_shapes(fn, in_shapes)
+            out = fake_shapes(fn, in_shapes)
+            if key is not None:
+                self._shape_cache[key] = out
+            return out
         except Exception as e:
             shapes = ", ".join(str(list(s)) for s in in_shapes)
             self.problem(path, f"shape mismatch: {what} cannot take input {shapes}: {_short(e)}")
@@ -340,6 +363,8 @@ class Builder:
     def build(self) -> Plan | None:
         spec = self.spec
         flat = self._unroll(spec.graph, ("graph",))
+        if self._unrolled > MAX_GRAPH_NODES:
+            return None  # reported at the repeat that crossed the bound; nothing else is built
         shapes: dict[str, Shape | None] = {"input": tuple(spec.input.shape)}
         self.shapes = shapes
         defined: list[str] = ["input"]
@@ -493,6 +518,15 @@ class Builder:
         for i, node in enumerate(nodes):
             p = path + (i,)
             if isinstance(node, RepeatNode):
+                size = node.repeat * _unrolled_size(node.nodes)
+                if self._unrolled + size > MAX_GRAPH_NODES:
+                    self.problem(
+                        p + ("repeat",),
+                        f"`repeat: {node.repeat}` unrolls to {size:,} nodes; a graph has at most "
+                        f"{MAX_GRAPH_NODES:,} nodes after unrolling",
+                    )
+                    self._unrolled = MAX_GRAPH_NODES + 1
+                    return out
                 for r in range(node.repeat):
                     for nid, n, np_ in self._unroll(node.nodes, p + ("nodes",), True):
                         out.append((f"{nid}@{r}" if r else nid, n, np_))
@@ -513,6 +547,7 @@ class Builder:
                 seen[nid] = p
             if in_repeat and getattr(node, "inputs", None):
                 self.problem(p + ("inputs",), "`inputs` are not allowed inside `repeat`")
+            self._unrolled += 1
             auto = f"_{format_path(p)}"
             out.append((nid if (nid and not in_repeat) else auto, node, p))
         return out
@@ -605,6 +640,41 @@ class Builder:
         )
 
 
+def _structure_key(fn: Any, in_shapes: list[Shape]) -> tuple | None:
+    """What decides the output shapes of a built-in block: its modules' types, their plain
+    attributes and their tensors' shapes, and the input shapes. None for anything else (a
+    user's block may compute its shapes in ways these do not show)."""
+    if not isinstance(fn, nn.Module):
+        return None
+    parts: list = [tuple(map(tuple, in_shapes))]
+    for name, sub in fn.named_modules():
+        if not type(sub).__module__.startswith(("dyngraph.", "torch.")):
+            return None
+        plain = sorted(
+            (k, repr(v))
+            for k, v in vars(sub).items()
+            if not k.startswith("_") and isinstance(v, int | float | str | bool | tuple | list)
+        )
+        tensors = [
+            (k, tuple(t.shape))
+            for k, t in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
+        ]
+        parts.append((name, type(sub).__qualname__, tuple(plain), tuple(tensors)))
+    return tuple(parts)
+
+
+#: Nodes of a graph after `repeat` is unrolled: each is a module built and checked, so the
+#: bound keeps validation within seconds.
+MAX_GRAPH_NODES = 1_000
+
+
+def _unrolled_size(nodes: list) -> int:
+    """How many nodes `nodes` become once every `repeat` is unrolled."""
+    return sum(
+        n.repeat * _unrolled_size(n.nodes) if isinstance(n, RepeatNode) else 1 for n in nodes
+    )
+
+
 def _construct_key(node: Any) -> str | None:
     for key in CONSTRUCTS:
         if hasattr(node, key) and not isinstance(node, InlineModule) and not isinstance(node, str):
@@ -612,10 +682,34 @@ def _construct_key(node: Any) -> str | None:
     return None
 
 
-def build_plan(spec: Spec, raw: Any, file: str, trust_imports: bool = False) -> Plan:
-    """Check and build a validated spec; raise SpecError listing every problem."""
+@contextlib.contextmanager
+def _spec_folder_importable(file: str):
+    """The spec's folder on the import path while building: `custom` targets live beside it."""
+    folder = str(Path(file).resolve().parent) if Path(file).is_file() else None
+    added = folder is not None and folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(folder)
+
+
+def build_plan(
+    spec: Spec, raw: Any, file: str, trust_imports: bool = False, meta: bool = False
+) -> Plan:
+    """Check and build a validated spec; raise SpecError listing every problem.
+
+    Args:
+        meta: build every block on the meta device (shapes without storage: validation) and
+            check that the real model would fit in memory.
+    """
     b = Builder(spec, raw, file, trust_imports)
-    plan = b.build()
-    if plan is None:
+    with _spec_folder_importable(file), torch.device("meta" if meta else "cpu"):
+        plan = b.build()
+    if plan is not None and meta:
+        b.problems += memory_problems(b, file)
+    if plan is None or b.problems:
         raise SpecError(b.problems)
     return plan

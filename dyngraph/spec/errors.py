@@ -22,12 +22,22 @@ class Problem:
         return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
 
+#: Problems printed by a SpecError; the rest are counted ("and K more").
+MAX_SHOWN = 50
+
+
 class SpecError(Exception):
-    """A spec has one or more problems; `problems` lists every one of them."""
+    """A spec has one or more problems; `problems` lists every one of them, each once.
+
+    Its text lists the first MAX_SHOWN, then how many more there are.
+    """
 
     def __init__(self, problems: Iterable[Problem]):
-        self.problems = sorted(problems, key=lambda p: (p.file, p.line, p.col, p.path))
-        super().__init__("\n".join(str(p) for p in self.problems))
+        self.problems = sorted(set(problems), key=lambda p: (p.file, p.line, p.col, p.path, p.message))
+        lines = [str(p) for p in self.problems[:MAX_SHOWN]]
+        if len(self.problems) > MAX_SHOWN:
+            lines.append(f"... and {len(self.problems) - MAX_SHOWN} more problems")
+        super().__init__("\n".join(lines))
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -11,7 +11,7 @@ import pydantic
 from .errors import Problem, SpecError, did_you_mean, format_path
 from .schema import Spec, json_schema
 from .types import TAG
-from .yaml_loader import LocDict, load_yaml, locate
+from .yaml_loader import MAX_BYTES, LocDict, decode, load_yaml, locate
 
 
 @functools.cache
@@ -119,11 +119,13 @@ def _read(source: str | Path) -> tuple[str, str]:
     ):
         p = Path(source)
         try:
-            return p.read_text(), str(source)
+            with open(p, "rb") as f:
+                data = f.read(MAX_BYTES + 1)  # a larger file is refused without reading it all
         except OSError as e:
             raise SpecError(
-                [Problem(str(source), 0, 0, "", f"cannot read: {e.strerror}")]
+                [Problem(str(source), 1, 1, "", f"cannot read: {e.strerror or e}")]
             ) from None
+        return decode(data, str(source)), str(source)
     return str(source), "<string>"
 
 
@@ -152,5 +154,6 @@ def load_spec(source: str | Path | dict | LoadedSpec, trust_imports: bool = Fals
     from ..compiler.build import build_plan
 
     spec, raw, file = parse_spec(source)
-    build_plan(spec, raw, file, trust_imports)  # semantic and shape checks; the result is dropped
+    # semantic and shape checks on the meta device (no weights allocated); the plan is dropped
+    build_plan(spec, raw, file, trust_imports, meta=True)
     return LoadedSpec(spec, raw, file, trust_imports)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, create_model, model_validator
+from pydantic import Discriminator, Field, Tag, create_model, field_validator, model_validator
 
 from ..constructs import CONSTRUCTS
 from .types import TAG, Ident, InlineModule, Strict
@@ -220,6 +220,13 @@ class Spec(Strict):
     """A dyngraph spec (schema version 1)."""
 
     dyngraph: Literal[1] = Field(description="schema version; must be 1")
+
+    @field_validator("dyngraph", mode="before")
+    @classmethod
+    def _version_is_a_number(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # True == 1 in Python; a version is not a boolean
+            raise ValueError(f"the schema version is the number 1, not {v!r}")
+        return v
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     input: InputSpec
     task: TaskSpec

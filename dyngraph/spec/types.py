@@ -12,10 +12,16 @@ TAG = "\u00b7"
 Ident = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
-class Strict(BaseModel):
-    """A spec mapping: unknown keys are rejected."""
+#: How every mapping of a spec is validated: unknown keys are errors; no coercion (a boolean is
+#: not an integer, "3" is not a number, 3.0 is not an integer; an integer is a valid float);
+#: `.nan` and `.inf` are refused (a field where a non-finite value means something says so).
+SPEC_CONFIG = ConfigDict(extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False)
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+class Strict(BaseModel):
+    """A spec mapping: unknown keys are rejected, values are not coerced."""
+
+    model_config = SPEC_CONFIG
 
 
 class InlineModule(BaseModel):
