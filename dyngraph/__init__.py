@@ -9,6 +9,7 @@ from .runtime.model import DynamicModel, DynamicOutput
 from .runtime.trace import Trace
 from .spec.errors import Problem, SpecError
 from .spec.load import LoadedSpec, load_spec
+from .training import TrainResult, evaluate, train
 
 __all__ = [
     "DynamicModel",
@@ -18,10 +19,13 @@ __all__ = [
     "Profile",
     "SpecError",
     "Trace",
+    "TrainResult",
     "compile",
+    "evaluate",
     "load_spec",
     "profile",
     "register_block",
     "register_construct",
+    "train",
 ]
 __version__ = "0.1.0"

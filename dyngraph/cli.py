@@ -1,19 +1,78 @@
-"""The command line: `dyngraph validate | inspect | schema | blocks`.
+"""The command line: `dyngraph validate | inspect | train | calibrate | eval | profile | blocks |
+schema`.
 
-Spec problems are printed as FILE:LINE:COL: PATH: message and exit with status 2, with no
-traceback.
+A user's mistake never ends in a traceback: spec problems are printed as FILE:LINE:COL: PATH:
+message, and a bad checkpoint, data file, `--out` or option value as one line; each exits with
+status 2, and a refused request writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .spec.errors import SpecError
 
 
+class UsageError(Exception):
+    """A request that cannot be carried out as given (one line, exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (the usage is one `--help` away)."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and 0 < v <= 1):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a fraction of the longest path's MACs in (0, 1]"
+        )
+    return v
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {v}")
+    return v
+
+
+def check_writable(path: str | Path, folder: bool) -> Path:
+    """`path` as an output that can be written (a folder, or a file), without creating it."""
+    p = Path(path)
+    if p.exists():
+        if folder and not p.is_dir():
+            raise UsageError(f"--out {p}: exists and is not a folder")
+        if not folder and p.is_dir():
+            raise UsageError(f"--out {p}: is a folder; name a file")
+        target = p if folder else p.parent
+    else:
+        target = p.absolute().parent
+        while not target.exists():
+            target = target.parent
+        if not target.is_dir():
+            raise UsageError(f"--out {p}: {target} is a file, not a folder")
+    if not os.access(target, os.W_OK) or str(target.resolve()).startswith(("/proc", "/sys")):
+        raise UsageError(f"--out {p}: {target} is not writable")
+    return p
+
+
+# ---------------------------------------------------------------------------------- commands
 def _validate(args: argparse.Namespace) -> int:
     from .spec.load import load_spec
 
@@ -37,39 +96,53 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_checkpoint(model, path: str) -> None:
-    """Load weights (and calibrated decision settings) saved by `dyngraph train` or
-    `dyngraph calibrate`, or a plain state dict; safely (weights_only)."""
-    import torch
+def _loaded_model(args: argparse.Namespace):
+    """The spec's model, with the checkpoint's weights and settings when one is given."""
+    from .compiler.compile import compile
+    from .training.checkpoint import load_into
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
-    if isinstance(state, dict) and "settings" in state:
-        model.load_decision_settings(state["settings"])
+    model = compile(
+        args.spec, backend=getattr(args, "backend", None), trust_imports=args.trust_imports
+    )
+    if getattr(args, "checkpoint", None):
+        load_into(model, args.checkpoint)
+    return model.eval()
+
+
+def _data(model, split: str, file: str | None):
+    """A split of the spec's data, or the data file given on the command line."""
+    from .data import load_file, load_split
+
+    if file is not None:
+        data = load_file(file)
+        data.origin = f"{split}: {file} (--data, {len(data):,} samples)"
+        return data
+    if model.spec.train is None:
+        raise UsageError(f"{model.name}: the spec names no data (train.data); pass --data FILE")
+    return load_split(model.spec.train.data, split)
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
-    from .compiler.compile import compile
     from .profiler import profile
 
+    out = check_writable(args.out or Path("profiles") / Path(args.spec).stem, folder=True)
     torch.manual_seed(args.seed)
-    model = compile(args.spec, backend=args.backend, trust_imports=args.trust_imports)
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
-    model = model.to(args.device).eval()
-    data = args.data
-    if data is None:
-        train = model.spec.train
-        data = train.data.name if train is not None else "random"
-    if data == "random":
+    model = _loaded_model(args).to(args.device)
+    data, origin = args.data, None
+    if data is None and model.spec.train is not None:
+        data = _data(model, "test", None)
+        origin = data.origin
+    elif data not in (None, "random") and data.endswith((".npz", ".pt")):
+        data = _data(model, "test", data)
+        origin = data.origin
+    if data is None or data == "random":
         print(
-            f"{model.name}: no data set named (spec `train.data` or --data): profiling {args.n} random inputs, no labels"
+            f"{model.name}: no data named (spec `train.data` or --data): profiling {args.n} random inputs, no labels"
         )
         data = torch.randn(args.n, *model.spec.input.shape)
+        origin = "random inputs"
     prof = profile(
         model,
         data,
@@ -82,11 +155,12 @@ def _profile(args: argparse.Namespace) -> int:
         n=args.n,
         progress=None if not args.no_progress else False,
     )
-    out = prof.save(Path(args.out or Path("profiles") / model.name))
+    out = prof.save(out)
     s = prof.summary
     print(
-        f"{model.name}: {s['inputs']:,} inputs, mean {s['mean_macs']:,.0f} MACs per input "
-        f"({s['saving']:.1%} below the longest path, {s['full_macs']:,}), {s['paths_seen']} paths"
+        f"{model.name} on {origin or data}: {s['inputs']:,} inputs, mean {s['mean_macs']:,.0f} MACs per input "
+        f"({1 - s['saving']:.1%} of the longest path's {s['full_macs']:,}; {s['saving']:.1%} saved), "
+        f"{s['paths_seen']} paths"
     )
     if "quality" in s:
         print(
@@ -103,25 +177,27 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    if args.nproc > 1 and "LOCAL_RANK" not in __import__("os").environ:
+    out = check_writable(args.out, folder=True) if args.out else None
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         import subprocess
 
-        cmd = (
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc-per-node={args.nproc}",
-                "-m",
-                "dyngraph",
-                "train",
-                args.spec,
-            ]
-            + (["--out", args.out] if args.out else [])
-            + (["--resume"] if args.resume else [])
-            + (["--max-steps", str(args.max_steps)] if args.max_steps else [])
-        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.nproc}",
+            "-m",
+            "dyngraph",
+            "train",
+            args.spec,
+        ]
+        cmd += ["--out", args.out] if args.out else []
+        cmd += ["--resume"] if args.resume else []
+        cmd += ["--trust-imports"] if args.trust_imports else []
+        cmd += ["--no-progress"] if args.no_progress else []
+        for flag, v in (("--max-steps", args.max_steps), ("--stage-steps", args.stage_steps)):
+            cmd += [flag, str(v)] if v else []
         return subprocess.call(cmd)
     from .training import train
     from .training.loop import TrainingError
@@ -129,68 +205,50 @@ def _train(args: argparse.Namespace) -> int:
     try:
         r = train(
             args.spec,
-            out=args.out,
+            out=out,
             resume=args.resume,
             max_steps=args.max_steps,
+            stage_steps=args.stage_steps,
             progress=None if not args.no_progress else False,
+            trust_imports=args.trust_imports,
         )
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if r["out"] is not None:
-        print(f"wrote {r['out']}/final.pt, checkpoint.pt, metrics.csv")
+    if r.out is not None:
+        print(
+            f"wrote {r.out}/final.pt, checkpoint.pt, metrics.csv"
+            if r.finished
+            else f"stopped after {args.max_steps} steps: {r.out}/checkpoint.pt (continue with --resume)"
+        )
     return 0
 
 
-def _loaded_model(args):
-    from .compiler.compile import compile
-
-    model = compile(
-        args.spec,
-        backend=getattr(args, "backend", None),
-        trust_imports=getattr(args, "trust_imports", False),
-    )
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
-    return model.eval()
-
-
-def _split(model, name: str):
-    from .training.batches import Batches
-
-    if model.spec.train is None:
-        raise SystemExit(f"{model.name}: the spec names no data set (train.data)")
-    return Batches(model.spec.train).split(name)
-
-
 def _calibrate(args: argparse.Namespace) -> int:
-    import torch
-
     from .training.calibrate import calibrate_budget, fit_temperatures
-    from .training.checkpoint import save_atomic
+    from .training.checkpoint import model_state, save_atomic
     from .training.evaluate import evaluate
 
+    out = args.out or str(Path(args.checkpoint).with_suffix("")) + f".calibrated-{args.budget:g}.pt"
+    check_writable(out, folder=False)
     model = _loaded_model(args)
-    val = _split(model, "val")
+    val = _data(model, "val", args.data)
+    test = _data(model, "test", args.test_data)
     temps = fit_temperatures(model, val) if not args.no_temperature else []
     if temps:
-        print("temperatures per exit: " + ", ".join(f"{t:.3g}" for t in temps))
+        print("temperatures per exit: " + ", ".join(f"{t:.4g}" for t in temps))
     r = calibrate_budget(model, val, args.budget)
-    test = evaluate(model, _split(model, "test"))
+    res = evaluate(model, test)
+    print(f"calibrated on {val.origin}")
     print(
-        f"{r['setting']} = {r['value']:.4g}: val mean MACs {r['mean_macs']:,.0f} (target {r['target']:,.0f}"
-        f"{'' if r['met'] else ', not reachable'}); test: {test['macs_fraction']:.1%} of the longest path, "
-        f"{_quality_text(model, test)}"
+        f"{r['setting']} = {r['value']:.6g}: val mean MACs {r['mean_macs']:,.0f} (target {r['target']:,.0f}"
+        f"{'' if r['met'] else ', not reachable'})"
     )
-    out = args.out or str(args.checkpoint).replace(".pt", "") + f".calibrated-{args.budget:g}.pt"
-    state = (
-        torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        if args.checkpoint
-        else {}
+    print(
+        f"tested on {test.origin}: {res['macs_fraction']:.1%} of the longest path's MACs, "
+        f"{_quality_text(model, res)}"
     )
-    state = state if isinstance(state, dict) and "model" in state else {"model": model.state_dict()}
-    state["settings"] = model.decision_settings()
-    save_atomic(state, out)
+    save_atomic(model_state(model), Path(out))
     print(f"wrote {out}")
     return 0
 
@@ -210,15 +268,23 @@ def _eval(args: argparse.Namespace) -> int:
     from .training.evaluate import evaluate
 
     model = _loaded_model(args)
-    res = evaluate(model, _split(model, args.split))
+    data = _data(model, args.split, args.data)
+    res = evaluate(model, data)
     print(
-        f"{model.name} on {args.split} ({res['inputs']:,} inputs): {_quality_text(model, res)}, "
-        f"mean {res['mean_macs']:,.0f} MACs per input ({res['macs_fraction']:.1%} of the longest path, {res['full_macs']:,})"
+        f"{model.name} on {data.origin}: {_quality_text(model, res)}, mean {res['mean_macs']:,.0f} MACs "
+        f"per input ({res['macs_fraction']:.1%} of the longest path's {res['full_macs']:,})"
     )
     if "exits" in res:
         print("  inputs per exit: " + ", ".join(f"exit {e}: {c}" for e, c in res["exits"].items()))
     for desc, c in list(res["paths"].items())[:10]:
         print(f"  {c:>6}  {desc}")
+    for col, rows in res.get("by_meta", {}).items():
+        print(f"  by {col}:")
+        for r in rows:
+            q = f", {_quality_text(model, r)}" if "quality" in r else ""
+            print(
+                f"    {col} = {r['value']}: {r['inputs']:,} inputs, mean {r['mean_macs']:,.0f} MACs{q}"
+            )
     return 0
 
 
@@ -246,87 +312,138 @@ def _blocks(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dyngraph", description="compile and profile dynamic neural networks"
-    )
+    p = _Parser(prog="dyngraph", description="compile and profile dynamic neural networks")
     sub = p.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="check specs; exit 2 with FILE:LINE:COL messages")
+
+    def command(name: str, fn, help: str, trust: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        if trust:
+            c.add_argument(
+                "--trust-imports",
+                action="store_true",
+                help="allow `custom` blocks that import user code (the spec's folder is on the import path)",
+            )
+        c.set_defaults(fn=fn)
+        return c
+
+    v = command("validate", _validate, "check specs; exit 2 with FILE:LINE:COL messages")
     v.add_argument("specs", nargs="+")
-    v.add_argument("--trust-imports", action="store_true", help="allow specs that import user code")
-    v.set_defaults(fn=_validate)
-    i = sub.add_parser("inspect", help="segments, decision points, paths and static MACs")
+    i = command("inspect", _inspect, "segments, decision points, paths and static MACs")
     i.add_argument("spec")
     i.add_argument("--counter", choices=("fvcore", "torch"), default="fvcore")
-    i.add_argument("--trust-imports", action="store_true")
-    i.set_defaults(fn=_inspect)
-    t = sub.add_parser("train", help="train the spec's stages (train: section)")
+    t = command("train", _train, "train the spec's stages (train: section)")
     t.add_argument("spec")
     t.add_argument("--out", help="run folder (default runs/NAME)")
     t.add_argument(
         "--resume", action="store_true", help="continue from the run folder's checkpoint"
     )
-    t.add_argument("--max-steps", type=int, help="cap every stage at this many steps (quick runs)")
     t.add_argument(
-        "--nproc", type=int, default=1, help="processes (DistributedDataParallel via torchrun)"
+        "--max-steps",
+        type=_positive,
+        metavar="N",
+        help="stop after N steps (a checkpoint is written; --resume goes on, schedules unchanged)",
+    )
+    t.add_argument(
+        "--stage-steps",
+        type=_positive,
+        metavar="N",
+        help="a quick run: every stage shortened to at most N steps, schedules included",
+    )
+    t.add_argument(
+        "--nproc",
+        type=_positive,
+        default=1,
+        help="processes (DistributedDataParallel via torchrun)",
     )
     t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(fn=_train)
-    c = sub.add_parser(
-        "calibrate", help="temperature scaling and the decision setting that meets a MAC budget"
+    c = command(
+        "calibrate",
+        _calibrate,
+        "temperature scaling and the decision setting that meets a MAC budget",
     )
     c.add_argument("spec")
     c.add_argument("--checkpoint", required=True)
     c.add_argument(
-        "--budget", type=float, required=True, help="fraction of the longest path's MACs, e.g. 0.5"
+        "--budget",
+        type=_fraction,
+        required=True,
+        help="fraction of the longest path's MACs, in (0, 1]",
+    )
+    c.add_argument(
+        "--data",
+        metavar="FILE",
+        help="calibrate on this .npz/.pt file (default: the spec's val split)",
+    )
+    c.add_argument(
+        "--test-data", metavar="FILE", help="test on this file (default: the spec's test split)"
     )
     c.add_argument("--no-temperature", action="store_true")
-    c.add_argument("--out")
-    c.set_defaults(fn=_calibrate, backend="none")
-    e = sub.add_parser("eval", help="accuracy, mean MACs per input and routing on a split")
+    c.add_argument("--out", help="calibrated checkpoint (default CHECKPOINT.calibrated-BUDGET.pt)")
+    c.set_defaults(backend="none")
+    e = command("eval", _eval, "accuracy, mean MACs per input and routing on a split or a file")
     e.add_argument("spec")
     e.add_argument("--checkpoint")
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
-    e.set_defaults(fn=_eval, backend="none")
-    pr = sub.add_parser("profile", help="per-input MACs, per-path latency, report and plots")
+    e.add_argument(
+        "--data", metavar="FILE", help="evaluate on this .npz/.pt file instead of a split"
+    )
+    e.set_defaults(backend="none")
+    pr = command("profile", _profile, "per-input MACs, per-path latency, report and plots")
     pr.add_argument("spec")
     pr.add_argument(
         "--checkpoint", help="weights (a checkpoint of `dyngraph train` or a state dict)"
     )
     pr.add_argument(
         "--data",
-        help="a built-in data set, a .npz/.pt file, or 'random' (default: the spec's train.data)",
+        help="a built-in data set, a .npz/.pt file, or 'random' (default: the spec's test split)",
     )
-    pr.add_argument("--n", type=int, default=2000, help="number of inputs (default 2000)")
+    pr.add_argument("--n", type=_positive, default=2000, help="number of inputs (default 2000)")
     pr.add_argument("--out", help="output folder (default profiles/NAME)")
     pr.add_argument("--counter", choices=("fvcore", "torch"), default="fvcore")
     pr.add_argument("--backend", choices=("inductor", "aot_eager", "eager", "none"), default=None)
     pr.add_argument("--device", default="cpu")
-    pr.add_argument("--threads", type=int, default=1)
-    pr.add_argument("--batch-size", type=int, default=256)
-    pr.add_argument("--max-paths", type=int, default=20, help="time at most this many paths")
+    pr.add_argument("--threads", type=_positive, default=1)
+    pr.add_argument("--batch-size", type=_positive, default=256)
+    pr.add_argument("--max-paths", type=_positive, default=20, help="time at most this many paths")
     pr.add_argument(
         "--measure-each", type=int, default=0, metavar="K", help="also time K inputs one by one"
     )
     pr.add_argument("--no-latency", action="store_true", help="MACs only")
     pr.add_argument("--no-progress", action="store_true")
     pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--trust-imports", action="store_true")
-    pr.set_defaults(fn=_profile)
-    s = sub.add_parser("schema", help="print the JSON Schema of the spec format")
-    s.set_defaults(fn=_schema)
-    b = sub.add_parser("blocks", help="list the registered blocks")
-    b.set_defaults(fn=_blocks)
+    command("schema", _schema, "print the JSON Schema of the spec format", trust=False)
+    command("blocks", _blocks, "list the registered blocks", trust=False)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .training.checkpoint import CheckpointError
+
     try:
         return args.fn(args)
     except SpecError as e:
         print(str(e), file=sys.stderr)
         return 2
+    except (UsageError, CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status = _run(args)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # the reader went away (`dyngraph blocks | head`): nothing more to say, and no
+        # second error when Python flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ def main(spec: Path = SPEC, steps: int = 800, out: Path = ROOT / "profiles" / "d
     print(
         f"== 2. train {steps} steps (of the spec's {loaded.spec.train.stages[0].steps}) on {loaded.spec.train.data.name}"
     )
-    run = train(loaded, out=ROOT / "runs" / "demo", max_steps=steps)
+    run = train(loaded, out=ROOT / "runs" / "demo", stage_steps=steps)
     print(f"== 3. compile (backend {loaded.spec.compile.backend}) and load the trained weights")
     model = dg.compile(loaded)
-    model.load_state_dict(run["model"].state_dict())
+    model.load_state_dict(run.model.state_dict())
     model.eval()
     print(inspect_text(model))
     print("== 4. calibrate: temperature per exit, then the exit threshold for 50% of the MACs")

@@ -10,8 +10,8 @@ import importlib
 import inspect
 from typing import Any
 
-from pydantic import Field
 import torch
+from pydantic import Field
 from torch import nn
 
 from .registry import BlockParams, Shape, ShapeError, register_block

@@ -569,16 +569,48 @@ class Builder:
                         )
 
     def _check_data(self) -> None:
-        from ..data import DATASETS
+        from ..data import DATASETS, GENERATED
+        from ..data.sets import is_file_name
+        from ..data.splits import sharing
 
         train = self.spec.train
         if train is None:
             return
-        name = train.data.name
-        if not name.endswith((".npz", ".pt")) and name not in DATASETS:
+        d, where = train.data, ("train", "data")
+        sources = {s: d.source(s) for s in ("train", "val", "test")}
+        for key in ("name", "train", "val", "test"):
+            src = getattr(d, key)
+            if src is None:
+                continue
+            if is_file_name(src):
+                if not Path(src).is_file():
+                    self.problem(
+                        where + (key,),
+                        f"no such data file '{src}' (paths are relative to the spec's folder)",
+                    )
+            elif src not in DATASETS:
+                self.problem(
+                    where + (key,),
+                    f"unknown data set '{src}'{did_you_mean(src, DATASETS)}; a built-in name "
+                    "or a .npz/.pt file",
+                )
+        # keys that mean something only for some sources are errors elsewhere, not ignored
+        generated = any(s in GENERATED for s in sources.values())
+        for key in ("n_train", "n_val", "n_test", "fresh"):
+            if key in d.model_fields_set and not generated:
+                self.problem(
+                    where + (key,),
+                    f"`{key}` applies to generated data sets ({', '.join(GENERATED)}); "
+                    "this data has the size it has",
+                    key=True,
+                )
+        if d.params and not any(not is_file_name(s) for s in sources.values()):
+            self.problem(where + ("params",), "`params` applies to built-in data sets", key=True)
+        if "split" in d.model_fields_set and all(len(sharing(d, s)) == 1 for s in sources):
             self.problem(
-                ("train", "data", "name"),
-                f"unknown data set '{name}'{did_you_mean(name, DATASETS)}",
+                where + ("split",),
+                "`split` divides a file that serves several splits; no file does here",
+                key=True,
             )
 
     def _check_task(self, flat, shapes, exits, aliases) -> None:

@@ -7,6 +7,7 @@ seed: the same call gives the same samples on every machine.
 
 from __future__ import annotations
 
-from .sets import DATASETS, Data, load_data
+from .sets import DATASETS, Data, DataError, load_data, load_file
+from .splits import GENERATED, load_split
 
-__all__ = ["DATASETS", "Data", "load_data"]
+__all__ = ["DATASETS", "GENERATED", "Data", "DataError", "load_data", "load_file", "load_split"]

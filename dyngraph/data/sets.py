@@ -16,27 +16,37 @@ SPLITS = ("train", "val", "test")
 _SPLIT_SEED = {"train": 0, "val": 1, "test": 2}
 
 
+class DataError(ValueError):
+    """A data set cannot be loaded as asked (a missing or malformed file, an unknown name)."""
+
+
 @dataclass
 class Data:
-    """Inputs `x` [N, ...], targets `y` ([N] class ids or [N, ...] regression targets), `meta`."""
+    """Inputs `x` [N, ...], targets `y` ([N] class ids or [N, ...] regression targets), `meta`
+    (per-sample columns such as a difficulty), and where the samples came from (`origin`)."""
 
     x: torch.Tensor
     y: torch.Tensor | None
     meta: dict[str, torch.Tensor] = field(default_factory=dict)
     name: str = ""
+    origin: str = ""
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def subset(self, n: int | None) -> Data:
-        if n is None or n >= len(self):
-            return self
+    def take(self, index: torch.Tensor | slice) -> Data:
+        """The samples at `index` (a slice or an index tensor), with their labels and meta."""
         return Data(
-            self.x[:n],
-            None if self.y is None else self.y[:n],
-            {k: v[:n] for k, v in self.meta.items()},
+            self.x[index],
+            None if self.y is None else self.y[index],
+            {k: v[index] for k, v in self.meta.items()},
             self.name,
+            self.origin,
         )
+
+    def subset(self, n: int | None) -> Data:
+        """The first `n` samples (all when n is None)."""
+        return self if n is None or n >= len(self) else self.take(slice(0, n))
 
 
 DATASETS: dict[str, Callable[..., Data]] = {}
@@ -167,21 +177,47 @@ def state_tracking(
     return Data(onehot.flatten(1), state, {"k": k}, name="state_tracking")
 
 
+def is_file_name(name: str | None) -> bool:
+    """Whether a data source names a file (rather than a built-in set)."""
+    return name is not None and str(name).endswith((".npz", ".pt"))
+
+
 def load_file(path: str | Path) -> Data:
-    """A user's data: an .npz with arrays `x` (and `y`), or a .pt holding a dict {x, y}."""
+    """A user's data: an .npz with arrays `x` (and `y`), or a .pt holding a dict {x, y, ...}.
+
+    Every other array with one entry per sample (first dimension N) becomes a meta column
+    (e.g. a difficulty `k`): profiles and evaluations report accuracy and MACs by it.
+    """
     p = Path(path)
-    if p.suffix == ".npz":
-        z = np.load(p)
-        x = torch.from_numpy(z["x"]).float()
-        y = torch.from_numpy(z["y"]) if "y" in z else None
-    elif p.suffix == ".pt":
-        d = torch.load(p, weights_only=True)
-        x, y = d["x"].float(), d.get("y")
-    else:
-        raise ValueError(f"{path}: expected a .npz or .pt file")
-    if y is not None and not torch.is_floating_point(y):
-        y = y.long()
-    return Data(x, y, name=p.stem)
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                arrays = {k: torch.from_numpy(z[k]) for k in z.files}
+        elif p.suffix == ".pt":
+            d = torch.load(p, map_location="cpu", weights_only=True)
+            if not isinstance(d, dict):
+                raise DataError(f"{path}: expected a dict of tensors {{x, y, ...}}")
+            arrays = {k: torch.as_tensor(v) for k, v in d.items()}
+        else:
+            raise DataError(f"{path}: expected a .npz or .pt file")
+    except DataError:
+        raise
+    except Exception as e:  # a missing, truncated or foreign file
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise DataError(f"{path}: cannot read the data: {reason}") from None
+    if "x" not in arrays:
+        raise DataError(f"{path}: no array named 'x' (found {', '.join(arrays) or 'none'})")
+    x, y = arrays.pop("x"), arrays.pop("y", None)
+    if not x.is_floating_point() and not x.dtype == torch.bool and x.dim() < 1:
+        raise DataError(f"{path}: 'x' must hold one row per sample")
+    x = x.float()
+    n = x.shape[0]
+    if y is not None:
+        if y.shape[:1] != (n,):
+            raise DataError(f"{path}: 'y' has {y.shape[0] if y.dim() else 0} rows, 'x' has {n}")
+        y = y if torch.is_floating_point(y) else y.long()
+    meta = {k: v for k, v in arrays.items() if v.dim() >= 1 and v.shape[0] == n}
+    return Data(x, y, meta, name=p.name)
 
 
 def load_data(
@@ -189,13 +225,13 @@ def load_data(
 ) -> Data:
     """A built-in data set by name (see DATASETS), or a .npz/.pt file."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if name.endswith((".npz", ".pt")):
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if is_file_name(name):
         return load_file(name).subset(n)
     if name not in DATASETS:
         from ..spec.errors import did_you_mean
 
-        raise ValueError(
+        raise DataError(
             f"unknown data set '{name}'{did_you_mean(name, DATASETS)}; built in: {', '.join(DATASETS)}"
         )
     return DATASETS[name](split=split, seed=seed, n=n, **params)

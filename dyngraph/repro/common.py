@@ -35,10 +35,10 @@ def train_spec(spec: dict | str, quick: bool = False, tag: str | None = None):
         r = train(
             d,
             out=(RUNS_QUICK if quick else RUNS) / tag,
-            max_steps=150 if quick else None,
+            stage_steps=150 if quick else None,
             log=lambda *a: None,
         )
-    return r["model"]
+    return r.model
 
 
 def splits(model) -> tuple:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,8 @@ class DynamicModel(nn.Module):
         # infer mode runs a function generated from the plan (runtime/codegen.py); False: the
         # interpreter, as dense and train mode (tests compare the two)
         self.codegen = True
+        # inputs with NaN or inf: "raise" (refuse, naming the rows) or "propagate" (run them)
+        self.nonfinite = "raise"
         self._infer, self._source = generate(plan)
 
     def __getstate__(self) -> dict:
@@ -76,14 +79,21 @@ class DynamicModel(nn.Module):
 
     # ------------------------------------------------------------------ running
     def forward(self, x: torch.Tensor, mode: str | None = None) -> DynamicOutput:
-        """Run a batch; `mode` defaults to train when `self.training`, else infer."""
+        """Run a batch; `mode` defaults to train when `self.training`, else infer.
+
+        The input contract (each breach is a one-line TypeError or ValueError):
+        - `x` is a tensor [B, *input.shape]; a numpy array or a (nested) list is converted with
+          `torch.as_tensor`; anything else is refused.
+        - Floating inputs (float16, bfloat16, float64, ...) are cast to the model's dtype;
+          integer and boolean tensors are refused (a list of numbers is read as floats).
+        - `x` must be on the model's device; a mismatch names both.
+        - Rows holding NaN or inf are refused, naming them (`model.nonfinite = "propagate"`
+          runs them anyway: their outputs are then NaN and their decisions meaningless).
+        """
         mode = mode or ("train" if self.training else "infer")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-        if x.shape[1:] != self._in_shape:
-            raise ValueError(
-                f"{self.name}: expected input [B, {', '.join(map(str, self._in_shape))}], got {list(x.shape)}"
-            )
+        x = self._checked_input(x)
         ctx = RunContext(x, mode, self._plan.trace_sizes)
         ctx.gamma_overrides = self._gamma
         grad = torch.is_grad_enabled()
@@ -96,6 +106,49 @@ class DynamicModel(nn.Module):
             self._run(ctx)
         trace = Trace(ctx, len(self.units), self.paths)
         return DynamicOutput(ctx.out, trace, dict(ctx.extras))
+
+    def _checked_input(self, x: Any) -> torch.Tensor:
+        """`x` as a tensor this model can run, or a one-line error (see forward)."""
+        ref = next(iter(self.parameters()), None)
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        if not isinstance(x, torch.Tensor):
+            if isinstance(x, list | tuple):
+                try:
+                    x = torch.as_tensor(x, dtype=dtype)
+                except (TypeError, ValueError, RuntimeError) as e:
+                    raise TypeError(
+                        f"{self.name}: cannot read the input list as numbers: {e}"
+                    ) from None
+            elif type(x).__module__ == "numpy" and hasattr(x, "__array__"):
+                x = torch.as_tensor(x)
+            else:
+                raise TypeError(
+                    f"{self.name}: expected a tensor [B, {', '.join(map(str, self._in_shape))}], "
+                    f"got {type(x).__name__}"
+                )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{self.name}: expected a floating-point input, got {x.dtype} (cast it: x.float())"
+            )
+        if ref is not None and x.device != ref.device:
+            raise ValueError(
+                f"{self.name}: the input is on {x.device} and the model on {ref.device}; "
+                f"move one of them (x.to('{ref.device}') or model.to('{x.device}'))"
+            )
+        if x.shape[1:] != self._in_shape:
+            raise ValueError(
+                f"{self.name}: expected input [B, {', '.join(map(str, self._in_shape))}], got {list(x.shape)}"
+            )
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if self.nonfinite == "raise" and x.numel() and not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten().tolist()
+            shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+            raise ValueError(
+                f"{self.name}: {len(bad)} input row(s) hold NaN or inf (rows {shown}); clean them, "
+                "or set model.nonfinite = 'propagate' to run them anyway"
+            )
+        return x
 
     def _run(self, ctx: RunContext) -> None:
         if ctx.compacting and self.codegen:
@@ -143,12 +196,24 @@ class DynamicModel(nn.Module):
     # ------------------------------------------------------------------ decision settings
     def set_threshold(self, value: float | list[float], construct: str = "exit") -> None:
         """Set exit (or gate, or halting) thresholds without recompiling: one value or one per node."""
+        if construct not in ("exit", "gate", "halting"):
+            raise ValueError(f"unknown construct {construct!r}; expected exit, gate or halting")
         nodes = {"exit": self.exits[:-1], "gate": self.gates, "halting": self.haltings}[construct]
         values = value if isinstance(value, list | tuple) else [value] * len(nodes)
         if len(values) != len(nodes):
             raise ValueError(f"{len(values)} thresholds for {len(nodes)} {construct} nodes")
+        checked = []
         for node, v in zip(nodes, values, strict=True):
-            node.threshold = float(v)
+            # a probability for gates and halting; for exits, max_prob above 1 (or entropy
+            # below 0) means "never leave here"
+            lo, hi = (
+                (0.0, 1.0)
+                if construct != "exit"
+                else ((0.0, math.inf) if node.kind == "max_prob" else (-math.inf, math.inf))
+            )
+            checked.append(_setting(v, lo, hi, f"{node.name} threshold"))
+        for node, v in zip(nodes, checked, strict=True):
+            node.threshold = v
 
     def decision_settings(self) -> dict:
         """Thresholds, temperatures and gamma: what calibration changes (saved in checkpoints)."""
@@ -173,13 +238,14 @@ class DynamicModel(nn.Module):
         self, value: float, preference: str | None = None, controller: str | None = None
     ) -> None:
         """Set the test-time preference value gamma of Composer controllers (no recompiling)."""
+        value = _setting(value, 0.0, math.inf, "gamma")
         found = False
         for m in self.metalayers:
             if controller is not None and m.ctl_name != controller:
                 continue
             for pref in m.ctl.preferences:
                 if preference is None or pref == preference:
-                    self._gamma.setdefault(m.key, {})[pref] = float(value)
+                    self._gamma.setdefault(m.key, {})[pref] = value
                     found = True
         if not found:
             raise ValueError(f"no preference {preference!r} on controller {controller!r}")
@@ -233,3 +299,14 @@ class DynamicModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, units={len(self.units)}, backend={self.backend!r}"
+
+
+def _setting(value: Any, lo: float, hi: float, what: str) -> float:
+    """A decision setting as a float in [lo, hi], or a one-line ValueError."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not (math.isfinite(v) and lo <= v <= hi):
+        raise ValueError(f"{what}: {value!r} is out of range; expected a number in [{lo}, {hi}]")
+    return v

@@ -33,7 +33,9 @@ class SpecError(Exception):
     """
 
     def __init__(self, problems: Iterable[Problem]):
-        self.problems = sorted(set(problems), key=lambda p: (p.file, p.line, p.col, p.path, p.message))
+        self.problems = sorted(
+            set(problems), key=lambda p: (p.file, p.line, p.col, p.path, p.message)
+        )
         lines = [str(p) for p in self.problems[:MAX_SHOWN]]
         if len(self.problems) > MAX_SHOWN:
             lines.append(f"... and {len(self.problems) - MAX_SHOWN} more problems")

@@ -129,6 +129,19 @@ def _read(source: str | Path) -> tuple[str, str]:
     return str(source), "<string>"
 
 
+def _resolve_data_files(spec: Spec, file: str) -> None:
+    """Data files named in a spec are relative to the spec's folder (the working directory for
+    a spec given as text or a dict): made absolute here, so that every command finds them."""
+    if spec.train is None:
+        return
+    folder = Path(file).resolve().parent if Path(file).is_file() else Path.cwd()
+    d = spec.train.data
+    for key in ("name", "train", "val", "test"):
+        src = getattr(d, key)
+        if src is not None and src.endswith((".npz", ".pt")) and not Path(src).is_absolute():
+            setattr(d, key, str(folder / src))
+
+
 class LoadedSpec:
     """A spec that passed every check, with what is needed to report later problems in place."""
 
@@ -154,6 +167,7 @@ def load_spec(source: str | Path | dict | LoadedSpec, trust_imports: bool = Fals
     from ..compiler.build import build_plan
 
     spec, raw, file = parse_spec(source)
+    _resolve_data_files(spec, file)
     # semantic and shape checks on the meta device (no weights allocated); the plan is dropped
     build_plan(spec, raw, file, trust_imports, meta=True)
     return LoadedSpec(spec, raw, file, trust_imports)

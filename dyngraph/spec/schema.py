@@ -35,6 +35,8 @@ _CONSTRUCT_NODES = {
     for key, c in CONSTRUCTS.items()
 }
 NODE_KEYS = ("repeat", *CONSTRUCTS)
+# module attributes, so that pickle (torch.save of a whole model) finds the generated classes
+globals().update({cls.__name__: cls for cls in _CONSTRUCT_NODES.values()})
 
 
 def _node_tag(v: Any) -> str | None:
@@ -105,20 +107,51 @@ class CompileSpec(Strict):
     dynamic: bool = True
 
 
-class DataSpec(Strict):
-    """A data set: a built-in name (see `dyngraph.data.DATASETS`) or a .npz/.pt file."""
+class SplitFractions(Strict):
+    """How one file that serves several splits is divided (seeded by `data.seed`); the
+    training split takes what is left."""
 
-    name: str
-    params: dict[str, Any] = {}
+    val: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> SplitFractions:
+        if self.val + self.test >= 1:
+            raise ValueError("val + test must leave a part of the file for training")
+        return self
+
+
+class DataSpec(Strict):
+    """Where the data come from: `name` for every split, or `train:`, `val:`, `test:` each
+    (a built-in data set's name, or a .npz/.pt file; file paths are relative to the spec's
+    folder). A built-in set has its own fixed splits; a file that serves several splits is
+    divided by the seeded fractions of `split:`."""
+
+    name: str | None = Field(None, description="a built-in data set or a file, for every split")
+    train: str | None = Field(None, description="the training split: a built-in name or a file")
+    val: str | None = Field(None, description="the validation split (calibration, val metric)")
+    test: str | None = Field(None, description="the test split (eval, calibrate's test line)")
+    split: SplitFractions = SplitFractions()
+    params: dict[str, Any] = Field({}, description="built-in sets: their generator's parameters")
     seed: int = 0
     fresh: bool | None = Field(
         None, description="generated sets: new samples every step (default true for them)"
     )
-    n_train: int = Field(
-        20000, gt=0, description="size of a fixed training set of a generated data set"
-    )
-    n_val: int = Field(2000, gt=0)
-    n_test: int = Field(4000, gt=0)
+    n_train: int = Field(20000, gt=0, description="generated sets: size of a fixed training set")
+    n_val: int = Field(2000, gt=0, description="generated sets: size of the validation split")
+    n_test: int = Field(4000, gt=0, description="generated sets: size of the test split")
+
+    @model_validator(mode="after")
+    def _some_source(self) -> DataSpec:
+        if self.name is None and self.train is None:
+            raise ValueError(
+                "name the data: `name:` (every split) or `train:` (and `val:`, `test:`)"
+            )
+        return self
+
+    def source(self, split: str) -> str | None:
+        """The built-in name or file that serves `split`."""
+        return getattr(self, split) or self.name or self.train
 
 
 class OptimizerSpec(Strict):
@@ -227,6 +260,7 @@ class Spec(Strict):
         if isinstance(v, bool):  # True == 1 in Python; a version is not a boolean
             raise ValueError(f"the schema version is the number 1, not {v!r}")
         return v
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     input: InputSpec
     task: TaskSpec

@@ -176,7 +176,15 @@ def decode(data: bytes, file: str) -> str:
     """Spec bytes as text: UTF-8 (a BOM is allowed); anything else is a SpecError at its line."""
     if len(data) > MAX_BYTES:
         raise SpecError(
-            [Problem(file, 1, 1, "", f"the file has {len(data):,} bytes; a spec has at most {MAX_BYTES:,}")]
+            [
+                Problem(
+                    file,
+                    1,
+                    1,
+                    "",
+                    f"the file has {len(data):,} bytes; a spec has at most {MAX_BYTES:,}",
+                )
+            ]
         )
     for bom, name in (
         (b"\xff\xfe\x00\x00", "UTF-32"),

@@ -1,11 +1,45 @@
-"""Checkpoints: atomic writes (temporary file, then rename), safe loads (weights_only)."""
+"""Checkpoints: atomic writes, safe loads (weights_only), and the architecture they fit.
+
+Every checkpoint dyngraph writes records its spec's name and an architecture fingerprint (a
+hash of `input`, `task`, `modules`, `controllers` and `graph`: what decides the parameters and
+how they are used, not the training settings), so that a checkpoint of another model is refused
+by name even where its tensors happen to have the same shapes.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
+
+ARCHITECTURE_KEYS = ("input", "task", "modules", "controllers", "graph")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, or of another model (one line, for the command line)."""
+
+
+def fingerprint(spec) -> str:
+    """A short hash of a spec's architecture (its ARCHITECTURE_KEYS, canonical JSON)."""
+    arch = spec.model_dump(mode="json", include=set(ARCHITECTURE_KEYS), exclude_none=True)
+    text = json.dumps(arch, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def model_state(model, **extra: Any) -> dict:
+    """What a checkpoint of `model` holds: weights, decision settings, spec name, fingerprint."""
+    return {
+        "model": model.state_dict(),
+        "settings": model.decision_settings(),
+        "spec": model.name,
+        "arch": fingerprint(model.spec),
+        **extra,
+    }
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -18,5 +52,68 @@ def save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load(path: str | Path) -> Any:
+    """A checkpoint's contents, or a CheckpointError saying in one line what is wrong."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p}: no such file")
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint {p}: is a folder, not a checkpoint file")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile, Exception) as e:
+        reason = (
+            "not a file of torch.save holding tensors"
+            if "Weights only load failed" in str(e) or "pickle" in type(e).__name__.lower()
+            else (str(e).strip().split(".")[0][:100] or type(e).__name__)
+        )
+        raise CheckpointError(f"checkpoint {p}: unreadable ({reason}); damaged or truncated?") from None
+
+
+def check_fits(state: Any, model, path: str | Path) -> dict:
+    """The weights of `state` for `model`, or a CheckpointError naming both models."""
+    if isinstance(state, dict) and "model" in state:
+        arch, name = state.get("arch"), state.get("spec", "?")
+        if arch is not None and arch != fingerprint(model.spec):
+            raise CheckpointError(
+                f"checkpoint {path} is of spec '{name}' (architecture {arch}), not of "
+                f"'{model.name}' (architecture {fingerprint(model.spec)})"
+            )
+        weights = state["model"]
+    else:
+        weights = state
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, torch.Tensor) for v in weights.values()
+    ):
+        raise CheckpointError(f"checkpoint {path}: holds no state dict of tensors")
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    extra = [k for k in weights if k not in own]
+    shapes = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or extra or shapes:
+        first = (
+            f"missing {missing[0]}"
+            if missing
+            else f"unexpected {extra[0]}"
+            if extra
+            else f"{shapes[0]} has shape {list(weights[shapes[0]].shape)}, the model {list(own[shapes[0]].shape)}"
+        )
+        n = len(missing) + len(extra) + len(shapes)
+        raise CheckpointError(
+            f"checkpoint {path} does not fit '{model.name}': {first}"
+            + (f" (and {n - 1} more differences)" if n > 1 else "")
+        )
+    return weights
+
+
+def load_into(model, path: str | Path) -> dict | None:
+    """Load weights (and calibrated decision settings) saved by `dyngraph train` or
+    `dyngraph calibrate`, or a plain state dict, into `model`; return the checkpoint's dict."""
+    state = load(path)
+    model.load_state_dict(check_fits(state, model, path))
+    if isinstance(state, dict) and "settings" in state:
+        try:
+            model.load_decision_settings(state["settings"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path}: damaged decision settings ({e})") from None
+    return state if isinstance(state, dict) else None

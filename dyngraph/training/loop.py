@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ import torch
 import torch.distributed as dist
 
 from ..compiler.compile import compile as compile_spec
+from ..data import Data, load_split
 from ..progress import Progress
 from ..spec.load import LoadedSpec, load_spec
-from .batches import Batches
-from .checkpoint import load, save_atomic
+from ..spec.schema import TrainSpec
+from .batches import Batches, as_training_data
+from .checkpoint import CheckpointError, check_fits, load, model_state, save_atomic
 from .evaluate import evaluate
 from .loss import compute_loss
 from .optim import make_optimizer, make_schedule, trainable_parameters
@@ -56,64 +59,127 @@ def _curriculum(model, obj, step: int) -> None:
         g.forced_on = i < k_total - k
 
 
+@dataclass
+class TrainResult:
+    """What `train` returns.
+
+    Attributes:
+        model: the trained DynamicModel (in eval mode).
+        val: the last validation metrics (`metric`: accuracy or NMSE in dB, `mean_macs`), and
+            `data`: which split they were measured on; empty without validation data.
+        history: the logged rows (loss terms, accuracy, MACs every 25 steps).
+        out: the run folder, or None when nothing was written.
+        finished: False when `max_steps` stopped the run before its last stage ended (resume
+            it with `resume=True`).
+    """
+
+    model: Any
+    val: dict[str, Any]
+    history: list[dict[str, Any]]
+    out: Path | None
+    finished: bool = True
+
+
 def train(
-    spec: str | Path | LoadedSpec,
+    spec: str | Path | dict | LoadedSpec | Any,
+    train_data: Any = None,
+    val_data: Any = None,
+    *,
+    stages: list[dict] | None = None,
     out: str | Path | None = None,
     resume: bool = False,
     max_steps: int | None = None,
+    stage_steps: int | None = None,
     progress: bool | None = None,
+    trust_imports: bool = False,
     log=print,
-) -> dict[str, Any]:
-    """Train a spec's stages; return the final validation metrics.
+) -> TrainResult:
+    """Train a model with the stages of its spec (or `stages`) on the spec's data (or yours).
 
     Args:
-        spec: the spec (its `train:` section says what to do).
-        out: the run folder (default runs/NAME).
+        spec: a spec (path, YAML text, dict, LoadedSpec) or a compiled DynamicModel, trained in
+            place.
+        train_data: (x, y) tensors or arrays, a Data, a Dataset of (x, y) items, or a
+            DataLoader; default: the spec's `train.data`.
+        val_data: the same kinds, for the validation metric; default: the spec's val split,
+            or none when the spec names no data.
+        stages: training stages (dicts as under `train: stages:`) instead of the spec's.
+        out: the run folder (default runs/NAME for a spec's own data; None with data given:
+            nothing is written).
         resume: continue from `out/checkpoint.pt` if there is one.
-        max_steps: stop every stage after this many steps (quick runs and tests).
+        max_steps: stop after this many steps in this call (a checkpoint is written; resume to
+            go on). The schedules are those of the whole stages.
+        stage_steps: shorten every stage to at most this many steps, schedules included (a
+            quick run of the same shape); a run is resumed with the same value.
         progress: show a progress bar (default: on a terminal).
+        trust_imports: allow `custom` blocks that import user code.
     """
-    loaded = load_spec(spec)
-    tr = loaded.spec.train
-    if tr is None or not tr.stages:
-        raise TrainingError(f"{loaded.file}: the spec has no `train: {{stages: [...]}}` section")
-    rank, world = _dist()
-    out = Path(out or Path("runs") / loaded.spec.name)
-    ckpt_path = out / "checkpoint.pt"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if isinstance(spec, str | Path) and Path(spec).exists():
-            (out / "spec.yaml").write_text(Path(spec).read_text())
-        (out / "resolved.json").write_text(
-            json.dumps(loaded.spec.model_dump(mode="json"), indent=1)
-        )
+    from ..runtime.model import DynamicModel
 
+    for name, v in (("max_steps", max_steps), ("stage_steps", stage_steps)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    given = isinstance(spec, DynamicModel)
+    loaded = None if given else load_spec(spec, trust_imports=trust_imports)
+    sp = spec.spec if given else loaded.spec
+    tr = sp.train
+    if stages is not None:
+        base = tr.model_dump() if tr is not None else {"data": {"train": "(given)"}}
+        tr = TrainSpec.model_validate({**base, "stages": stages})
+    if tr is None or not tr.stages:
+        raise TrainingError(
+            f"{sp.name}: the spec has no `train: {{stages: [...]}}` section (or pass stages=)"
+        )
+    if train_data is None and tr.data.source("train") == "(given)":
+        raise TrainingError(f"{sp.name}: the spec names no data (train.data): pass train_data")
+    rank, world = _dist()
+    if out is None and train_data is None:
+        out = Path("runs") / sp.name
+    out = Path(out) if out is not None else None
+    ckpt_path = out / "checkpoint.pt" if out is not None else None
+    state = load(ckpt_path) if resume and ckpt_path is not None and ckpt_path.exists() else None
     torch.manual_seed(tr.seed)
-    model = compile_spec(loaded, backend=tr.backend)
+    model = spec if given else compile_spec(loaded, backend=tr.backend)
+    if state is not None:
+        model.load_state_dict(check_fits(state, model, ckpt_path))
+        model.load_decision_settings(state["settings"])
+        if state.get("stage_steps") != stage_steps:
+            raise CheckpointError(
+                f"checkpoint {ckpt_path}: the run was trained with stage_steps="
+                f"{state.get('stage_steps')}; resume it with the same value"
+            )
     device = torch.device(os.environ.get("DYNGRAPH_DEVICE", "cpu"))
     model.to(device).train()
-    batches = Batches(tr, rank, world)
+    batches = Batches(tr, rank, world, data=train_data)
+    val = _val_data(tr, val_data)
+    if rank == 0 and out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if isinstance(spec, str | Path) and Path(spec).is_file():
+            (out / "spec.yaml").write_text(Path(spec).read_text())
+        (out / "resolved.json").write_text(json.dumps(sp.model_dump(mode="json"), indent=1))
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
-    state = load(ckpt_path) if resume and ckpt_path.exists() else None
     start_stage, start_step, global_step, rows = 0, 0, 0, []
     if state is not None:
-        model.load_state_dict(state["model"])
-        model.load_decision_settings(state["settings"])
         start_stage, start_step, global_step = state["stage"], state["step"], state["global_step"]
         rows = state["metrics"]
         log(f"resuming {out} at stage {start_stage} step {start_step}")
+    if rank == 0:
+        log(
+            f"{sp.name}: training on {batches.origin}"
+            + (f"; validation on {val.origin}" if val else "")
+        )
 
-    writer = _tensorboard(out) if rank == 0 else None
-    val = batches.split("val")
+    writer = _tensorboard(out) if rank == 0 and out is not None else None
     result: dict[str, Any] = {}
+    done_here, finished = 0, True
     for si in range(start_stage, len(tr.stages)):
         stage = tr.stages[si]
         total = _stage_length(stage, batches)
-        if max_steps is not None:
-            total = min(total, max_steps)
+        if stage_steps is not None:
+            total = min(total, stage_steps)
         params = trainable_parameters(model, stage.trainable)
         keep = {id(p) for p in params}
         for p in model.parameters():
@@ -130,9 +196,7 @@ def train(
             g.mode_override = stage.decisions
         for m in model.metalayers:
             m.explore_override = stage.explore
-        with Progress(
-            total - first, f"{loaded.spec.name} {stage.name}", progress and rank == 0
-        ) as bar:
+        with Progress(total - first, f"{sp.name} {stage.name}", progress and rank == 0) as bar:
             for step in range(first, total):
                 x, y = batches.batch(global_step)
                 x, y = x.to(device), y.to(device)
@@ -145,10 +209,11 @@ def train(
                 out_ = net(x, mode="train")
                 loss, terms = compute_loss(model, out_, x, y, stage.objective, ramp)
                 if not math.isfinite(float(loss.detach())):
+                    last = ckpt_path if ckpt_path is not None and ckpt_path.exists() else None
                     raise TrainingError(
-                        f"{loaded.spec.name}: the loss is {float(loss.detach())} at stage '{stage.name}' step {step} "
+                        f"{sp.name}: the loss is {float(loss.detach())} at stage '{stage.name}' step {step} "
                         f"({', '.join(f'{k}={v:.4g}' for k, v in terms.items())}); training stopped. "
-                        f"The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (none was written yet)'}"
+                        f"The last good checkpoint is {last or 'none (none was written yet)'}"
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -157,6 +222,7 @@ def train(
                 opt.step()
                 sched.step()
                 global_step += 1
+                done_here += 1
                 row = _row(
                     model,
                     out_,
@@ -177,10 +243,19 @@ def train(
                         for k, v in row.items():
                             if isinstance(v, float):
                                 writer.add_scalar(k, v, global_step)
-                if (step + 1) % tr.eval_every == 0 and rank == 0:
+                if (step + 1) % tr.eval_every == 0 and rank == 0 and val is not None:
                     rows[-1].update({f"val_{k}": v for k, v in _val(model, val).items()})
                 last = step + 1 == total
-                if rank == 0 and ((step + 1) % tr.checkpoint_every == 0 or last):
+                paused = (
+                    max_steps is not None
+                    and done_here >= max_steps
+                    and not (last and si == len(tr.stages) - 1)
+                )
+                if (
+                    rank == 0
+                    and out is not None
+                    and ((step + 1) % tr.checkpoint_every == 0 or last or paused)
+                ):
                     _save(
                         ckpt_path,
                         model,
@@ -190,30 +265,49 @@ def train(
                         0 if last else step + 1,
                         global_step,
                         rows,
+                        stage_steps,
                     )
                     _write_csv(out / "metrics.csv", rows)
+                if paused:
+                    finished = False
+                    break
         state = None
-        result = _val(model, val) if rank == 0 else {}
+        result = _val(model, val) if rank == 0 and val is not None else {}
         if rank == 0:
             log(
-                f"{loaded.spec.name} stage '{stage.name}' done: "
-                + ", ".join(f"val {k} {v:.4g}" for k, v in result.items())
+                f"{sp.name} stage '{stage.name}' "
+                + ("done" if finished else f"stopped after {max_steps} steps (--max-steps)")
+                + (
+                    ": "
+                    + ", ".join(f"val {k} {v:.4g}" for k, v in result.items())
+                    + f" ({val.origin})"
+                    if result
+                    else ""
+                )
             )
-    if rank == 0:
-        save_atomic(
-            {
-                "model": model.state_dict(),
-                "settings": model.decision_settings(),
-                "spec": loaded.spec.name,
-            },
-            out / "final.pt",
-        )
+        if not finished:
+            if out is not None:
+                log(f"{sp.name}: resume with --resume (checkpoint {ckpt_path})")
+            break
+    if rank == 0 and out is not None and finished:
+        save_atomic(model_state(model), out / "final.pt")
     if writer is not None:
         writer.close()
     if world > 1:
         dist.barrier()
     model.eval()
-    return {"model": model, "val": result, "out": out}
+    if result and val is not None:
+        result["data"] = val.origin
+    return TrainResult(model, result, rows, out, finished)
+
+
+def _val_data(tr, val_data) -> Data | None:
+    """The validation split: given, else the spec's (none when the spec names no data)."""
+    if val_data is not None:
+        return as_training_data(val_data, "the validation data")
+    if tr.data.source("val") == "(given)":
+        return None
+    return load_split(tr.data, "val")
 
 
 def _val(model, val) -> dict[str, float]:
@@ -238,19 +332,19 @@ def _row(model, out, y, si, name, step, global_step, loss, terms) -> dict[str, A
     return row
 
 
-def _save(path, model, opt, sched, stage, step, global_step, rows) -> None:
+def _save(path, model, opt, sched, stage, step, global_step, rows, stage_steps) -> None:
     save_atomic(
-        {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng": torch.get_rng_state(),
-            "stage": stage,
-            "step": step,
-            "global_step": global_step,
-            "metrics": rows,
-            "settings": model.decision_settings(),
-        },
+        model_state(
+            model,
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(),
+            rng=torch.get_rng_state(),
+            stage=stage,
+            step=step,
+            global_step=global_step,
+            metrics=rows,
+            stage_steps=stage_steps,
+        ),
         path,
     )
 

@@ -62,15 +62,30 @@ def _structural(doc: dict, rng: random.Random) -> tuple[str, dict]:
     path = rng.choice(paths)
     parent, last = _parent(doc, path), path[-1]
     kind = rng.choice(
-        ["delete", "wrong_type", "huge", "unknown_type", "unknown_ref", "duplicate_id", "cycle",
-         "deep", "repeat", "custom", "size"]
+        [
+            "delete",
+            "wrong_type",
+            "huge",
+            "unknown_type",
+            "unknown_ref",
+            "duplicate_id",
+            "cycle",
+            "deep",
+            "repeat",
+            "custom",
+            "size",
+        ]
     )
     if kind == "delete":
         del parent[last]
     elif kind == "wrong_type":
         parent[last] = rng.choice(WRONG)
     elif kind == "huge":
-        nums = [p for p, v in _paths(doc) if isinstance(v, int | float) and not isinstance(v, bool) and p]
+        nums = [
+            p
+            for p, v in _paths(doc)
+            if isinstance(v, int | float) and not isinstance(v, bool) and p
+        ]
         if nums:
             p = rng.choice(nums)
             _parent(doc, p)[p[-1]] = rng.choice(HUGE)
@@ -112,10 +127,17 @@ def _structural(doc: dict, rng: random.Random) -> tuple[str, dict]:
         if isinstance(nodes, list) and nodes:
             nodes.insert(
                 rng.randrange(len(nodes)),
-                {"type": "custom", "target": rng.choice(["os.system", "tests.helpers.SelfAttention", "nope.Nope"])},
+                {
+                    "type": "custom",
+                    "target": rng.choice(["os.system", "tests.helpers.SelfAttention", "nope.Nope"]),
+                },
             )
     elif kind == "size":
-        sizes = [p for p, v in _paths(doc) if p and p[-1] in ("hidden", "out", "dim", "shape", "classes", "m", "n")]
+        sizes = [
+            p
+            for p, v in _paths(doc)
+            if p and p[-1] in ("hidden", "out", "dim", "shape", "classes", "m", "n")
+        ]
         if sizes:
             p = rng.choice(sizes)
             v = rng.choice([10**9, 10**12, 0, -3, 100_000])
@@ -127,8 +149,21 @@ def _textual(text: str, rng: random.Random) -> tuple[str, bytes]:
     """One mutation of the file's bytes."""
     data = text.encode()
     kind = rng.choice(
-        ["bad_utf8", "utf16", "latin1", "control", "nul", "tab", "alias_bomb", "python_tag",
-         "truncate", "dup_line", "huge_int", "many_keys", "anchor_loop"]
+        [
+            "bad_utf8",
+            "utf16",
+            "latin1",
+            "control",
+            "nul",
+            "tab",
+            "alias_bomb",
+            "python_tag",
+            "truncate",
+            "dup_line",
+            "huge_int",
+            "many_keys",
+            "anchor_loop",
+        ]
     )
     pos = rng.randrange(len(data) + 1)
     lines = text.splitlines(keepends=True)
@@ -147,7 +182,8 @@ def _textual(text: str, rng: random.Random) -> tuple[str, bytes]:
         data = "".join(lines).encode()
     elif kind == "alias_bomb":
         bomb = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
-            f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join(["*" + chr(97 + i)] * 9) + "]\n" for i in range(8)
+            f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join(["*" + chr(97 + i)] * 9) + "]\n"
+            for i in range(8)
         )
         data = (bomb + text).encode()
     elif kind == "python_tag":
@@ -161,7 +197,9 @@ def _textual(text: str, rng: random.Random) -> tuple[str, bytes]:
     elif kind == "huge_int":
         data = re.sub(rb"\b\d+\b", lambda m: b"9" * rng.choice([19, 400, 5000]), data, count=1)
     elif kind == "many_keys":
-        data += b"train:\n" + b"".join(b"  k%d: 1\n" % i for i in range(rng.choice([2_000, 200_000])))
+        data += b"train:\n" + b"".join(
+            b"  k%d: 1\n" % i for i in range(rng.choice([2_000, 200_000]))
+        )
     elif kind == "anchor_loop":
         data = b"x: &x [*x]\n" + data
     return f"text:{kind}", data
@@ -218,7 +256,8 @@ def run_one(path: Path, kind: str, trust: bool = False) -> Outcome:
         if rc == 2:
             lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
             bad = [
-                ln for ln in lines
+                ln
+                for ln in lines
                 if not ln.startswith("... and ")
                 and not ((m := POSITION.match(ln)) and int(m["line"]) >= 1)
             ]
@@ -256,13 +295,19 @@ def table(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         by[o.kind]["fail" if o.status.startswith("FAIL") else o.status] += 1
         slow[o.kind] = max(slow[o.kind], o.seconds)
-    rows = ["| mutation | runs | exit 2 at a line | validated, compiled, ran | failures | slowest (s) |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| mutation | runs | exit 2 at a line | validated, compiled, ran | failures | slowest (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for k in sorted(by):
         c = by[k]
-        rows.append(f"| {k} | {sum(c.values())} | {c['error']} | {c['ok']} | {c['fail']} | {slow[k]:.2f} |")
+        rows.append(
+            f"| {k} | {sum(c.values())} | {c['error']} | {c['ok']} | {c['fail']} | {slow[k]:.2f} |"
+        )
     c = Counter("fail" if o.status.startswith("FAIL") else o.status for o in outcomes)
-    rows.append(f"| **all** | {len(outcomes)} | {c['error']} | {c['ok']} | {c['fail']} | {max(slow.values()):.2f} |")
+    rows.append(
+        f"| **all** | {len(outcomes)} | {c['error']} | {c['ok']} | {c['fail']} | {max(slow.values()):.2f} |"
+    )
     return "\n".join(rows)
 
 

@@ -150,7 +150,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_calibrated_budget_holds_on_the_test_split(tmp_path):
     r = train(TINY, out=tmp_path, log=lambda *a: None)
-    model = r["model"]
+    model = r.model
     tr = model.spec.train
     val, test = Batches(tr).split("val"), Batches(tr).split("test")
     res = calibrate_budget(model, val, 0.8)
