@@ -433,7 +433,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (printed in one line) or --help: its status
+        return int(e.code or 0)
     try:
         status = _run(args)
         sys.stdout.flush()

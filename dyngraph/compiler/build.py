@@ -57,7 +57,7 @@ def fake_shapes(fn, in_shapes: list[Shape]) -> Any:
             out = fn(*[torch.empty(2, *s, device="meta") for s in in_shapes])
     if out is None:
         with _quiet_fake_tensor(), FakeTensorMode(allow_non_fake_inputs=True):
-            out = fn(*[torch.empty(2, *s) for s in in_shapes])  # batch 2: BatchNorm needs > 1
+            out = fn(*[torch.empty(2, *s, device="cpu") for s in in_shapes])  # batch 2: BatchNorm
 
     def shape(t):
         if isinstance(t, torch.Tensor):

@@ -47,7 +47,8 @@ def plot_macs_histogram(prof, path: Path) -> None:
     ax.set_xlabel(f"MACs per input ({unit})")
     ax.set_ylabel("inputs")
     ax.set_title(f"{prof.name}: MACs each input used ({s['inputs']:,} inputs)")
-    ax.legend(loc="upper left", fontsize=8)
+    # the legend sits above the plot area, where it cannot hide the tallest bar
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.08), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -68,6 +69,7 @@ def plot_latency_by_path(prof, path: Path) -> None:
         capsize=3,
     )
     ax.set_yticks(list(ys), labels, fontsize=8)
+    ax.set_ylabel("path (decisions taken; inputs that took it)")
     ax.invert_yaxis()
     ax.set_xlabel(
         f"batch-1 latency (µs, median, IQR bars; {prof.threads} thread(s), {prof.device})"
@@ -93,14 +95,7 @@ def plot_curve(prof, path: Path) -> None:
         color="#4c72b0",
         label=f"sweeping {c['setting']}",
     )
-    for p, y in zip(pts, ys, strict=True):
-        ax.annotate(
-            f"{p['value']:g}",
-            (p["mean_macs"] / scale, y),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=7,
-        )
+    _label_points(ax, [p["mean_macs"] / scale for p in pts], ys, [f"{p['value']:g}" for p in pts])
     cur = prof.summary.get("quality")
     if cur is not None:
         ax.plot(
@@ -118,6 +113,20 @@ def plot_curve(prof, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _label_points(ax, xs: list[float], ys: list[float], labels: list[str]) -> None:
+    """Label each point with its setting, skipping a label that would overlap the last one
+    drawn (points crowd near the knee of the curve)."""
+    ax.figure.canvas.draw()  # data -> pixel transforms are final only after a draw
+    to_px = ax.transData.transform
+    placed: list[tuple[float, float]] = []
+    for x, y, text in zip(xs, ys, labels, strict=True):
+        px, py = to_px((x, y))
+        if any(abs(px - qx) < 28 and abs(py - qy) < 11 for qx, qy in placed):
+            continue
+        placed.append((px, py))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
 
 
 def _fmt(v) -> str:

@@ -62,6 +62,7 @@ def problem_text(err: dict) -> tuple[str, bool]:
             False,
         )
     msg = err["msg"]
+    msg = msg.removeprefix("Value error, ")  # our own validators' messages read as they are
     msg = msg[0].lower() + msg[1:] if msg else msg
     if typ.endswith(("_type", "_parsing")) or typ in (
         "greater_than",

@@ -1,15 +1,15 @@
 """Checkpoints: atomic writes, safe loads (weights_only), and the architecture they fit.
 
-Every checkpoint dyngraph writes records its spec's name and an architecture fingerprint (a
-hash of `input`, `task`, `modules`, `controllers` and `graph`: what decides the parameters and
-how they are used, not the training settings), so that a checkpoint of another model is refused
-by name even where its tensors happen to have the same shapes.
+Every checkpoint dyngraph writes records its spec's name and an architecture fingerprint: a
+hash of the compiled model's structure (every unit's modules and code, and the generated infer
+function that wires them), which decision settings (thresholds, gamma) and training settings do
+not change. A checkpoint of another model is refused by name even where its tensors happen to
+have the same shapes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import zipfile
 from pathlib import Path
@@ -17,18 +17,17 @@ from typing import Any
 
 import torch
 
-ARCHITECTURE_KEYS = ("input", "task", "modules", "controllers", "graph")
-
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, damaged, or of another model (one line, for the command line)."""
 
 
-def fingerprint(spec) -> str:
-    """A short hash of a spec's architecture (its ARCHITECTURE_KEYS, canonical JSON)."""
-    arch = spec.model_dump(mode="json", include=set(ARCHITECTURE_KEYS), exclude_none=True)
-    text = json.dumps(arch, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def fingerprint(model) -> str:
+    """A short hash of a compiled model's architecture (see the module's docstring)."""
+    parts = [model.source()]
+    for u in model.units:
+        parts += [u.name, u.kind, repr(u.module), str(getattr(u.module, "code", ""))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
 def model_state(model, **extra: Any) -> dict:
@@ -37,7 +36,7 @@ def model_state(model, **extra: Any) -> dict:
         "model": model.state_dict(),
         "settings": model.decision_settings(),
         "spec": model.name,
-        "arch": fingerprint(model.spec),
+        "arch": fingerprint(model),
         **extra,
     }
 
@@ -67,17 +66,19 @@ def load(path: str | Path) -> Any:
             if "Weights only load failed" in str(e) or "pickle" in type(e).__name__.lower()
             else (str(e).strip().split(".")[0][:100] or type(e).__name__)
         )
-        raise CheckpointError(f"checkpoint {p}: unreadable ({reason}); damaged or truncated?") from None
+        raise CheckpointError(
+            f"checkpoint {p}: unreadable ({reason}); damaged or truncated?"
+        ) from None
 
 
 def check_fits(state: Any, model, path: str | Path) -> dict:
     """The weights of `state` for `model`, or a CheckpointError naming both models."""
     if isinstance(state, dict) and "model" in state:
         arch, name = state.get("arch"), state.get("spec", "?")
-        if arch is not None and arch != fingerprint(model.spec):
+        if arch is not None and arch != fingerprint(model):
             raise CheckpointError(
                 f"checkpoint {path} is of spec '{name}' (architecture {arch}), not of "
-                f"'{model.name}' (architecture {fingerprint(model.spec)})"
+                f"'{model.name}' (architecture {fingerprint(model)})"
             )
         weights = state["model"]
     else:

@@ -107,9 +107,12 @@ def test_l2s_stops_where_the_policy_says_and_outputs_that_state():
     model = dg.compile(spec, backend="none").eval()
     x = torch.randn(40, 6)
     policy = model.haltings[0].unit.module.policy
-    with torch.no_grad():
+    with torch.no_grad():  # sharp stop probabilities, centred so that samples stop at many steps
         policy.net[-1].bias.fill_(0.0)
+        q0 = torch.stack(model.train()(x).extras["halting"][0]["probs"])
         policy.net[-1].weight.mul_(20)
+        policy.net[-1].bias.fill_(-20 * float(torch.logit(q0.clamp(1e-6, 1 - 1e-6)).median()))
+    model.eval()
     out = model(x)
     model.train()
     tr = model(x).extras["halting"][0]

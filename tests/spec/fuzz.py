@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import copy
 import io
+import json
 import os
 import random
 import re
@@ -31,7 +32,7 @@ SOURCES = sorted((ROOT / "specs").glob("*.yaml")) + sorted(
     (ROOT / "tests" / "fixtures").rglob("*.yaml")
 )
 #: A model built by a mutation may take this much memory (the compiler refuses larger ones).
-os.environ.setdefault("DYNGRAPH_MAX_MODEL_BYTES", str(256 << 20))
+MODEL_BYTES = 256 << 20
 
 HUGE = [10**6, 10**9, 10**12, 10**30, 10**5000, -1, 0, 1e308, float("inf"), float("nan")]
 WRONG = [True, False, None, "x", "", [], {}, [1, 2], {"a": 1}, 3.5, -7, "1e-3"]
@@ -212,9 +213,13 @@ def mutations(n: int, seed: int = 0):
         src = SOURCES[i % len(SOURCES)]
         text = src.read_text()
         if rng.random() < 0.55:
+            from dyngraph.spec.errors import SpecError
+            from dyngraph.spec.yaml_loader import load_yaml
+
             try:
+                load_yaml(text)  # bounded: a source that is itself a bomb is mutated as text
                 doc = yaml.safe_load(text)
-            except yaml.YAMLError:
+            except (yaml.YAMLError, SpecError):
                 doc = None
             if isinstance(doc, dict):
                 kind, mutated = _structural(doc, rng)
@@ -232,7 +237,9 @@ class Outcome:
     kind: str
     status: str  # "ok" (validated, compiled, ran a batch), "error" (exit 2, positions), "FAIL ..."
     seconds: float
-    rss_mb: float
+    rss_mb: float  # the process's peak resident memory after this run
+    grew_mb: float  # how much this run raised that peak
+    source: str = ""
 
 
 POSITION = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<col>\d+): ")
@@ -247,7 +254,7 @@ def run_one(path: Path, kind: str, trust: bool = False) -> Outcome:
     import dyngraph as dg
     from dyngraph.cli import main
 
-    t0 = time.perf_counter()
+    t0, peak0 = time.perf_counter(), _peak_mb()
     err = io.StringIO()
     status = "ok"
     try:
@@ -274,18 +281,28 @@ def run_one(path: Path, kind: str, trust: bool = False) -> Outcome:
         if isinstance(e, KeyboardInterrupt):
             raise
         status = f"FAIL {type(e).__name__}: {str(e)[:200]} | {traceback.format_exc().splitlines()[-3][:200]}"
-    return Outcome(kind, status, time.perf_counter() - t0, _peak_mb())
+    peak = _peak_mb()
+    return Outcome(kind, status, time.perf_counter() - t0, peak, peak - peak0)
 
 
 def run(n: int, seed: int = 0, folder: Path | None = None) -> list[Outcome]:
+    """Run `n` mutations in this process (models limited to MODEL_BYTES while it runs)."""
     folder = Path(folder or tempfile.mkdtemp(prefix="dyngraph-fuzz-"))
+    saved = os.environ.get("DYNGRAPH_MAX_MODEL_BYTES")
+    os.environ["DYNGRAPH_MAX_MODEL_BYTES"] = str(MODEL_BYTES)
     out = []
-    for i, (src, kind, data) in enumerate(mutations(n, seed)):
-        path = folder / f"m{i:05d}_{src.stem}.yaml"
-        path.write_bytes(data)
-        out.append(run_one(path, kind))
-        out[-1].source = src.stem
-        path.unlink()
+    try:
+        for i, (src, kind, data) in enumerate(mutations(n, seed)):
+            path = folder / f"m{i:05d}_{src.stem}.yaml"
+            path.write_bytes(data)
+            out.append(run_one(path, kind))
+            out[-1].source = src.stem
+            path.unlink()
+    finally:
+        if saved is None:
+            os.environ.pop("DYNGRAPH_MAX_MODEL_BYTES", None)
+        else:
+            os.environ["DYNGRAPH_MAX_MODEL_BYTES"] = saved
     return out
 
 
@@ -315,10 +332,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=1200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print the outcomes as JSON only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     outcomes = run(args.n, args.seed)
+    if args.json:
+        print(json.dumps([o.__dict__ for o in outcomes]))
+        return 0
     print(table(outcomes))
     fails = [o for o in outcomes if o.status.startswith("FAIL")]
     for o in fails[:30]:

@@ -10,7 +10,7 @@ import pytest
 
 import dyngraph as dg
 from dyngraph.cli import main
-from tests.conftest import BAD, SPECS, spec_id
+from tests.conftest import BAD, ROOT, SPECS, spec_id
 
 
 def expectation(path) -> tuple[int, str]:
@@ -33,6 +33,19 @@ def test_ten_kinds_of_broken_spec_are_kept():
         "missing_version",
         "untrusted_import",
         "malformed",
+        # v2: any bytes, bounded
+        "control_character",
+        "tab_indent",
+        "deep_nesting",
+        "alias_bomb",
+        "huge_integer",
+        "huge_repeat",
+        "huge_size",
+        "bool_as_int",
+        "nan_threshold",
+        "bool_version",
+        "missing_data_file",
+        "meaningless_data_key",
     }
 
 
@@ -152,3 +165,72 @@ def test_schema_command_prints_json_schema(capsys):
     titles = {v["title"] for v in schema["$defs"]["InlineModule"]["oneOf"]}
     assert {"linear", "residual_mlp", "ff_gate", "gru_step", "lista_layer"} <= titles
     assert "graph" in schema["properties"]
+
+
+DIGITS = (ROOT / "specs" / "digits_early_exit.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "data, line, text",
+    [
+        ("dyngraph: 1\nname: caf\u00e9\n".encode("latin-1"), 2, "not UTF-8 text: byte 0xe9"),
+        (DIGITS.encode("utf-16"), 1, "the file is UTF-16 text"),
+        (DIGITS.encode("utf-32"), 1, "the file is UTF-32 text"),
+        (
+            DIGITS.replace("name: digits", "name: dig\x00its").encode(),
+            3,
+            "control character #x0000",
+        ),
+        (b"dyngraph: 1\nname: x\n" + b"\xff\xfe garbage", 3, "not UTF-8 text: byte 0xff"),
+        (b"\xef\xbb\xbf" + b"x" * (1 << 20), 1, "a spec has at most"),
+    ],
+    ids=["latin1", "utf16", "utf32", "nul", "invalid_utf8", "too_large"],
+)
+def test_any_bytes_give_a_line(tmp_path, capsys, data, line, text):
+    path = tmp_path / "bytes.yaml"
+    path.write_bytes(data)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.match(rf"{re.escape(str(path))}:{line}:\d+: .*{re.escape(text)}", err), err
+
+
+def test_a_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + DIGITS.encode())
+    assert dg.load_spec(path).name == "digits_early_exit"
+
+
+def test_problems_are_listed_once_and_capped():
+    from dyngraph.spec.errors import MAX_SHOWN
+
+    keys = "".join(f"  k{i}: 1\n" for i in range(MAX_SHOWN + 30))
+    with pytest.raises(dg.SpecError) as info:
+        dg.load_spec(DIGITS + "train:\n  data: {name: digits}\n" + keys)
+    assert len(info.value.problems) == MAX_SHOWN + 30
+    lines = str(info.value).splitlines()
+    assert len(lines) == MAX_SHOWN + 1 and lines[-1] == "... and 30 more problems"
+
+
+def test_a_repeated_refusal_is_printed_once():
+    text = DIGITS.replace(
+        "      - {type: residual_mlp, dim: 128, hidden: 256}\n      - exit",
+        "      - {type: custom, target: os.getcwd}\n      - exit",
+        1,
+    )
+    with pytest.raises(dg.SpecError) as info:
+        dg.load_spec(text)
+    assert sum("refused unless" in p.message for p in info.value.problems) == 1
+
+
+def test_validation_allocates_no_weights():
+    import resource
+
+    text = DIGITS.replace("hidden: 256}", "hidden: 2000000}")  # 3 x 1 GB of weights
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    dg.load_spec(text)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB
+
+
+def test_yaml_12_floats_are_numbers():
+    text = DIGITS.replace("threshold: 0.9", "threshold: 9e-1")
+    assert dg.load_spec(text).spec.graph[1].nodes[1].exit.criterion.threshold == 0.9
