@@ -145,7 +145,7 @@ def sparse_recovery(
     return Data(clean + noise, x, name="sparse_recovery")
 
 
-#: The six permutations of five states used by state_tracking (from MEASURED.md).
+#: The six permutations of five states used by state_tracking.
 PERMS = [
     [1, 2, 4, 3, 0],
     [1, 0, 3, 4, 2],

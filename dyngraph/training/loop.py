@@ -101,8 +101,8 @@ def train(
             place.
         train_data: (x, y) tensors or arrays, a Data, a Dataset of (x, y) items, or a
             DataLoader; default: the spec's `train.data`.
-        val_data: the same kinds, for the validation metric; default: the spec's val split,
-            or none when the spec names no data.
+        val_data: the same kinds, for the validation metric; default: the spec's val split
+            when the spec's data are trained on, else no validation.
         stages: training stages (dicts as under `train: stages:`) instead of the spec's.
         out: the run folder (default runs/NAME for a spec's own data; None with data given:
             nothing is written).
@@ -151,7 +151,7 @@ def train(
     device = torch.device(os.environ.get("DYNGRAPH_DEVICE", "cpu"))
     model.to(device).train()
     batches = Batches(tr, rank, world, data=train_data)
-    val = _val_data(tr, val_data)
+    val = _val_data(tr, val_data, own=train_data is None)
     if rank == 0 and out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if isinstance(spec, str | Path) and Path(spec).is_file():
@@ -301,11 +301,11 @@ def train(
     return TrainResult(model, result, rows, out, finished)
 
 
-def _val_data(tr, val_data) -> Data | None:
-    """The validation split: given, else the spec's (none when the spec names no data)."""
+def _val_data(tr, val_data, own: bool) -> Data | None:
+    """The validation split: given, else the spec's when its data are trained on."""
     if val_data is not None:
         return as_training_data(val_data, "the validation data")
-    if tr.data.source("val") == "(given)":
+    if not own or tr.data.source("val") == "(given)":
         return None
     return load_split(tr.data, "val")
 
