@@ -10,66 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_args import Parser, UsageError, check_writable, fraction, positive
 from .spec.errors import SpecError
-
-
-class UsageError(Exception):
-    """A request that cannot be carried out as given (one line, exit 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors in one line (the usage is one `--help` away)."""
-
-    def error(self, message: str):  # noqa: D102
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(v) and 0 < v <= 1):
-        raise argparse.ArgumentTypeError(
-            f"{text} is not a fraction of the longest path's MACs in (0, 1]"
-        )
-    return v
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {v}")
-    return v
-
-
-def check_writable(path: str | Path, folder: bool) -> Path:
-    """`path` as an output that can be written (a folder, or a file), without creating it."""
-    p = Path(path)
-    if p.exists():
-        if folder and not p.is_dir():
-            raise UsageError(f"--out {p}: exists and is not a folder")
-        if not folder and p.is_dir():
-            raise UsageError(f"--out {p}: is a folder; name a file")
-        target = p if folder else p.parent
-    else:
-        target = p.absolute().parent
-        while not target.exists():
-            target = target.parent
-        if not target.is_dir():
-            raise UsageError(f"--out {p}: {target} is a file, not a folder")
-    if not os.access(target, os.W_OK) or str(target.resolve()).startswith(("/proc", "/sys")):
-        raise UsageError(f"--out {p}: {target} is not writable")
-    return p
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -127,9 +74,11 @@ def _profile(args: argparse.Namespace) -> int:
 
     from .profiler import profile
 
-    out = check_writable(args.out or Path("profiles") / Path(args.spec).stem, folder=True)
+    if args.out:
+        check_writable(args.out, folder=True)  # before any work
     torch.manual_seed(args.seed)
     model = _loaded_model(args).to(args.device)
+    out = check_writable(args.out or Path("profiles") / model.name, folder=True)
     data, origin = args.data, None
     if data is None and model.spec.train is not None:
         data = _data(model, "test", None)
@@ -163,11 +112,7 @@ def _profile(args: argparse.Namespace) -> int:
         f"{s['paths_seen']} paths"
     )
     if "quality" in s:
-        print(
-            f"  {prof.metric}: {100 * s['quality']:.2f}%"
-            if prof.metric == "accuracy"
-            else f"  {prof.metric}: {s['quality']:.2f}"
-        )
+        print(f"  {_quality_text(model, {'quality': s['quality']})}")
     if "dispatch_waste" in s:
         print(f"  executed/ideal MACs of the batched run: {s['dispatch_waste']:.4f}")
     for w in prof.warnings:
@@ -181,17 +126,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         import subprocess
 
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={args.nproc}",
-            "-m",
-            "dyngraph",
-            "train",
-            args.spec,
-        ]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += [f"--nproc-per-node={args.nproc}", "-m", "dyngraph", "train", args.spec]
         cmd += ["--out", args.out] if args.out else []
         cmd += ["--resume"] if args.resume else []
         cmd += ["--trust-imports"] if args.trust_imports else []
@@ -314,7 +250,7 @@ def _blocks(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dyngraph", description="compile and profile dynamic neural networks")
+    p = Parser(prog="dyngraph", description="compile and profile dynamic neural networks")
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name: str, fn, help: str, trust: bool = True) -> argparse.ArgumentParser:
@@ -341,19 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--max-steps",
-        type=_positive,
+        type=positive,
         metavar="N",
         help="stop after N steps (a checkpoint is written; --resume goes on, schedules unchanged)",
     )
     t.add_argument(
         "--stage-steps",
-        type=_positive,
+        type=positive,
         metavar="N",
         help="a quick run: every stage shortened to at most N steps, schedules included",
     )
     t.add_argument(
         "--nproc",
-        type=_positive,
+        type=positive,
         default=1,
         help="processes (DistributedDataParallel via torchrun)",
     )
@@ -367,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", required=True)
     c.add_argument(
         "--budget",
-        type=_fraction,
+        type=fraction,
         required=True,
         help="fraction of the longest path's MACs, in (0, 1]",
     )
@@ -399,14 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         help="a built-in data set, a .npz/.pt file, or 'random' (default: the spec's test split)",
     )
-    pr.add_argument("--n", type=_positive, default=2000, help="number of inputs (default 2000)")
+    pr.add_argument("--n", type=positive, default=2000, help="number of inputs (default 2000)")
     pr.add_argument("--out", help="output folder (default profiles/NAME)")
     pr.add_argument("--counter", choices=("fvcore", "torch"), default="fvcore")
     pr.add_argument("--backend", choices=("inductor", "aot_eager", "eager", "none"), default=None)
     pr.add_argument("--device", default="cpu")
-    pr.add_argument("--threads", type=_positive, default=1)
-    pr.add_argument("--batch-size", type=_positive, default=256)
-    pr.add_argument("--max-paths", type=_positive, default=20, help="time at most this many paths")
+    pr.add_argument("--threads", type=positive, default=1)
+    pr.add_argument("--batch-size", type=positive, default=256)
+    pr.add_argument("--max-paths", type=positive, default=20, help="time at most this many paths")
     pr.add_argument(
         "--measure-each", type=int, default=0, metavar="K", help="also time K inputs one by one"
     )

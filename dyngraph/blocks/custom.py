@@ -6,8 +6,11 @@ caller trusts it (`--trust-imports`, `trust_imports=True`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +25,20 @@ class CustomParams(BlockParams):
         pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$", description="pkg.module.Class"
     )
     kwargs: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def importable_beside(file: str):
+    """The folder of spec `file` on the import path for a while: `custom` targets live beside it."""
+    folder = str(Path(file).resolve().parent) if Path(file).is_file() else None
+    added = folder is not None and folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(folder)
 
 
 def import_target(target: str) -> type:

@@ -7,21 +7,17 @@ GraphModules) and construct runtimes, in graph order, with the units they run.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import pydantic
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..blocks import BLOCKS, ROLES, ShapeError
+from ..blocks.custom import importable_beside
 from ..constructs import CONSTRUCTS
 from ..spec.errors import Problem, SpecError, did_you_mean, format_path
 from ..spec.schema import RepeatNode, Spec
@@ -29,42 +25,8 @@ from ..spec.types import InlineModule
 from ..spec.yaml_loader import locate
 from .fx_segments import StaticNode, segment_module
 from .memory import memory_problems
+from .shapes import fake_shapes, structure_key
 from .units import Shape, Unit
-
-
-@contextlib.contextmanager
-def _quiet_fake_tensor():
-    """FakeTensorMode logs a traceback for every failing op; a user should see one line."""
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def fake_shapes(fn, in_shapes: list[Shape]) -> Any:
-    """Run `fn` on fake tensors of per-sample shapes `in_shapes`; return output shapes (no batch).
-
-    A module built on the meta device runs on meta inputs directly (~50 us a block, against
-    ~20 ms under FakeTensorMode); anything that cannot (a user's block holding real weights, an
-    op without a meta kernel) runs under FakeTensorMode.
-    """
-    out = None
-    if torch.empty(0).is_meta:
-        with contextlib.suppress(Exception):  # FakeTensorMode below says what is wrong
-            out = fn(*[torch.empty(2, *s, device="meta") for s in in_shapes])
-    if out is None:
-        with _quiet_fake_tensor(), FakeTensorMode(allow_non_fake_inputs=True):
-            out = fn(*[torch.empty(2, *s, device="cpu") for s in in_shapes])  # batch 2: BatchNorm
-
-    def shape(t):
-        if isinstance(t, torch.Tensor):
-            return tuple(t.shape[1:])
-        return tuple(shape(v) for v in t)
-
-    return shape(out)
 
 
 def _short(e: BaseException) -> str:
@@ -310,7 +272,7 @@ class Builder:
 
     def shapes_of(self, fn, in_shapes: list[Shape], path: tuple, what: str) -> Any:
         """Output shapes of `fn` on fake inputs, or None (with a problem) if it cannot run."""
-        key = _structure_key(fn, in_shapes)
+        key = structure_key(fn, in_shapes)
         if key is not None and key in self._shape_cache:  # a repeated block: run it once
             return self._shape_cache[key]
         try:
@@ -569,49 +531,11 @@ class Builder:
                         )
 
     def _check_data(self) -> None:
-        from ..data import DATASETS, GENERATED
-        from ..data.sets import is_file_name
-        from ..data.splits import sharing
+        from ..data.check import data_problems
 
-        train = self.spec.train
-        if train is None:
-            return
-        d, where = train.data, ("train", "data")
-        sources = {s: d.source(s) for s in ("train", "val", "test")}
-        for key in ("name", "train", "val", "test"):
-            src = getattr(d, key)
-            if src is None:
-                continue
-            if is_file_name(src):
-                if not Path(src).is_file():
-                    self.problem(
-                        where + (key,),
-                        f"no such data file '{src}' (paths are relative to the spec's folder)",
-                    )
-            elif src not in DATASETS:
-                self.problem(
-                    where + (key,),
-                    f"unknown data set '{src}'{did_you_mean(src, DATASETS)}; a built-in name "
-                    "or a .npz/.pt file",
-                )
-        # keys that mean something only for some sources are errors elsewhere, not ignored
-        generated = any(s in GENERATED for s in sources.values())
-        for key in ("n_train", "n_val", "n_test", "fresh"):
-            if key in d.model_fields_set and not generated:
-                self.problem(
-                    where + (key,),
-                    f"`{key}` applies to generated data sets ({', '.join(GENERATED)}); "
-                    "this data has the size it has",
-                    key=True,
-                )
-        if d.params and not any(not is_file_name(s) for s in sources.values()):
-            self.problem(where + ("params",), "`params` applies to built-in data sets", key=True)
-        if "split" in d.model_fields_set and all(len(sharing(d, s)) == 1 for s in sources):
-            self.problem(
-                where + ("split",),
-                "`split` divides a file that serves several splits; no file does here",
-                key=True,
-            )
+        if self.spec.train is not None:
+            for path, message, key in data_problems(self.spec.train.data):
+                self.problem(("train", "data", *path), message, key=key)
 
     def _check_task(self, flat, shapes, exits, aliases) -> None:
         task = self.spec.task
@@ -672,29 +596,6 @@ class Builder:
         )
 
 
-def _structure_key(fn: Any, in_shapes: list[Shape]) -> tuple | None:
-    """What decides the output shapes of a built-in block: its modules' types, their plain
-    attributes and their tensors' shapes, and the input shapes. None for anything else (a
-    user's block may compute its shapes in ways these do not show)."""
-    if not isinstance(fn, nn.Module):
-        return None
-    parts: list = [tuple(map(tuple, in_shapes))]
-    for name, sub in fn.named_modules():
-        if not type(sub).__module__.startswith(("dyngraph.", "torch.")):
-            return None
-        plain = sorted(
-            (k, repr(v))
-            for k, v in vars(sub).items()
-            if not k.startswith("_") and isinstance(v, int | float | str | bool | tuple | list)
-        )
-        tensors = [
-            (k, tuple(t.shape))
-            for k, t in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
-        ]
-        parts.append((name, type(sub).__qualname__, tuple(plain), tuple(tensors)))
-    return tuple(parts)
-
-
 #: Nodes of a graph after `repeat` is unrolled: each is a module built and checked, so the
 #: bound keeps validation within seconds.
 MAX_GRAPH_NODES = 1_000
@@ -714,20 +615,6 @@ def _construct_key(node: Any) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _spec_folder_importable(file: str):
-    """The spec's folder on the import path while building: `custom` targets live beside it."""
-    folder = str(Path(file).resolve().parent) if Path(file).is_file() else None
-    added = folder is not None and folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)
-    try:
-        yield
-    finally:
-        if added:
-            sys.path.remove(folder)
-
-
 def build_plan(
     spec: Spec, raw: Any, file: str, trust_imports: bool = False, meta: bool = False
 ) -> Plan:
@@ -738,7 +625,7 @@ def build_plan(
             check that the real model would fit in memory.
     """
     b = Builder(spec, raw, file, trust_imports)
-    with _spec_folder_importable(file), torch.device("meta" if meta else "cpu"):
+    with importable_beside(file), torch.device("meta" if meta else "cpu"):
         plan = b.build()
     if plan is not None and meta:
         b.problems += memory_problems(b, file)

@@ -257,3 +257,14 @@ def test_a_custom_block_spec_trains_by_cli_and_python(tmp_path, capsys):
     assert any(type(m).__name__ == "GatedResidual" for m in r.model.modules())
     with pytest.raises(dg.SpecError, match="refused unless"):
         dg.train(spec, (x, y), log=lambda *a: None)
+
+
+def test_the_readme_training_example_runs(monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    example = next(b for b in blocks if "dg.train(" in b)
+    monkeypatch.chdir(ROOT)  # the example names a spec by its path in the repository
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)  # noqa: S102 - the project's own README
+    assert scope["r"].val["data"] == "the validation data given (64 samples)"
+    assert scope["out"].logits.shape == (4, 5)
