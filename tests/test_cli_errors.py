@@ -107,18 +107,21 @@ def test_a_changed_threshold_keeps_the_checkpoint(run, tmp_path, capsys):
     assert main(["eval", str(spec), "--checkpoint", str(run / "final.pt")]) == 0
 
 
-@pytest.mark.parametrize("budget", ["2.0", "-1", "nan", "0", "inf", "half"])
-def test_out_of_range_budget(run, tmp_path, capsys, budget):
-    err = _one_line_error(
-        capsys,
+def _calibrate(run: Path, budget: str, out: Path) -> list[str]:
+    return [
         "calibrate",
         str(TINY),
         "--checkpoint",
         str(run / "final.pt"),
         f"--budget={budget}",
         "--out",
-        str(tmp_path / "c.pt"),
-    )
+        str(out),
+    ]
+
+
+@pytest.mark.parametrize("budget", ["2.0", "-1", "nan", "0", "inf", "half"])
+def test_out_of_range_budget(run, tmp_path, capsys, budget):
+    err = _one_line_error(capsys, *_calibrate(run, budget, tmp_path / "c.pt"))
     assert "--budget" in err
     assert not (tmp_path / "c.pt").exists()
 
@@ -145,18 +148,7 @@ def test_unwritable_out(tmp_path, capsys):
 
 
 def test_calibrate_out_is_not_a_folder(run, tmp_path, capsys):
-    err = _one_line_error(
-        capsys,
-        "calibrate",
-        str(TINY),
-        "--checkpoint",
-        str(run / "final.pt"),
-        "--budget",
-        "0.5",
-        "--out",
-        str(tmp_path),
-    )
-    assert "is a folder" in err
+    assert "is a folder" in _one_line_error(capsys, *_calibrate(run, "0.5", tmp_path))
 
 
 def test_output_survives_a_closed_pipe():
@@ -171,62 +163,22 @@ def test_output_survives_a_closed_pipe():
     assert proc.stdout.strip() and "Error" not in proc.stderr, proc.stderr
 
 
+def _train40(out: Path, *extra: str) -> int:
+    """`dyngraph train` of the tiny spec, every stage shortened to 40 steps."""
+    return main(
+        ["train", str(TINY), "--out", str(out), "--stage-steps", "40", "--no-progress", *extra]
+    )
+
+
 def test_max_steps_pauses_and_resume_reaches_the_uninterrupted_weights(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert (
-        main(["train", str(TINY), "--out", str(full), "--stage-steps", "40", "--no-progress"]) == 0
-    )
-    assert (
-        main(
-            [
-                "train",
-                str(TINY),
-                "--out",
-                str(cut),
-                "--stage-steps",
-                "40",
-                "--max-steps",
-                "25",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _train40(full) == 0
+    assert _train40(cut, "--max-steps", "25") == 0
     assert not (cut / "final.pt").exists()
     assert torch.load(cut / "checkpoint.pt", weights_only=True)["global_step"] == 25
-    assert (
-        main(
-            [
-                "train",
-                str(TINY),
-                "--out",
-                str(cut),
-                "--stage-steps",
-                "40",
-                "--max-steps",
-                "30",
-                "--resume",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _train40(cut, "--max-steps", "30", "--resume") == 0
     assert not (cut / "final.pt").exists()
-    assert (
-        main(
-            [
-                "train",
-                str(TINY),
-                "--out",
-                str(cut),
-                "--stage-steps",
-                "40",
-                "--resume",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _train40(cut, "--resume") == 0
     a = torch.load(full / "final.pt", weights_only=True)["model"]
     b = torch.load(cut / "final.pt", weights_only=True)["model"]
     for k in a:

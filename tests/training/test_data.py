@@ -72,64 +72,20 @@ def test_each_split_comes_from_the_file_named(files, tmp_path, capsys):
     assert "on test: test.npz (400 samples)" in ev
     assert float(re.search(r"accuracy ([\d.]+)%", ev).group(1)) > 60  # the learnable test file
     assert "by k:" in ev and re.search(r"k = 1: \d+ inputs", ev)  # a meta column of the file
-    assert (
-        main(
-            [
-                "eval",
-                str(spec),
-                "--checkpoint",
-                str(out / "final.pt"),
-                "--data",
-                str(files / "val.npz"),
-            ]
-        )
-        == 0
-    )
+    ckpt = ["--checkpoint", str(out / "final.pt")]
+    assert main(["eval", str(spec), *ckpt, "--data", str(files / "val.npz")]) == 0
     assert float(re.search(r"accuracy ([\d.]+)%", capsys.readouterr().out).group(1)) < 35
-    cal = tmp_path / "cal.pt"
-    assert (
-        main(
-            [
-                "calibrate",
-                str(spec),
-                "--checkpoint",
-                str(out / "final.pt"),
-                "--budget",
-                "0.8",
-                "--out",
-                str(cal),
-            ]
-        )
-        == 0
-    )
+    cal = [str(spec), *ckpt, "--budget", "0.8", "--out", str(tmp_path / "c.pt")]
+    assert main(["calibrate", *cal]) == 0
+    c = capsys.readouterr().out
+    assert "calibrated on val: val.npz (400 samples)" in c
+    assert "tested on test: test.npz (400 samples)" in c
+    swapped = ["--data", str(files / "test.npz"), "--test-data", str(files / "val.npz")]
+    assert main(["calibrate", *cal, *swapped]) == 0
     c = capsys.readouterr().out
     assert (
-        "calibrated on val: val.npz (400 samples)" in c
-        and "tested on test: test.npz (400 samples)" in c
-    )
-    assert (
-        main(
-            [
-                "calibrate",
-                str(spec),
-                "--checkpoint",
-                str(out / "final.pt"),
-                "--budget",
-                "0.8",
-                "--out",
-                str(cal),
-                "--data",
-                str(files / "test.npz"),
-                "--test-data",
-                str(files / "val.npz"),
-            ]
-        )
-        == 0
-    )
-    c = capsys.readouterr().out
-    assert (
-        "calibrated on val: " + str(files / "test.npz") in c
-        and "tested on test: " + str(files / "val.npz") in c
+        f"calibrated on val: {files / 'test.npz'}" in c
+        and f"tested on test: {files / 'val.npz'}" in c
     )
 
 
