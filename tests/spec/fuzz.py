@@ -307,24 +307,27 @@ def run(n: int, seed: int = 0, folder: Path | None = None) -> list[Outcome]:
 
 
 def table(outcomes: list[Outcome]) -> str:
-    by = defaultdict(Counter)
-    slow = defaultdict(float)
+    """One row per kind of mutation: how each ended, the slowest run, the most memory one added."""
+    by: dict[str, Counter] = defaultdict(Counter)
+    slow: dict[str, float] = defaultdict(float)
+    grew: dict[str, float] = defaultdict(float)
     for o in outcomes:
         by[o.kind]["fail" if o.status.startswith("FAIL") else o.status] += 1
         slow[o.kind] = max(slow[o.kind], o.seconds)
+        grew[o.kind] = max(grew[o.kind], o.grew_mb)
+    by["**all**"] = sum(by.values(), Counter())
+    slow["**all**"], grew["**all**"] = max(slow.values()), max(grew.values())
     rows = [
-        "| mutation | runs | exit 2 at a line | validated, compiled, ran | failures | slowest (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| mutation | runs | exit 2 at a line | validated, compiled, ran a batch | failures "
+        "| slowest (s) | most memory added (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for k in sorted(by):
+    for k in sorted(by, key=lambda k: (k == "**all**", k)):
         c = by[k]
         rows.append(
-            f"| {k} | {sum(c.values())} | {c['error']} | {c['ok']} | {c['fail']} | {slow[k]:.2f} |"
+            f"| {k} | {sum(c.values())} | {c['error']} | {c['ok']} | {c['fail']} "
+            f"| {slow[k]:.2f} | {grew[k]:.0f} |"
         )
-    c = Counter("fail" if o.status.startswith("FAIL") else o.status for o in outcomes)
-    rows.append(
-        f"| **all** | {len(outcomes)} | {c['error']} | {c['ok']} | {c['fail']} | {max(slow.values()):.2f} |"
-    )
     return "\n".join(rows)
 
 
