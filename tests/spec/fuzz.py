@@ -287,6 +287,9 @@ def run_one(path: Path, kind: str, trust: bool = False) -> Outcome:
 
 def run(n: int, seed: int = 0, folder: Path | None = None) -> list[Outcome]:
     """Run `n` mutations in this process (models limited to MODEL_BYTES while it runs)."""
+    from dyngraph.runtime import kernels
+
+    kernels.load()  # built once per machine (~25 s): not a cost of any mutation
     folder = Path(folder or tempfile.mkdtemp(prefix="dyngraph-fuzz-"))
     saved = os.environ.get("DYNGRAPH_MAX_MODEL_BYTES")
     os.environ["DYNGRAPH_MAX_MODEL_BYTES"] = str(MODEL_BYTES)
