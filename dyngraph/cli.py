@@ -62,7 +62,7 @@ def _data(model, split: str, file: str | None):
 
     if file is not None:
         data = load_file(file)
-        data.origin = f"{split}: {file} (--data, {len(data):,} samples)"
+        data.origin = f"{file} (--data, {len(data):,} samples)"
         return data
     if model.spec.train is None:
         raise UsageError(f"{model.name}: the spec names no data (train.data); pass --data FILE")
