@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .sweep import by_meta  # noqa: E402
+
 
 def _si(v: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -198,6 +200,22 @@ def report_md(prof) -> str:
             )
         )
     lines += [f"| {k} | {_fmt(v)} |" for k, v in rows] + [""]
+    groups = by_meta(
+        prof.meta,
+        prof.per_input_macs,
+        None if prof.correct is None else lambda sel: float(prof.correct[sel].float().mean()),
+    )
+    for col, rows in groups.items():
+        lines += [
+            f"## By `{col}` (a column of the data)",
+            "",
+            f"| {col} | inputs | mean MACs | {q} |",
+        ]
+        lines += ["|---:|---:|---:|---:|"]
+        for r in rows:
+            acc = f"{100 * r['quality']:.1f}%" if "quality" in r else "–"
+            lines.append(f"| {r['value']} | {r['inputs']:,} | {r['mean_macs']:,.0f} | {acc} |")
+        lines.append("")
     lines += [
         "## Paths",
         "",

@@ -85,6 +85,28 @@ def quality(model, logits: torch.Tensor, y: torch.Tensor) -> float:
     return nmse_db(logits.cpu(), y.cpu())
 
 
+def by_meta(meta: dict[str, torch.Tensor], macs: torch.Tensor, quality_of=None) -> dict[str, list]:
+    """Inputs, mean MACs and (given `quality_of(mask)`) quality for each value of every meta
+    column with at most 32 integer values (a difficulty, a group): where compute goes."""
+    out = {}
+    for col, values in meta.items():
+        if values.dim() != 1 or values.is_floating_point() or values.unique().numel() > 32:
+            continue
+        rows = []
+        for v in values.unique().tolist():
+            sel = values == v
+            row = {
+                "value": v,
+                "inputs": int(sel.sum()),
+                "mean_macs": float(macs[sel].double().mean()),
+            }
+            if quality_of is not None:
+                row["quality"] = quality_of(sel)
+            rows.append(row)
+        out[col] = rows
+    return out
+
+
 def sweep(model, data: Data, batch_size: int, counter: str) -> dict | None:
     """The accuracy (or NMSE) versus mean MACs curve over the model's main decision setting."""
     setting = sweep_setting(model)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..data import Data
-from ..profiler.sweep import quality
+from ..profiler.sweep import by_meta, quality
 
 
 @torch.no_grad()
@@ -39,21 +39,9 @@ def evaluate(model, data: Data, batch_size: int = 512, counter: str = "fvcore") 
         res["exits"] = dict(sorted(Counter(torch.cat(exits).tolist()).items()))
     if data.y is not None:
         res["quality"] = quality(model, logits, data.y)
-    res["by_meta"] = {
-        col: _by_value(model, values, macs, logits, data.y)
-        for col, values in data.meta.items()
-        if values.dim() == 1 and not values.is_floating_point() and values.unique().numel() <= 32
-    }
+    res["by_meta"] = by_meta(
+        data.meta,
+        macs,
+        None if data.y is None else lambda sel: quality(model, logits[sel], data.y[sel]),
+    )
     return res
-
-
-def _by_value(model, values, macs, logits, y) -> list[dict[str, Any]]:
-    """Inputs, mean MACs and quality for each value of a meta column (e.g. difficulty k)."""
-    rows = []
-    for v in values.unique().tolist():
-        sel = values == v
-        row = {"value": v, "inputs": int(sel.sum()), "mean_macs": float(macs[sel].double().mean())}
-        if y is not None:
-            row["quality"] = quality(model, logits[sel], y[sel])
-        rows.append(row)
-    return rows

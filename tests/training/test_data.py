@@ -75,6 +75,14 @@ def test_each_split_comes_from_the_file_named(files, tmp_path, capsys):
     ckpt = ["--checkpoint", str(out / "final.pt")]
     assert main(["eval", str(spec), *ckpt, "--data", str(files / "val.npz")]) == 0
     assert float(re.search(r"accuracy ([\d.]+)%", capsys.readouterr().out).group(1)) < 35
+    prof = tmp_path / "prof"
+    assert (
+        main(["profile", str(spec), *ckpt, "--no-latency", "--no-progress", "--out", str(prof)])
+        == 0
+    )
+    assert "test.npz" in capsys.readouterr().out
+    report = (prof / "report.md").read_text()
+    assert "## By `k` (a column of the data)" in report and re.search(r"\| 1 \| \d+ \| ", report)
     cal = [str(spec), *ckpt, "--budget", "0.8", "--out", str(tmp_path / "c.pt")]
     assert main(["calibrate", *cal]) == 0
     c = capsys.readouterr().out
