@@ -8,7 +8,8 @@ from ..data import Data, load_data
 
 
 def as_data(data, labels=None, spec=None, n: int | None = None, split: str = "test") -> Data:
-    """A Data from a tensor, a Data, a Dataset/DataLoader of (x, y) or x, or a data set's name."""
+    """A Data from a tensor, (x, y) tensors, a Data, a Dataset/DataLoader of (x, y) or x, or a
+    data set's name."""
     if isinstance(data, str):
         params, seed = {}, 0
         if spec is not None and spec.train is not None and spec.train.data.name == data:
@@ -16,6 +17,8 @@ def as_data(data, labels=None, spec=None, n: int | None = None, split: str = "te
         return load_data(data, split=split, seed=seed, n=n, **params)
     if isinstance(data, Data):
         d = data
+    elif isinstance(data, list | tuple) and len(data) == 2 and hasattr(data[0], "shape"):
+        d = Data(torch.as_tensor(data[0]), torch.as_tensor(data[1]))  # (x, y) tensors or arrays
     elif isinstance(data, torch.Tensor):
         d = Data(data, None if labels is None else torch.as_tensor(labels))
     else:  # a Dataset or a DataLoader

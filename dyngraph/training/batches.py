@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..data import GENERATED, Data, DataError, load_data, load_split
+from ..profiler.inputs import as_data
 
 
 class Batches:
@@ -101,27 +102,18 @@ def _pair(item, what: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def as_training_data(data, what: str = "the training data") -> Data:
-    """Samples with labels from a (x, y) pair of tensors or arrays, a Data, or a map-style
-    Dataset of (x, y) items (a DataLoader's batches are concatenated)."""
-    if isinstance(data, Data):
-        d = data
-    elif isinstance(data, list | tuple) and len(data) == 2 and hasattr(data[0], "shape"):
-        d = Data(torch.as_tensor(data[0]), torch.as_tensor(data[1]))
-    elif isinstance(data, torch.utils.data.DataLoader):
-        xs, ys = zip(*(_pair(b, "a batch of the DataLoader") for b in data), strict=True)
-        d = Data(torch.cat(xs), torch.cat(ys))
-    elif hasattr(data, "__len__") and hasattr(data, "__getitem__"):
-        xs, ys = zip(
-            *(_pair(data[i], "an item of the Dataset") for i in range(len(data))), strict=True
-        )
-        d = Data(torch.stack(xs), torch.stack(ys))
-    else:
+    """Samples with labels from (x, y) tensors or arrays, a Data, a Dataset of (x, y) items or
+    a DataLoader (its batches concatenated), with `origin` saying where they came from."""
+    if isinstance(data, str):
+        raise DataError(f"{what}: expected (x, y) tensors, a Dataset or a DataLoader, got a name")
+    try:
+        d = as_data(data)
+    except (TypeError, ValueError, IndexError, RuntimeError) as e:
         raise DataError(
-            f"{what}: expected (x, y) tensors, a Dataset or a DataLoader, got {type(data).__name__}"
-        )
+            f"{what}: expected (x, y) tensors, a Dataset or a DataLoader ({type(data).__name__}: {e})"
+        ) from None
     if d.y is None or len(d.y) != len(d):
         raise DataError(f"{what}: {len(d)} inputs need as many labels")
-    if not d.x.is_floating_point():
-        d = Data(d.x.float(), d.y, d.meta, d.name, d.origin)
+    x = d.x if d.x.is_floating_point() else d.x.float()
     y = d.y if d.y.is_floating_point() else d.y.long()
-    return Data(d.x, y, d.meta, d.name, d.origin or f"{what} given ({len(d):,} samples)")
+    return Data(x, y, d.meta, d.name, d.origin or f"{what} given ({len(d):,} samples)")

@@ -230,3 +230,16 @@ def test_the_readme_training_example_runs(monkeypatch):
     exec(compile(example, "README.md", "exec"), scope)  # noqa: S102 - the project's own README
     assert scope["r"].val["data"] == "the validation data given (64 samples)"
     assert scope["out"].logits.shape == (4, 5)
+
+
+def test_data_without_labels_or_of_another_kind_is_refused():
+    from dyngraph.data import DataError
+
+    x, _ = _toy()
+    for bad, text in (
+        (x, "need as many labels"),
+        (42, "expected (x, y) tensors"),
+        ("digits", "got a name"),
+    ):
+        with pytest.raises(DataError, match=re.escape(text)):
+            dg.train(TINY, bad, log=lambda *a: None)
