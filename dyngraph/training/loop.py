@@ -140,14 +140,16 @@ def train(
     state = load(ckpt_path) if resume and ckpt_path is not None and ckpt_path.exists() else None
     torch.manual_seed(tr.seed)
     model = spec if given else compile_spec(loaded, backend=tr.backend)
-    if state is not None:
-        model.load_state_dict(check_fits(state, model, ckpt_path))
-        model.load_decision_settings(state["settings"])
+    if state is not None:  # checked whole before the model changes
+        if not isinstance(state, dict) or "global_step" not in state:
+            raise CheckpointError(f"checkpoint {ckpt_path}: not a training checkpoint")
         if state.get("stage_steps") != stage_steps:
             raise CheckpointError(
                 f"checkpoint {ckpt_path}: the run was trained with stage_steps="
                 f"{state.get('stage_steps')}; resume it with the same value"
             )
+        model.load_state_dict(check_fits(state, model, ckpt_path))
+        model.load_decision_settings(state["settings"])
     device = torch.device(os.environ.get("DYNGRAPH_DEVICE", "cpu"))
     model.to(device).train()
     batches = Batches(tr, rank, world, data=train_data)
