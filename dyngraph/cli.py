@@ -79,12 +79,11 @@ def _profile(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = _loaded_model(args).to(args.device)
     out = check_writable(args.out or Path("profiles") / model.name, folder=True)
+    from .data.sets import is_file_name
+
     data, origin = args.data, None
-    if data is None and model.spec.train is not None:
-        data = _data(model, "test", None)
-        origin = data.origin
-    elif data not in (None, "random") and data.endswith((".npz", ".pt")):
-        data = _data(model, "test", data)
+    if (data is None and model.spec.train is not None) or is_file_name(data):
+        data = _data(model, "test", data)  # the spec's test split, or the file given
         origin = data.origin
     if data is None or data == "random":
         print(

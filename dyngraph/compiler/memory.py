@@ -47,11 +47,13 @@ def budget_bytes() -> int:
 
 def human(n: float) -> str:
     """Bytes as a person reads them: 1.5 GB."""
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("kB", "MB", "GB", "TB"):
         n /= 1000
-    return f"{n:.3g} PB"
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+    return f"{n / 1000:.3g} PB"
 
 
 def tensor_bytes(module: nn.Module) -> int:
@@ -83,15 +85,12 @@ def memory_problems(builder: Any, file: str) -> list[Problem]:
     activation = 4 * 4 * max((math.prod(s) for s in shapes), default=0)  # float32, a few live
     if weights + activation <= budget:
         return []
-    where = ("input", "shape")
-    if sizes and max(sizes)[0] >= activation:
-        where = max(sizes, key=lambda t: t[0])[1]
+    largest, path = max(sizes, key=lambda t: t[0], default=(0, ("graph",)))
+    if largest >= activation:
+        where, what = path, f"its weights take {human(weights)} (this block {human(largest)})"
+    else:
+        where, what = ("input", "shape"), f"one sample's activations take {human(activation)}"
     line, col = locate(builder.raw, where)
-    what = (
-        f"its weights take {human(weights)} (this block {human(max(sizes)[0])})"
-        if where != ("input", "shape")
-        else f"one sample's activations take {human(activation)}"
-    )
     return [
         Problem(
             file,

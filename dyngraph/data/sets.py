@@ -208,7 +208,7 @@ def load_file(path: str | Path) -> Data:
     if "x" not in arrays:
         raise DataError(f"{path}: no array named 'x' (found {', '.join(arrays) or 'none'})")
     x, y = arrays.pop("x"), arrays.pop("y", None)
-    if not x.is_floating_point() and not x.dtype == torch.bool and x.dim() < 1:
+    if x.dim() < 1:
         raise DataError(f"{path}: 'x' must hold one row per sample")
     x = x.float()
     n = x.shape[0]

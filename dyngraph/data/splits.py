@@ -8,8 +8,6 @@ split says where it came from (`Data.origin`), and the reports print it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from .sets import DATASETS, SPLITS, Data, DataError, is_file_name, load_data, load_file
@@ -29,7 +27,7 @@ def _file_part(dspec, split: str, data: Data) -> tuple[Data, str]:
     """The rows of a shared file that belong to `split`, and how that reads in a report."""
     parts = sharing(dspec, split)
     if len(parts) == 1:
-        return data, f"{Path(data.name).name} ({len(data):,} samples)"
+        return data, f"{data.name} ({len(data):,} samples)"
     n = len(data)
     sizes = {s: int(round(getattr(dspec.split, s) * n)) for s in parts if s != "train"}
     sizes["train"] = n - sum(sizes.values()) if "train" in parts else 0
@@ -41,7 +39,7 @@ def _file_part(dspec, split: str, data: Data) -> tuple[Data, str]:
                 idx = order[start : start + sizes[s]]
                 frac = sizes[s] / n
                 desc = (
-                    f"{frac:.0%} of {Path(data.name).name} ({len(idx):,} of {n:,} samples, "
+                    f"{frac:.0%} of {data.name} ({len(idx):,} of {n:,} samples, "
                     f"seeded split {dspec.seed}, shared with {', '.join(p for p in parts if p != s)})"
                 )
                 return data.take(idx), desc

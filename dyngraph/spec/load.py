@@ -131,6 +131,8 @@ def _read(source: str | Path) -> tuple[str, str]:
 
 
 def _resolve_data_files(spec: Spec, file: str) -> None:
+    from ..data.sets import is_file_name
+
     """Data files named in a spec are relative to the spec's folder (the working directory for
     a spec given as text or a dict): made absolute here, so that every command finds them."""
     if spec.train is None:
@@ -139,7 +141,7 @@ def _resolve_data_files(spec: Spec, file: str) -> None:
     d = spec.train.data
     for key in ("name", "train", "val", "test"):
         src = getattr(d, key)
-        if src is not None and src.endswith((".npz", ".pt")) and not Path(src).is_absolute():
+        if is_file_name(src) and not Path(src).is_absolute():
             setattr(d, key, str(folder / src))
 
 
