@@ -133,7 +133,9 @@ class DataSpec(Strict):
     test: str | None = Field(None, description="the test split (eval, calibrate's test line)")
     split: SplitFractions = SplitFractions()
     params: dict[str, Any] = Field({}, description="built-in sets: their generator's parameters")
-    seed: int = 0
+    seed: int = Field(
+        0, ge=0, lt=2**31, description="which samples: generated sets, splits and shuffling"
+    )
     fresh: bool | None = Field(
         None, description="generated sets: new samples every step (default true for them)"
     )
@@ -239,7 +241,13 @@ class TrainSpec(Strict):
 
     data: DataSpec
     batch_size: int = Field(128, gt=0)
-    seed: int = 0
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**31,
+        description="the run's randomness: initialization, sampled decisions and the order of "
+        "training batches (evaluation splits follow data.seed)",
+    )
     backend: Literal["inductor", "aot_eager", "eager", "none"] = Field(
         "none", description="backend while training (eager is quickest to start on small models)"
     )

@@ -2,7 +2,10 @@
 
 Generated data sets (parity, state_tracking, sparse_recovery) give fresh samples every step by
 default; fixed sets (digits, wide_digits, files) are shuffled once per epoch with a generator
-seeded by (seed, epoch). Under DDP each rank takes its slice of the same global batch.
+seeded by (data seed, epoch). The run's `train.seed` also moves the stream (another order of
+the fixed set, other fresh samples) so that training seeds differ in their batches as well as
+in their initialization; seed 0 keeps the stream of the data seed alone. The evaluation splits
+depend on the data seed only. Under DDP each rank takes its slice of the same global batch.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class Batches:
     def __init__(self, train, rank: int = 0, world: int = 1, data=None):
         d = train.data
         self.d, self.bs, self.rank, self.world = d, train.batch_size, rank, world
+        # far apart from the data seed's own offsets (step + 1 < 10**6, epoch < 7_919)
+        self._run = train.seed * 1_000_003_000
         if self.bs % world:
             raise ValueError(f"batch_size {self.bs} is not divisible by {world} processes")
         self.loader = data if isinstance(data, torch.utils.data.DataLoader) else None
@@ -63,13 +68,13 @@ class Batches:
         if self.loader is not None:
             x, y = self._loader_batch(step)
         elif self.fresh:
-            seed = self.d.seed * 1_000_000 + step + 1
+            seed = self.d.seed * 1_000_000 + step + 1 + self._run
             data = load_data(self.source, split="train", seed=seed, n=self.bs, **self.d.params)
             x, y = data.x, data.y
         else:
             spe = self.steps_per_epoch
             epoch, i = divmod(step, spe)
-            g = torch.Generator().manual_seed(self.d.seed * 7_919 + epoch)
+            g = torch.Generator().manual_seed(self.d.seed * 7_919 + epoch + self._run)
             idx = torch.randperm(len(self._train), generator=g)[i * self.bs : (i + 1) * self.bs]
             x, y = self._train.x[idx], self._train.y[idx]
         per = x.shape[0] // self.world
