@@ -184,6 +184,11 @@ class GammaDist(BaseModel):
             return a + (b - a) * torch.rand(n, generator=generator)
         return torch.full((n,), float(self.constant if self.constant is not None else 0.0))
 
+    @property
+    def high(self) -> float:
+        """The largest gamma training sees (a test-time gamma above it is extrapolation)."""
+        return float(self.uniform[1] if self.uniform is not None else self.constant or 0.0)
+
 
 class GammaSpec(BaseModel):
     model_config = SPEC_CONFIG

@@ -1,9 +1,23 @@
-"""Shared pieces of the reproductions: training a spec into runs/repro, static baselines."""
+"""Shared pieces of the reproductions: seeds run in parallel processes, their statistics and
+claims, training a spec into runs/repro, static baselines.
+
+A reproduction is a module with `run_seed(seed, quick) -> dict` (one training seed's numbers),
+`summarize(runs) -> dict` (mean +- std over the seeds and its `claims`) and `plot(result, path)`;
+`reproduce(NAME, seeds)` runs it. Each claim is tested on the spread: a margin on the seed mean,
+or a trend of means by difficulty with a tolerance, never one per-sample statistic of one seed.
+"""
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +35,29 @@ DOCS = ROOT / "docs" / "repro"
 RUNS = ROOT / "runs" / "repro"
 RUNS_QUICK = ROOT / "runs" / "repro-quick"
 
+#: The recipes' seeds (docs/repro/NAME.json) and a second set never used while tuning the
+#: recipes (`--seeds 3,4,5`, docs/repro/NAME.seeds-3-4-5.json).
+SEEDS = (0, 1, 2)
+HELD_OUT = (3, 4, 5)
+#: The reproductions, most expensive first (one seed's minutes on one core, measured).
+NAMES = ("pondernet", "gates", "act", "early_exit", "l2s", "composer")
+
 
 def spec_dict(name: str) -> dict[str, Any]:
     return yaml.safe_load((SPECS / f"{name}.yaml").read_text())
 
 
-def train_spec(spec: dict | str, quick: bool = False, tag: str | None = None):
-    """Train a spec (a dict or a specs/ name) into runs/repro/TAG; return the trained model."""
+def train_spec(spec: dict | str, quick: bool = False, tag: str | None = None, seed: int = 0):
+    """Train a spec (a dict or a specs/ name) with training seed `seed` into
+    runs/repro/TAG/seedN; return the trained model."""
     d = copy.deepcopy(spec_dict(spec) if isinstance(spec, str) else spec)
     tag = tag or d["name"]
+    d["train"]["seed"] = seed
     torch.set_num_threads(1)
     with torch.enable_grad():  # callers evaluate under no_grad
         r = train(
             d,
-            out=(RUNS_QUICK if quick else RUNS) / tag,
+            out=(RUNS_QUICK if quick else RUNS) / tag / f"seed{seed}",
             stage_steps=150 if quick else None,
             log=lambda *a: None,
         )
@@ -69,22 +92,39 @@ def static_spec(depth: int, base: str = "msdnet_early_exit") -> dict[str, Any]:
     return d
 
 
-def static_baselines(quick: bool = False) -> list[dict[str, float]]:
-    """Static networks of depth 1..8 on state_tracking: test accuracy and MACs (cached)."""
+def _static_seed(depth: int, seed: int, quick: bool) -> tuple[float, float]:
     from ..training.evaluate import evaluate
 
-    cache = DOCS / ("static_baselines_quick.json" if quick else "static_baselines.json")
+    model = train_spec(static_spec(depth), quick, tag=f"static_depth{depth}", seed=seed)
+    r = evaluate(model, splits(model)[1])
+    return r["quality"], r["mean_macs"]
+
+
+def static_baselines(quick: bool = False) -> list[dict[str, Any]]:
+    """Static networks of depth 1..8 on state_tracking, each trained with the recipes' seeds:
+    MACs and test accuracy (the seed mean, with its std and values). Cached in docs/repro:
+    both seed sets are compared with this one reference curve."""
+    cache = results_dir(quick) / "static_baselines.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        rows = json.loads(cache.read_text())
+        if all("accuracies" in r for r in rows):
+            return rows
+    jobs = [(d, s) for d in range(8, 0, -1) for s in SEEDS]  # deepest (dearest) first
+    accs = dict(
+        zip(jobs, in_processes(_static_seed, [(d, s, quick) for d, s in jobs]), strict=True)
+    )
     rows = []
     for depth in range(1, 9):
-        model = train_spec(static_spec(depth), quick, tag=f"static_depth{depth}")
-        _, test = splits(model)
-        r = evaluate(model, test)
-        rows.append({"depth": depth, "macs": r["mean_macs"], "accuracy": r["quality"]})
-    DOCS.mkdir(parents=True, exist_ok=True)
+        values = [accs[depth, s][0] for s in SEEDS]
+        rows.append({"depth": depth, "macs": accs[depth, SEEDS[0]][1], **_static_row(values)})
+    cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def _static_row(values: list[float]) -> dict[str, Any]:
+    st = stats(values)
+    return {"accuracy": st["mean"], "accuracy_std": st["std"], "accuracies": values}
 
 
 def interpolate(rows: list[dict[str, float]], macs: float) -> float:
@@ -108,14 +148,117 @@ def spearman(a, b) -> float:
         return r
 
     ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0  # one of them constant (every input the same steps): no correlation
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def save_result(name: str, result: dict) -> Path:
-    DOCS.mkdir(parents=True, exist_ok=True)
-    p = DOCS / f"{name}.json"
-    p.write_text(json.dumps(result, indent=1, default=float))
-    return p
+def stats(values: Sequence[float], better: str = "higher") -> dict[str, Any]:
+    """Mean, sample std, the worst value (the lowest where higher is better) and the values."""
+    v = [float(x) for x in values]
+    mean = sum(v) / len(v)
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    worst = min(v) if better == "higher" else max(v)
+    return {"mean": mean, "std": std, "worst": worst, "values": v}
+
+
+def curve_stats(curves: Sequence[Sequence[float]]) -> dict[str, list[float]]:
+    """Pointwise mean and std of per-seed curves (the same x for every seed)."""
+    cols = [stats(c) for c in zip(*curves, strict=True)]
+    return {"mean": [c["mean"] for c in cols], "std": [c["std"] for c in cols]}
+
+
+def trend(curves: Sequence[Sequence[float]], min_rise: float, tol: float) -> dict[str, Any]:
+    """Does a quantity rise with difficulty? On the seed-mean curve (x = difficulty): the mean
+    of its upper half exceeds that of its lower half by `min_rise`, and no step down between
+    neighbours is larger than `tol`. Per seed, how many rise at all (reported)."""
+    mean = curve_stats(curves)["mean"]
+
+    def rise(c: Sequence[float]) -> float:
+        h = len(c) // 2
+        return sum(c[-h:]) / h - sum(c[:h]) / h
+
+    drop = max([a - b for a, b in zip(mean, mean[1:], strict=False)] + [0.0])
+    return {
+        "rise": rise(mean),
+        "largest_drop": drop,
+        "seeds_rising": sum(rise(c) > 0 for c in curves),
+        "holds": rise(mean) >= min_rise and drop <= tol,
+    }
+
+
+def claim(holds: bool, text: str, measured: str) -> dict[str, Any]:
+    """One claim of a reproduction: what is claimed, what was measured, whether it holds."""
+    return {"claim": text, "measured": measured, "holds": bool(holds)}
+
+
+def pm(st: dict[str, Any], scale: float = 1.0, fmt: str = ".2f", unit: str = "") -> str:
+    """'mean ± std' of a `stats` dict, e.g. pm(acc, 100, '.2f', '%')."""
+    return f"{scale * st['mean']:{fmt}} ± {scale * st['std']:{fmt}}{unit}"
+
+
+def _workers(n_jobs: int) -> int:
+    env = os.environ.get("DYNGRAPH_REPRO_JOBS")
+    return max(1, min(n_jobs, int(env) if env else (os.cpu_count() or 1)))
+
+
+def in_processes(fn: Callable, args: Sequence[tuple]) -> list:
+    """fn(*a) for each a, in parallel processes (one per core, one thread each; spawned, so
+    that nothing of this process's torch state is shared), results in the order of `args`."""
+    if _workers(len(args)) == 1:
+        return [fn(*a) for a in args]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(_workers(len(args)), mp_context=ctx) as pool:
+        futures = [pool.submit(fn, *a) for a in args]
+        return [f.result() for f in futures]
+
+
+def _run_seed(name: str, seed: int, quick: bool) -> dict:
+    t = time.perf_counter()
+    r = importlib.import_module(f"dyngraph.repro.{name}").run_seed(seed, quick)
+    return {**r, "seconds": time.perf_counter() - t}
+
+
+def suffix(seeds: Sequence[int]) -> str:
+    """'' for the recipes' seeds, '.seeds-3-4-5' for another set."""
+    return "" if tuple(seeds) == SEEDS else ".seeds-" + "-".join(str(x) for x in seeds)
+
+
+def results_dir(quick: bool) -> Path:
+    """docs/repro for real runs; quick runs (which check the pipeline only) stay in runs/."""
+    return RUNS_QUICK if quick else DOCS
+
+
+def reproduce_all(
+    names: Sequence[str] = NAMES, seeds: Sequence[int] = SEEDS, quick: bool = False
+) -> dict[str, dict]:
+    """Run reproductions over `seeds`, every (reproduction, seed) pair in one pool of processes
+    (dearest first, so that the cores stay busy), then summarize, save and plot each."""
+    if {"early_exit", "gates"} & set(names):
+        static_baselines(quick)  # once, before the seeds that read it
+    jobs = [(n, s) for n in names for s in seeds]
+    done = in_processes(_run_seed, [(n, s, quick) for n, s in jobs])
+    results = {}
+    for name in names:
+        runs = {s: r for (n, s), r in zip(jobs, done, strict=True) if n == name}
+        mod = importlib.import_module(f"dyngraph.repro.{name}")
+        result = {
+            "seeds": list(seeds),
+            "seconds_per_seed": stats([r["seconds"] for r in runs.values()], "lower"),
+            **mod.summarize(runs, quick),
+            "runs": {str(s): r for s, r in runs.items()},
+        }
+        out, stem = results_dir(quick), name + suffix(seeds)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float))
+        mod.plot(result, out / f"{stem}.png")
+        results[name] = result
+    return results
+
+
+def reproduce(name: str, seeds: Sequence[int] = SEEDS, quick: bool = False) -> dict:
+    """One reproduction over `seeds` (see `reproduce_all`)."""
+    return reproduce_all((name,), seeds, quick)[name]
 
 
 def load(name: str):
@@ -130,6 +273,24 @@ def label(ax, xlabel: str, ylabel: str, title: str, legend: bool = True) -> None
     ax.grid(alpha=0.3)
     if legend:
         ax.legend(fontsize=8)
+
+
+def spread(ax, x, curves: Sequence[Sequence[float]], style: str = "o-", label: str = "") -> None:
+    """Each seed's curve faint, their mean with std bars: how every reproduction plot shows
+    the spread over seeds."""
+    line = None
+    for c in curves:
+        (line,) = ax.plot(x, c, "-", alpha=0.25, lw=1, color=line.get_color() if line else None)
+    cs = curve_stats(curves)
+    ax.errorbar(
+        x,
+        cs["mean"],
+        yerr=cs["std"],
+        fmt=style,
+        capsize=3,
+        color=line.get_color(),
+        label=f"{label + ': ' if label else ''}mean ± std of {len(curves)} seeds",
+    )
 
 
 def save_figure(fig, path) -> None:

@@ -9,8 +9,6 @@ and blocks run versus the difficulty k.
 
 from __future__ import annotations
 
-import json
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -20,23 +18,28 @@ import torch  # noqa: E402
 from ..training.calibrate import calibrate_budget  # noqa: E402
 from ..training.evaluate import evaluate  # noqa: E402
 from .common import (  # noqa: E402
-    DOCS,
+    claim,
+    curve_stats,
     interpolate,
     label,
+    pm,
     save_figure,
-    save_result,
     spearman,
     splits,
+    spread,
     static_baselines,
+    stats,
     train_spec,
+    trend,
 )
 
 BUDGET = 0.6
+SPECS = ("skipnet_ff", "skipnet_rnn", "blockdrop")
 
 
 @torch.no_grad()
-def run_one(name: str, quick: bool, static: list[dict]) -> dict:
-    model = train_spec(name, quick)
+def run_one(name: str, quick: bool, static: list[dict], seed: int) -> dict:
+    model = train_spec(name, quick, seed=seed)
     val, test = splits(model)
     as_trained = evaluate(model, test)
     cal = None
@@ -66,30 +69,90 @@ def run_one(name: str, quick: bool, static: list[dict]) -> dict:
     }
 
 
-def run(quick: bool = False, only: str | None = None) -> dict:
-    """All three, or with `only` one spec, updating the saved results."""
+def run_seed(seed: int, quick: bool = False) -> dict:
     static = static_baselines(quick)
-    saved = DOCS / ("gates_quick.json" if quick else "gates.json")
-    result = json.loads(saved.read_text()) if only and saved.exists() else {}
-    result["static"] = static
-    for name in ("skipnet_ff", "skipnet_rnn", "blockdrop"):
-        if only in (None, name):
-            result[name] = run_one(name, quick, static)
-    save_result("gates" + ("_quick" if quick else ""), result)
-    plot(result, DOCS / ("gates_quick.png" if quick else "gates.png"))
+    return {name: run_one(name, quick, static, seed) for name in SPECS}
+
+
+#: the claimed margin against static networks of the same MACs, in points (seed mean)
+MARGIN = {"skipnet_ff": -1.0, "skipnet_rnn": -1.0, "blockdrop": -1.0}
+
+
+def summarize(runs: dict[int, dict], quick: bool = False) -> dict:
+    rs = list(runs.values())
+    result: dict = {"static": static_baselines(quick)}
+    claims = {}
+    for name in SPECS:
+        one = [r[name] for r in rs]
+        g = {
+            k: stats([o[k] for o in one], "lower" if k == "macs_fraction" else "higher")
+            for k in (
+                "accuracy",
+                "macs_fraction",
+                "mean_macs",
+                "static_accuracy_same_macs",
+                "gain_points",
+                "spearman_blocks_k",
+            )
+        }
+        g["as_trained_accuracy"] = stats([o["as_trained"]["accuracy"] for o in one])
+        g["as_trained_macs_fraction"] = stats([o["as_trained"]["macs_fraction"] for o in one])
+        g["calibrated_seeds"] = sum(o["calibrated"] is not None for o in one)
+        by_k = [o["blocks_by_k"] for o in one]
+        g["k"], g["blocks_by_k"] = one[0]["k"], curve_stats(by_k)
+        g["trend"] = tr = trend(by_k, min_rise=1.0, tol=0.25)
+        result[name] = g
+        gain, macs = g["gain_points"], g["macs_fraction"]
+        claims[f"{name}_matches_static"] = claim(
+            gain["mean"] >= MARGIN[name] and macs["mean"] <= BUDGET + 0.03,
+            f"{name} at <= {BUDGET:.0%} of the MACs (seed mean, 3% slack): test accuracy within "
+            f"{-MARGIN[name]:g} point of static networks of the same MACs (seed mean)",
+            f"{pm(gain, 1, '+.2f')} points (worst seed {gain['worst']:+.2f}) at "
+            f"{pm(macs, 100, '.1f', '%')} of the MACs",
+        )
+        claims[f"{name}_more_blocks_when_harder"] = claim(
+            tr["holds"],
+            f"{name}: harder inputs run more blocks: on the seed-mean blocks by k, the upper "
+            "half >= 1 block above the lower half, no step down > 0.25",
+            f"rise {tr['rise']:+.2f} blocks, largest step down {tr['largest_drop']:.2f}, "
+            f"{tr['seeds_rising']} of {len(rs)} seeds rising",
+        )
+    result["claims"] = claims
     return result
 
 
 def plot(result: dict, path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     st = result["static"]
-    a.plot(
-        [r["macs"] for r in st], [100 * r["accuracy"] for r in st], "k.-", label="static depth 1..8"
+    a.errorbar(
+        [r["macs"] for r in st],
+        [100 * r["accuracy"] for r in st],
+        yerr=[100 * r["accuracy_std"] for r in st],
+        fmt="k.-",
+        capsize=2,
+        label="static depth 1..8",
     )
     for name, m in (("skipnet_ff", "o"), ("skipnet_rnn", "s"), ("blockdrop", "^")):
-        r = result[name]
-        a.plot([r["mean_macs"]], [100 * r["accuracy"]], m, markersize=9, label=name)
-        b.plot(r["k"], r["blocks_by_k"], m + "-", label=name)
+        g = result[name]
+        pts = list(result["runs"].values())
+        line = a.plot(
+            [p[name]["mean_macs"] for p in pts],
+            [100 * p[name]["accuracy"] for p in pts],
+            m,
+            alpha=0.35,
+        )[0]
+        a.errorbar(
+            [g["mean_macs"]["mean"]],
+            [100 * g["accuracy"]["mean"]],
+            xerr=[g["mean_macs"]["std"]],
+            yerr=[100 * g["accuracy"]["std"]],
+            fmt=m,
+            markersize=9,
+            capsize=3,
+            color=line.get_color(),
+            label=f"{name} (seeds faint)",
+        )
+        spread(b, g["k"], [p[name]["blocks_by_k"] for p in pts], m + "-", name)
     label(
         a,
         "mean MACs per input",

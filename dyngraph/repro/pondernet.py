@@ -1,4 +1,4 @@
-"""PonderNet on parity: accuracy and mean steps (reported)."""
+"""PonderNet on parity: accuracy and mean steps over the seeds, steps by difficulty (reported)."""
 
 from __future__ import annotations
 
@@ -9,33 +9,71 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..training.evaluate import evaluate  # noqa: E402
-from .common import DOCS, save_figure, save_result, spearman, splits, train_spec  # noqa: E402
+from .common import (  # noqa: E402
+    claim,
+    curve_stats,
+    pm,
+    save_figure,
+    spearman,
+    splits,
+    spread,
+    stats,
+    train_spec,
+)
 
 
 @torch.no_grad()
-def run(quick: bool = False) -> dict:
-    model = train_spec("pondernet_parity", quick)
-    _, test = splits(model)
-    r = evaluate(model, test)
+def run_seed(seed: int, quick: bool = False) -> dict:
+    model = train_spec("pondernet_parity", quick, seed=seed)
+    test = splits(model)[1]
     steps = model(test.x).trace.steps[:, 0].float()
     nz = test.meta["nonzero"]
     ks = sorted(set(nz.tolist()))
-    by_k = [float(steps[nz == k].mean()) for k in ks]
-    result = {
-        "accuracy": r["quality"],
+    return {
+        "accuracy": evaluate(model, test)["quality"],
         "mean_steps": float(steps.mean()),
         "nonzero": ks,
-        "steps_by_nonzero": by_k,
+        "steps_by_nonzero": [float(steps[nz == k].mean()) for k in ks],
         "spearman": spearman(steps.numpy(), nz.numpy()),
     }
-    save_result("pondernet" + ("_quick" if quick else ""), result)
+
+
+def summarize(runs: dict[int, dict], quick: bool = False) -> dict:
+    rs = list(runs.values())
+    acc = stats([r["accuracy"] for r in rs])
+    steps = stats([r["mean_steps"] for r in rs], "lower")
+    return {
+        "accuracy": acc,
+        "mean_steps": steps,
+        "spearman": stats([r["spearman"] for r in rs]),
+        "nonzero": rs[0]["nonzero"],
+        "steps_by_nonzero": curve_stats([r["steps_by_nonzero"] for r in rs]),
+        "claims": {
+            "solves": claim(
+                acc["mean"] >= 0.9,
+                "PonderNet solves 8-bit parity: mean test accuracy >= 90%",
+                f"{pm(acc, 100, '.2f', '%')} (worst seed {100 * acc['worst']:.2f}%)",
+            ),
+            "halts": claim(
+                all(1 <= v <= 20 for v in steps["values"]),
+                "it halts inside its 1..20 steps on every seed",
+                f"mean steps {pm(steps)} (seeds: {', '.join(f'{v:.2f}' for v in steps['values'])})",
+            ),
+        },
+    }
+
+
+def plot(result: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.plot(ks, by_k, "o-")
+    ks = result["nonzero"]
+    spread(ax, ks, [r["steps_by_nonzero"] for r in result["runs"].values()])
     ax.set_xlabel("number of non-zero input bits")
     ax.set_ylabel("mean steps (halting at the median)")
     ax.set_title(
-        f"PonderNet parity n=8: accuracy {100 * r['quality']:.1f}%, mean {result['mean_steps']:.2f} steps"
+        f"PonderNet parity n=8, {len(result['seeds'])} seeds: accuracy "
+        f"{pm(result['accuracy'], 100, '.1f', '%')}, {pm(result['mean_steps'])} steps",
+        fontsize=9,
     )
     ax.grid(alpha=0.3)
-    save_figure(fig, DOCS / ("pondernet_quick.png" if quick else "pondernet.png"))
-    return result
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
