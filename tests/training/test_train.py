@@ -72,7 +72,9 @@ def test_batches_are_a_function_of_the_step_and_ranks_split_them():
     assert not torch.equal(Batches(tr).batch(8)[0], a[0])
 
 
-@pytest.mark.parametrize("spec", [TINY, ROOT / "specs" / "composer_wide_digits.yaml"], ids=["fresh", "fixed"])
+@pytest.mark.parametrize(
+    "spec", [TINY, ROOT / "specs" / "composer_wide_digits.yaml"], ids=["fresh", "fixed"]
+)
 def test_training_seeds_see_other_batches_and_the_same_evaluation_splits(spec):
     """Seeds of a reproduction differ in their batches, not in the test set they are scored on."""
     tr = dg.load_spec(spec).spec.train
