@@ -6,36 +6,21 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
-from ..training.evaluate import evaluate  # noqa: E402
+from .act import ponder_on_parity  # noqa: E402
 from .common import (  # noqa: E402
     claim,
     curve_stats,
     pm,
     save_figure,
-    spearman,
-    splits,
     spread,
     stats,
     train_spec,
 )
 
 
-@torch.no_grad()
 def run_seed(seed: int, quick: bool = False) -> dict:
-    model = train_spec("pondernet_parity", quick, seed=seed)
-    test = splits(model)[1]
-    steps = model(test.x).trace.steps[:, 0].float()
-    nz = test.meta["nonzero"]
-    ks = sorted(set(nz.tolist()))
-    return {
-        "accuracy": evaluate(model, test)["quality"],
-        "mean_steps": float(steps.mean()),
-        "nonzero": ks,
-        "steps_by_nonzero": [float(steps[nz == k].mean()) for k in ks],
-        "spearman": spearman(steps.numpy(), nz.numpy()),
-    }
+    return ponder_on_parity(train_spec("pondernet_parity", quick, seed=seed))
 
 
 def summarize(runs: dict[int, dict], quick: bool = False) -> dict:
