@@ -33,7 +33,7 @@ def _seeds(r) -> str:
 
 def _minutes(r) -> str:
     s = r["seconds_per_seed"]
-    return f"{s['mean'] / 60:.1f} ± {s['std'] / 60:.1f} min per seed on one core"
+    return f"{s['mean'] / 60:.1f} ± {s['std'] / 60:.1f} CPU minutes per seed"
 
 
 def claims_table(name: str, r) -> list[str]:
