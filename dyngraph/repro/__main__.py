@@ -7,6 +7,7 @@ each claim with what was measured and whether it holds; exits 1 if one does not.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -39,11 +40,18 @@ def main() -> None:
         help="training seeds, comma-separated (default 0,1,2; held out: 3,4,5)",
     )
     ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="load finished runs of the same spec from runs/repro instead of training them again",
+    )
+    ap.add_argument(
         "--quick",
         action="store_true",
         help="150 steps per stage: checks the pipeline, not the claim",
     )
     args = ap.parse_args()
+    if args.reuse:  # read by train_spec in every worker process
+        os.environ["DYNGRAPH_REPRO_REUSE"] = "1"
     names = NAMES if "all" in args.names else tuple(dict.fromkeys(args.names))
     t = time.perf_counter()
     results = reproduce_all(names, args.seeds, args.quick)

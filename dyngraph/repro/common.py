@@ -25,9 +25,11 @@ import numpy as np
 import torch
 import yaml
 
+from ..compiler.compile import compile as compile_spec
 from ..spec.load import load_spec
 from ..training import train
 from ..training.batches import Batches
+from ..training.checkpoint import load_into
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs"
@@ -49,19 +51,34 @@ def spec_dict(name: str) -> dict[str, Any]:
 
 def train_spec(spec: dict | str, quick: bool = False, tag: str | None = None, seed: int = 0):
     """Train a spec (a dict or a specs/ name) with training seed `seed` into
-    runs/repro/TAG/seedN; return the trained model."""
+    runs/repro/TAG/seedN; return the trained model.
+
+    With DYNGRAPH_REPRO_REUSE=1 (`python -m dyngraph.repro --reuse`) a finished run of the same
+    resolved spec there is loaded instead of trained again: a change to how results are
+    evaluated or summarized then costs minutes, not the hours of training."""
     d = copy.deepcopy(spec_dict(spec) if isinstance(spec, str) else spec)
     tag = tag or d["name"]
     d["train"]["seed"] = seed
+    out = (RUNS_QUICK if quick else RUNS) / tag / f"seed{seed}"
     torch.set_num_threads(1)
+    if os.environ.get("DYNGRAPH_REPRO_REUSE") == "1" and (model := _finished(d, out)) is not None:
+        return model
     with torch.enable_grad():  # callers evaluate under no_grad
-        r = train(
-            d,
-            out=(RUNS_QUICK if quick else RUNS) / tag / f"seed{seed}",
-            stage_steps=150 if quick else None,
-            log=lambda *a: None,
-        )
+        r = train(d, out=out, stage_steps=150 if quick else None, log=lambda *a: None)
     return r.model
+
+
+def _finished(d: dict, out: Path):
+    """The model of a finished run in `out` if it was trained from this very spec, else None."""
+    loaded = load_spec(copy.deepcopy(d))
+    resolved = out / "resolved.json"
+    if not (out / "final.pt").exists() or not resolved.exists():
+        return None
+    if json.loads(resolved.read_text()) != loaded.spec.model_dump(mode="json"):
+        return None
+    model = compile_spec(loaded, backend=loaded.spec.train.backend)
+    load_into(model, out / "final.pt")
+    return model.eval()
 
 
 def splits(model) -> tuple:
@@ -194,7 +211,7 @@ def claim(holds: bool, text: str, measured: str) -> dict[str, Any]:
 
 def pm(st: dict[str, Any], scale: float = 1.0, fmt: str = ".2f", unit: str = "") -> str:
     """'mean ± std' of a `stats` dict, e.g. pm(acc, 100, '.2f', '%')."""
-    return f"{scale * st['mean']:{fmt}} ± {scale * st['std']:{fmt}}{unit}"
+    return f"{scale * st['mean']:{fmt}} ± {scale * st['std']:{fmt.lstrip('+')}}{unit}"
 
 
 def _workers(n_jobs: int) -> int:
@@ -246,6 +263,8 @@ def reproduce_all(
         result = {
             "seeds": list(seeds),
             "seconds_per_seed": stats([r["seconds"] for r in runs.values()], "lower"),
+            # with --reuse the seconds are evaluation only: the training was an earlier run's
+            "reused_runs": os.environ.get("DYNGRAPH_REPRO_REUSE") == "1",
             **mod.summarize(runs, quick),
             "runs": {str(s): r for s, r in runs.items()},
         }
@@ -260,10 +279,6 @@ def reproduce_all(
 def reproduce(name: str, seeds: Sequence[int] = SEEDS, quick: bool = False) -> dict:
     """One reproduction over `seeds` (see `reproduce_all`)."""
     return reproduce_all((name,), seeds, quick)[name]
-
-
-def load(name: str):
-    return load_spec(SPECS / f"{name}.yaml")
 
 
 def label(ax, xlabel: str, ylabel: str, title: str, legend: bool = True) -> None:
