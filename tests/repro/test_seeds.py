@@ -12,7 +12,15 @@ import math
 import pytest
 
 from dyngraph.repro import composer, report
-from dyngraph.repro.common import RUNS_QUICK, reproduce, stats, suffix, trend
+from dyngraph.repro.common import (
+    RUNS_QUICK,
+    _finished,
+    reproduce,
+    spec_dict,
+    stats,
+    suffix,
+    trend,
+)
 
 
 def test_stats_use_the_sample_std_and_name_the_worst_seed():
@@ -60,5 +68,14 @@ def test_a_quick_reproduction_over_seeds_runs_in_processes_and_reports_spreads(m
     # a seed in a spawned process gives what it gives in this one
     again = composer.run_seed(1, quick=True)
     assert again["points"] == r["runs"]["1"]["points"]
+    # --reuse loads the finished run instead of training, and only for the very same spec
+    monkeypatch.setenv("DYNGRAPH_REPRO_REUSE", "1")
+    assert composer.run_seed(1, quick=True)["points"] == again["points"]
+    d = spec_dict("composer_wide_digits") | {"name": "composer_wide_digits"}
+    d["train"]["seed"] = 1
+    out = RUNS_QUICK / "composer_wide_digits" / "seed1"
+    assert _finished(d, out) is not None
+    d["train"]["batch_size"] = 64
+    assert _finished(d, out) is None
     text = report.section_composer(saved | {"folder": RUNS_QUICK})
     assert any("±" in line for line in text)
