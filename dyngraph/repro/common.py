@@ -133,16 +133,19 @@ def static_baselines(quick: bool = False) -> list[dict[str, Any]]:
     )
     rows = []
     for depth in range(1, 9):
-        values = [accs[depth, s][0] for s in SEEDS]
-        rows.append({"depth": depth, "macs": accs[depth, SEEDS[0]][1], **_static_row(values)})
+        acc = stats([accs[depth, s][0] for s in SEEDS])
+        rows.append(
+            {
+                "depth": depth,
+                "macs": accs[depth, SEEDS[0]][1],
+                "accuracy": acc["mean"],
+                "accuracy_std": acc["std"],
+                "accuracies": acc["values"],
+            }
+        )
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(rows, indent=1))
     return rows
-
-
-def _static_row(values: list[float]) -> dict[str, Any]:
-    st = stats(values)
-    return {"accuracy": st["mean"], "accuracy_std": st["std"], "accuracies": values}
 
 
 def interpolate(rows: list[dict[str, float]], macs: float) -> float:
