@@ -1,6 +1,6 @@
 """`python -m dyngraph.repro NAME... [--seeds 0,1,2] [--quick]`: run reproductions over seeds.
 
-Writes docs/repro/NAME.{json,png} (for another seed set, NAME.seeds-3-4-5.{json,png}) and prints
+Writes docs/repro/NAME.{json,png} (for another seed set, e.g. NAME.seeds-3-4-5.{json,png}) and prints
 each claim with what was measured and whether it holds; exits 1 if one does not.
 """
 
@@ -37,7 +37,8 @@ def main() -> None:
         "--seeds",
         type=_seeds,
         default=SEEDS,
-        help="training seeds, comma-separated (default 0,1,2; held out: 3,4,5)",
+        help="training seeds, comma-separated (default 0,1,2; each reproduction's held-out set "
+        "is in dyngraph/repro/common.py HELD_OUT)",
     )
     ap.add_argument(
         "--reuse",

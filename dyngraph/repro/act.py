@@ -1,8 +1,13 @@
 """Adaptive Computation Time on parity (Graves 2016).
 
-Claim: with ACT, a recurrent network solves parity by pondering, and ponders longer on harder
-inputs (more non-zero bits); the same network with one fixed step does not. Here: n = 8,
-GRU 128, tau = 1e-3; a fixed-one-step network trained alike, each over the seeds.
+Claim: with ACT, a recurrent network solves parity by pondering; the same network with one
+fixed step does not. Here: n = 8, GRU 128, tau = 1e-3, 20,000 steps; a fixed-one-step network
+trained alike, each over the seeds.
+
+Ponder steps by the number of non-zero bits are reported, not claimed. Graves gives parity's
+error and mean ponder time against the time penalty, not ponder by input; an earlier version of
+this reproduction claimed that steps rise with the non-zero bits, and over seeds 0-5 the
+direction depended on the seed (three rose, three fell), so the claim was withdrawn.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ def summarize(runs: dict[int, dict], quick: bool = False) -> dict:
     acc = stats([r["accuracy"] for r in rs])
     fixed = stats([r["fixed_one_step_accuracy"] for r in rs], "lower")
     curves = [r["steps_by_nonzero"] for r in rs]
-    tr = trend(curves, min_rise=0.2, tol=0.1)
+    tr = trend(curves, min_rise=0.2, tol=0.1)  # reported: how many seeds ponder longer when harder
     return {
         "accuracy": acc,
         "fixed_one_step_accuracy": fixed,
@@ -82,13 +87,6 @@ def summarize(runs: dict[int, dict], quick: bool = False) -> dict:
                 fixed["worst"] < 0.95,
                 "one fixed step does not: every seed < 95%",
                 f"{pm(fixed, 100, '.2f', '%')} (best seed {100 * fixed['worst']:.2f}%)",
-            ),
-            "ponders_harder": claim(
-                tr["holds"],
-                "mean ponder steps rise with the non-zero bits: the upper half of the seed-mean "
-                "curve >= 0.2 steps above the lower half, no step down > 0.1",
-                f"rise {tr['rise']:+.2f} steps, largest step down {tr['largest_drop']:.2f}, "
-                f"{tr['seeds_rising']} of {len(rs)} seeds rising",
             ),
         },
     }

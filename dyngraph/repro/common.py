@@ -37,10 +37,19 @@ DOCS = ROOT / "docs" / "repro"
 RUNS = ROOT / "runs" / "repro"
 RUNS_QUICK = ROOT / "runs" / "repro-quick"
 
-#: The recipes' seeds (docs/repro/NAME.json) and a second set never used while tuning the
-#: recipes (`--seeds 3,4,5`, docs/repro/NAME.seeds-3-4-5.json).
+#: The recipes' seeds (docs/repro/NAME.json).
 SEEDS = (0, 1, 2)
-HELD_OUT = (3, 4, 5)
+#: Per reproduction, a second seed set never used while tuning its recipe or claims
+#: (docs/repro/NAME.seeds-A-B-C.json). ACT and SkipNet-RNN (in gates) failed claims on 3, 4, 5;
+#: their recipes and claims were then revised on seeds 0-5, which spent 3, 4, 5 for them.
+HELD_OUT = {
+    "pondernet": (3, 4, 5),
+    "act": (6, 7, 8),
+    "gates": (6, 7, 8),
+    "early_exit": (3, 4, 5),
+    "l2s": (3, 4, 5),
+    "composer": (3, 4, 5),
+}
 #: The reproductions, dearest first (CPU minutes per seed, measured: 8.2, 7.2, 6.0, 3.2, 2.8,
 #: 0.3), so that the pool's last jobs are short.
 NAMES = ("pondernet", "act", "gates", "early_exit", "l2s", "composer")
