@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from dyngraph.repro import composer, report
+from dyngraph.repro import composer, sections
 from dyngraph.repro.common import (
     RUNS_QUICK,
     _finished,
@@ -77,5 +77,5 @@ def test_a_quick_reproduction_over_seeds_runs_in_processes_and_reports_spreads(m
     assert _finished(d, out) is not None
     d["train"]["batch_size"] = 64
     assert _finished(d, out) is None
-    text = report.section_composer(saved | {"folder": RUNS_QUICK})
+    text = sections.section_composer(saved | {"folder": RUNS_QUICK})
     assert any("±" in line for line in text)
