@@ -7,7 +7,6 @@ GraphModules) and construct runtimes, in graph order, with the units they run.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,7 @@ from ..spec.types import InlineModule
 from ..spec.yaml_loader import locate
 from .fx_segments import StaticNode, segment_module
 from .memory import memory_problems
+from .names import BlockNames, node_name
 from .shapes import fake_shapes, structure_key
 from .units import Shape, Unit
 
@@ -71,6 +71,7 @@ class Plan:
     has_exits: bool
     trace_sizes: dict[str, int]
     blocks: nn.ModuleDict
+    legacy_names: dict[str, str]  # old flat block names -> dotted ones (old checkpoints)
     controllers: nn.ModuleDict
     runtimes: dict[str, list[Any]] = field(default_factory=dict)
 
@@ -92,6 +93,7 @@ class Builder:
         self.spec, self.raw, self.file, self.trust_imports = spec, raw, file, trust_imports
         self.problems: list[Problem] = []
         self.blocks = nn.ModuleDict()
+        self.names = BlockNames(self.blocks)
         self.controllers = nn.ModuleDict()
         self.units: list[Unit] = []
         self.counters: dict[str, int] = {}
@@ -166,10 +168,7 @@ class Builder:
         except Exception as e:  # a user block's own error
             self.problem(path, f"{m.type}: cannot build: {_short(e)}")
             return None
-        name = re.sub(r"\W", "_", format_path(path))
-        while name in self.blocks:
-            name += "_"
-        self.blocks[name] = module
+        self.names.add(module, path)
         self.block_paths[id(module)] = path
         return module
 
@@ -259,7 +258,7 @@ class Builder:
             if m is None:
                 self._named_failed.add(ref)
                 return None
-            del self.blocks[next(k for k, v in self.blocks.items() if v is m)]
+            self.names.remove(m)
             self.controllers[ref] = m
         m = self.controllers[ref]
         role = BLOCKS[self.spec.controllers[ref].type].role
@@ -380,6 +379,7 @@ class Builder:
                 pending_reads.clear()
 
         for nid, node, path, inputs in items:
+            self.names.enter(nid, path)
             inputs = [aliases.get(i, i) for i in inputs]
             in_shapes = [shapes.get(i) for i in inputs]
             key = _construct_key(node)
@@ -473,7 +473,7 @@ class Builder:
         return self._plan(steps, flat[-1][0], shapes, aliases, bool(exits))
 
     def _unroll(
-        self, nodes: list, path: tuple, in_repeat: bool = False
+        self, nodes: list, path: tuple, reps: tuple[int, ...] = ()
     ) -> list[tuple[str, Any, tuple]]:
         out = []
         seen = self._seen_ids
@@ -490,10 +490,9 @@ class Builder:
                     self._unrolled = MAX_GRAPH_NODES + 1
                     return out
                 for r in range(node.repeat):
-                    for nid, n, np_ in self._unroll(node.nodes, p + ("nodes",), True):
-                        out.append((f"{nid}@{r}" if r else nid, n, np_))
+                    out += self._unroll(node.nodes, p + ("nodes",), reps + (r,))
                 continue
-            nid = getattr(node, "id", None)
+            nid, in_repeat = getattr(node, "id", None), bool(reps)
             if nid is not None:
                 if in_repeat:
                     self.problem(
@@ -510,8 +509,13 @@ class Builder:
             if in_repeat and getattr(node, "inputs", None):
                 self.problem(p + ("inputs",), "`inputs` are not allowed inside `repeat`")
             self._unrolled += 1
-            auto = f"_{format_path(p)}"
-            out.append((nid if (nid and not in_repeat) else auto, node, p))
+            # a repetition's id: @r (@r1.r2 inside nested repeats); the first one has none
+            auto = f"_{format_path(p)}" + ("@" + ".".join(map(str, reps)) if any(reps) else "")
+            nid = nid if (nid and not in_repeat) else auto
+            self.names.node(
+                nid, node_name(p, reps, None if in_repeat else getattr(node, "id", None))
+            )
+            out.append((nid, node, p))
         return out
 
     def _check_order(self, items: list, dag: nx.DiGraph) -> None:
@@ -591,6 +595,7 @@ class Builder:
             has_exits=has_exits,
             trace_sizes=dict(self.trace_sizes),
             blocks=self.blocks,
+            legacy_names=dict(self.names.legacy),
             controllers=self.controllers,
             runtimes=self.runtimes,
         )

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..spec.errors import Problem
+from .names import leaves
 
 #: A model may use at most this fraction of the memory available when it is compiled.
 MEMORY_FRACTION = 0.5
@@ -78,7 +79,7 @@ def memory_problems(builder: Any, file: str) -> list[Problem]:
     budget = budget_bytes()
     sizes = [
         (tensor_bytes(m), builder.block_paths.get(id(m), ("graph",)))
-        for m in [*builder.blocks.values(), *builder.controllers.values()]
+        for m in [*(m for _, m in leaves(builder.blocks)), *builder.controllers.values()]
     ]
     weights = sum(n for n, _ in sizes)
     shapes = [s for s in builder.shapes.values() if s is not None]

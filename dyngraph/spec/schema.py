@@ -206,7 +206,8 @@ class StageSpec(Strict):
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     trainable: list[str] = Field(
-        ["all"], description="all, backbone, heads, controllers, or module/unit names"
+        ["all"],
+        description="all, backbone, heads, controllers, a unit name, or a block name (its parameters' prefix, e.g. graph.1 for every block below graph[1])",
     )
     decisions: Literal["soft", "straight_through", "sample", "hard"] | None = Field(
         None, description="gate decision mode (default: each gate's `train:`)"

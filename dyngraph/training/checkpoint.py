@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..compiler.names import leaves, rename_legacy
+
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, damaged, or of another model (one line, for the command line)."""
@@ -88,6 +90,10 @@ def check_fits(state: Any, model, path: str | Path) -> dict:
     ):
         raise CheckpointError(f"checkpoint {path}: holds no state dict of tensors")
     own = model.state_dict()
+    # written before the readable block names (the architecture hash does not see names)
+    renamed = rename_legacy(weights, model._plan.legacy_names)
+    if renamed.keys() != weights.keys() and renamed.keys() == own.keys():
+        weights = renamed
     missing = [k for k in own if k not in weights]
     extra = [k for k in weights if k not in own]
     shapes = [k for k in own if k in weights and weights[k].shape != own[k].shape]
@@ -105,6 +111,21 @@ def check_fits(state: Any, model, path: str | Path) -> dict:
             + (f" (and {n - 1} more differences)" if n > 1 else "")
         )
     return weights
+
+
+def refuse_old_order(state: dict, model, path: str | Path) -> None:
+    """Refuse to resume from a checkpoint whose optimizer state lists the parameters in another
+    order than `model` does: one written before the readable block names, of a spec whose named
+    modules are now registered apart from the graph's blocks."""
+    legacy = model._plan.legacy_names
+    if not any(k.split(".")[1] in legacy for k in state["model"] if k.startswith("blocks.")):
+        return
+    if list(legacy.values()) != [n for n, _ in leaves(model.blocks)]:
+        raise CheckpointError(
+            f"checkpoint {path}: written before the readable parameter names, with the "
+            "parameters in another order, so its optimizer state cannot be resumed; its "
+            "weights still load (dg.load, --checkpoint): start the training run again"
+        )
 
 
 def load_into(model, path: str | Path) -> dict | None:

@@ -26,7 +26,14 @@ from ..progress import Progress
 from ..spec.load import LoadedSpec, load_spec
 from ..spec.schema import TrainSpec
 from .batches import Batches, as_training_data
-from .checkpoint import CheckpointError, check_fits, load, model_state, save_atomic
+from .checkpoint import (
+    CheckpointError,
+    check_fits,
+    load,
+    model_state,
+    refuse_old_order,
+    save_atomic,
+)
 from .evaluate import evaluate
 from .loss import compute_loss
 from .optim import make_optimizer, make_schedule, trainable_parameters
@@ -149,6 +156,7 @@ def train(
                 f"{state.get('stage_steps')}; resume it with the same value"
             )
         model.load_state_dict(check_fits(state, model, ckpt_path))
+        refuse_old_order(state, model, ckpt_path)
         model.load_decision_settings(state["settings"])
     device = torch.device(os.environ.get("DYNGRAPH_DEVICE", "cpu"))
     model.to(device).train()

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..compiler.names import leaves
+
 
 def trainable_parameters(model, names: list[str]) -> list[torch.nn.Parameter]:
     """Parameters of the named parts: all, backbone, heads (exit heads), controllers (every
@@ -29,8 +31,10 @@ def trainable_parameters(model, names: list[str]) -> list[torch.nn.Parameter]:
             groups[part].add(id(p))
             groups["all"].add(id(p))
             groups.setdefault(u.name, set()).add(id(p))
-    for name, m in list(model.blocks.items()) + list(model.controllers.items()):
-        groups.setdefault(name, set()).update(id(p) for p in m.parameters())
+    for name, m in [*leaves(model.blocks), *model.controllers.items()]:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):  # `graph.1` selects every block below it
+            groups.setdefault(".".join(parts[:k]), set()).update(id(p) for p in m.parameters())
     for p in model.parameters():
         by_id.setdefault(id(p), p)
         groups["all"].add(id(p))
