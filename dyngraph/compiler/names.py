@@ -93,12 +93,14 @@ class BlockNames:
 
     def remove(self, module: nn.Module) -> None:
         """Unregister `module` (a controller moves to the model's `controllers`)."""
-        name = self.legacy.pop(self._old.pop(id(module)))
-        *parents, last = name.split(".")
-        node = self.tree
-        for p in parents:
-            node = node[p]
-        del node[last]
+        parts = self.legacy.pop(self._old.pop(id(module))).split(".")
+        chain = [self.tree]
+        for p in parts[:-1]:
+            chain.append(chain[-1][p])
+        for node, key in zip(reversed(chain), reversed(parts), strict=True):
+            del node[key]
+            if len(node):  # drop the subtrees it leaves empty, not the tree itself
+                break
 
     def _parts(self, path: tuple) -> tuple[str, ...]:
         if path[:1] == ("modules",):  # a named module: its name
