@@ -3,12 +3,12 @@
 from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
 from .blocks import register_block
 from .compiler.compile import compile
+from .compiler.load import LoadedSpec, load_spec
 from .constructs import register_construct
+from .core.errors import Problem, SpecError
 from .profiler import Profile, profile
 from .runtime.model import DynamicModel, DynamicOutput
 from .runtime.trace import Trace
-from .spec.errors import Problem, SpecError
-from .spec.load import LoadedSpec, load_spec
 from .training import TrainResult, evaluate, train
 
 __all__ = [

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .cli_args import Parser, UsageError, check_writable, fraction, positive
-from .spec.errors import SpecError
+from .core.errors import SpecError
 
 
 # ---------------------------------------------------------------------------------- commands
 def _validate(args: argparse.Namespace) -> int:
-    from .spec.load import load_spec
+    from .compiler.load import load_spec
 
     status = 0
     for path in args.specs:

@@ -5,6 +5,7 @@ python -m dyngraph.docs > docs/spec.md      (a test checks the committed file is
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel
@@ -48,7 +49,7 @@ A node is one of:
 
 - a **string**: a module named under `modules:`;
 - a mapping with **`type:`**: an inline block (its parameters below), fresh each time;
-- a mapping with exactly one **construct key**: `exit`, `gate`, `metalayer`, `halting`, or
+- a mapping with exactly one **construct key** ({constructs}), or
   `repeat: K` with `nodes: [...]` (unrolled K times; ids and `inputs` are not allowed inside).
 
 Any top-level node may carry `id:` (a name others can read) and `inputs: [id, ...]`. A
@@ -97,21 +98,12 @@ def _type_name(ann: Any) -> str:
     s = (
         _strip_annotated(str(ann))
         .replace("typing.", "")
-        .replace("dyngraph.spec.types.", "")
+        .replace("dyngraph.core.types.", "")
         .replace("<class '", "")
         .replace("'>", "")
     )
-    for mod in (
-        "dyngraph.constructs.exit.",
-        "dyngraph.constructs.gate.",
-        "dyngraph.constructs.halting.",
-        "dyngraph.constructs.metalayer.",
-        "dyngraph.spec.schema.",
-        "dyngraph.blocks.decision.",
-        "annotated_types.",
-        "pydantic.types.",
-    ):
-        s = s.replace(mod, "")
+    # module prefixes of the schema classes (a construct's own, defined anywhere)
+    s = re.sub(r"\b(?:[A-Za-z_][A-Za-z0-9_]*\.)+(?=[A-Z])", "", s)
     return s.replace("NoneType", "null")
 
 
@@ -150,8 +142,8 @@ def _section(title: str, model: type[BaseModel], doc: str | None = None) -> list
 
 def _intro() -> str:
     from .compiler.build import MAX_GRAPH_NODES
-    from .spec.errors import MAX_SHOWN
-    from .spec.yaml_loader import MAX_BYTES, MAX_DEPTH, MAX_INT_DIGITS, MAX_NODES
+    from .core.errors import MAX_SHOWN
+    from .core.yaml_loader import MAX_BYTES, MAX_DEPTH, MAX_INT_DIGITS, MAX_NODES
 
     values = {
         "{max_bytes:,}": f"{MAX_BYTES:,}",
@@ -160,6 +152,7 @@ def _intro() -> str:
         "{digits}": str(MAX_INT_DIGITS),
         "{graph:,}": f"{MAX_GRAPH_NODES:,}",
         "{shown}": str(MAX_SHOWN),
+        "{constructs}": ", ".join(f"`{k}`" for k in CONSTRUCTS),
     }
     text = INTRO
     for k, v in values.items():  # INTRO holds YAML braces: no str.format
@@ -168,11 +161,6 @@ def _intro() -> str:
 
 
 def generate() -> str:
-    from .constructs.exit import Distill, Entropy, ExitSpec, MaxProb, Patience
-    from .constructs.gate import GateSpec
-    from .constructs.halting import ActSpec, L2SSpec, PonderSpec
-    from .constructs.metalayer import MetalayerSpec
-
     lines = [_intro(), "## Top level", ""] + model_table(S.Spec) + [""]
     lines += (
         _section("input", S.InputSpec)
@@ -183,27 +171,8 @@ def generate() -> str:
     for key, c in CONSTRUCTS.items():
         mod = __import__(c.build.__module__, fromlist=["x"])
         lines += [f"### `{key}`", "", (mod.__doc__ or "").strip(), ""]
-        if key == "exit":
-            lines += model_table(ExitSpec) + ["", "Criteria (`criterion: {type: ...}`):", ""]
-            for m in (MaxProb, Entropy, Patience):
-                lines += (
-                    [f"`{m.model_fields['type'].annotation.__args__[0]}`:", ""]
-                    + model_table(m, ("type",))
-                    + [""]
-                )
-            lines += (
-                ["`distill:` (SCAN self-distillation, used in training):", ""]
-                + model_table(Distill)
-                + [""]
-            )
-        elif key == "gate":
-            lines += model_table(GateSpec) + [""]
-        elif key == "metalayer":
-            lines += model_table(MetalayerSpec) + [""]
-        elif key == "halting":
-            for m in (ActSpec, L2SSpec, PonderSpec):
-                rule = m.model_fields["rule"].annotation.__args__[0]
-                lines += [f"`rule: {rule}`:", ""] + model_table(m, ("rule",)) + [""]
+        if c.docs is not None:
+            lines += c.docs(model_table) + [""]
     lines += [
         "## Blocks",
         "",

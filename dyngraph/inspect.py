@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import torch
-
 from .runtime.model import DynamicModel
 
 
 def count_paths(model: DynamicModel) -> int:
-    """The number of distinct decision tuples (paths) the model can take."""
-    done, cont = 0, 1
+    """The number of distinct decision tuples (paths) the model can take: counted along the
+    plan, each construct node multiplying the paths still going (`paths` of its definition)."""
+    owner = {id(n): c for c in model._constructs.values() for n in model.nodes[c.key]}
+    done, going = 0, 1
     for step in model._plan.steps:
-        if step in model.exits:
-            done += cont
-            if step.last:
-                cont = 0
-        elif step in model.gates:
-            cont *= 2
-        elif step in model.metalayers:
-            cont *= len(step.choices)
-        elif step in model.haltings:
-            cont *= step.max_steps
-    return done + cont
-
-
-def exit_macs(model: DynamicModel, counter: str = "fvcore") -> list[int]:
-    """Cumulative static MACs of a sample leaving at each exit (every earlier unit once)."""
-    macs = model.unit_macs(counter)
-    weights = model.max_path_counts()
-    out = []
-    for e in model.exits:
-        step_no = e.head.order[0]
-        upto = torch.tensor([u.order[0] <= step_no for u in model.units])
-        out.append(int((macs * weights * upto).sum()))
-    return out
+        c = owner.get(id(step))
+        if c is not None and c.paths is not None:
+            done, going = c.paths(step, done, going)
+    return done + going
 
 
 def inspect_text(model: DynamicModel, counter: str = "fvcore") -> str:
@@ -54,17 +35,7 @@ def inspect_text(model: DynamicModel, counter: str = "fvcore") -> str:
     lines.append(
         f"static MACs of the longest path (every gate on, costliest choices, max steps): {model.static_macs(counter):,}"
     )
-    if model.exits:
-        lines.append("")
-        lines.append("exits (cumulative MACs of a sample leaving there):")
-        full = exit_macs(model, counter)
-        for e, m in zip(model.exits, full, strict=True):
-            crit = (
-                "takes every sample left"
-                if e.last
-                else f"{e.kind} {e.threshold if e.kind != 'patience' else e.patience}"
-            )
-            lines.append(
-                f"  exit {e.index}: {m:>12,} MACs ({m / full[-1]:.0%} of the last)  [{crit}]"
-            )
+    for c in model._constructs.values():
+        if c.describe is not None and model.nodes[c.key]:
+            lines += c.describe(model, model.nodes[c.key], counter)
     return "\n".join(lines)

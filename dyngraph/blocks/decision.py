@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from ..spec.types import SPEC_CONFIG
+from ..core.types import SPEC_CONFIG
 from .registry import BlockParams, Shape, ShapeError, register_block
 
 

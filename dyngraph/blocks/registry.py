@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 from torch import nn
 
-from ..spec.types import SPEC_CONFIG
+from ..core.types import SPEC_CONFIG
 
 Shape = tuple[int, ...]
 
@@ -84,7 +84,7 @@ def register_block(
 
 def get_block(name: str) -> BlockDef:
     """Look up a block by name, with a "did you mean" for a misspelling."""
-    from ..spec.errors import did_you_mean
+    from ..core.errors import did_you_mean
 
     try:
         return BLOCKS[name]

@@ -122,3 +122,34 @@ def lista_layer(p: ListaParams, shapes: list[Shape]) -> nn.Module:
     if tuple(shapes[0]) != (p.m,):
         raise ShapeError(f"m={p.m} but its input (the measurement y) has shape {list(shapes[0])}")
     return ListaLayer(p.m, p.n, p.seed, p.lam)
+
+
+class FlagStep(nn.Module):
+    """A step whose input gets a first-step flag column (ACT)."""
+
+    def __init__(self, step: nn.Module):
+        super().__init__()
+        self.step = step
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+        return self.step(h, torch.cat([x, flag], dim=1))
+
+
+class StopFeatures(nn.Module):
+    """L2S: the stop policy sees the step's own stop features when it has them (a LISTA layer:
+    residual norm, step size, ...) or [input, state], plus the one-hot step index."""
+
+    def __init__(self, policy: nn.Module, step: nn.Module):
+        super().__init__()
+        self.policy = policy
+        # not a submodule: the step's weights belong to the backbone, not to the stop policy
+        object.__setattr__(self, "step", step if hasattr(step, "stop_features") else None)
+
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, prev: torch.Tensor, onehot: torch.Tensor
+    ) -> torch.Tensor:
+        if self.step is not None:
+            f = self.step.stop_features(h, x, prev)
+        else:
+            f = torch.cat([x.flatten(1), h.flatten(1)], dim=1)
+        return self.policy(torch.cat([f, onehot], dim=1))

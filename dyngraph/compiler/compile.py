@@ -8,8 +8,8 @@ import torch
 
 from ..runtime import kernels
 from ..runtime.model import DynamicModel
-from ..spec.load import LoadedSpec, load_spec
 from .build import build_plan
+from .load import LoadedSpec, load_spec
 
 BACKENDS = ("inductor", "aot_eager", "eager", "none")
 

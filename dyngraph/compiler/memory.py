@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..spec.errors import Problem
+from ..core.errors import Problem
 from .names import leaves
 
 #: A model may use at most this fraction of the memory available when it is compiled.
@@ -74,7 +74,7 @@ def memory_problems(builder: Any, file: str) -> list[Problem]:
     Counted: every block's parameters and buffers once, and a few copies of the largest
     activation of one sample (the cost counter runs each unit at batch 1).
     """
-    from ..spec.yaml_loader import locate
+    from ..core.yaml_loader import locate
 
     budget = budget_bytes()
     sizes = [

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from ..spec.errors import format_path
+from ..core.errors import format_path
 
 
 def node_name(path: tuple, reps: tuple[int, ...], node_id: str | None) -> tuple[str, ...]:

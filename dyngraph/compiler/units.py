@@ -26,6 +26,7 @@ class Unit:
         module: the eager module (an fx GraphModule for segments).
         in_shapes: per-sample shapes of its inputs, all batched along dimension 0.
         construct: the construct node it belongs to ("exit 2"), or "" for top-level segments.
+        head: a decision unit that predicts the task (an exit head): a stage's `heads`.
     """
 
     index: int
@@ -34,6 +35,7 @@ class Unit:
     module: nn.Module
     in_shapes: list[Shape]
     construct: str = ""
+    head: bool = False
     fn: Callable | None = field(default=None, repr=False)
     order: tuple[int, int] = (0, 0)  # (plan step, creation): sorts units into execution order
 

@@ -1,6 +1,7 @@
-"""Constructs: one file each (schema, runtime in every mode, paths); the registry."""
+"""Constructs: one file each (schema, runtime in every mode, objective, trace, docs); the registry."""
 
-from . import exit, gate, halting, metalayer  # noqa: F401  (registration side effects)
-from .registry import CONSTRUCTS, ConstructDef, register_construct
+from . import exit, gate, metalayer, halting  # noqa: F401, I001  (registration; the order is the trace's)
+from .api import Column, ConstructDef, Site, Sweep
+from .registry import CONSTRUCTS, register_construct
 
-__all__ = ["CONSTRUCTS", "ConstructDef", "register_construct"]
+__all__ = ["CONSTRUCTS", "Column", "ConstructDef", "Site", "Sweep", "register_construct"]

@@ -12,15 +12,17 @@ Criteria, on softmax(logits / temperature):
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal, Union
 
 import torch
 from pydantic import Field
 
+from ..core.types import ModuleRef, Strict
 from ..runtime import kernels
 from ..runtime.context import const, draw_scale, positions, pseudo_uniform
-from ..spec.types import ModuleRef, Strict
-from .registry import register_construct, register_objective
+from .api import Column, ConstructDef, Site, Sweep, attr_sweep
+from .registry import register_construct
 
 
 class MaxProb(Strict):
@@ -78,17 +80,36 @@ def confidence(logits: torch.Tensor, kind: str, temperature: float) -> torch.Ten
 
 
 class ExitRuntime:
-    """One exit in each execution mode."""
+    """One exit in each execution mode.
 
-    def __init__(self, index: int, head, spec: ExitSpec, reads: str, writes: str, head_shape):
-        self.index, self.head, self.spec = index, head, spec
+    Args:
+        index: the exit's number (its value in the trace's `exit` column).
+        head: the head's unit.
+        kind: the criterion (`max_prob`, `entropy`, `patience`), None for the last exit.
+        threshold, temperature, patience: the criterion's settings.
+        weight: its task loss weight; distill: its self-distillation settings (training).
+        reads, writes: the id it reads and its node's id; head_shape: the head's output shape.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        head,
+        kind: str | None,
+        threshold: float | None,
+        temperature: float,
+        patience: int | None,
+        weight: float,
+        distill: Distill | None,
+        reads: str,
+        writes: str,
+        head_shape,
+    ):
+        self.index, self.head, self.kind = index, head, kind
+        self.threshold, self.temperature, self.patience = threshold, temperature, patience
+        self.weight, self.distill = weight, distill
         self.reads, self.writes, self.head_shape = [reads], writes, head_shape
-        crit = spec.criterion
-        self.kind = None if crit is None else crit.type
-        self.threshold = getattr(crit, "threshold", None)
-        self.temperature = getattr(crit, "temperature", 1.0)
-        self.patience = getattr(crit, "patience", None)
-        self.last = False  # set by the compiler for the graph's final exit
+        self.last = False  # the graph's final exit (set by `_finish`)
         self.force: float | None = None  # benchmarks: leave with this probability
         self.live_after: set[str] = set()
 
@@ -139,14 +160,16 @@ class ExitRuntime:
         x = g.var(self.reads[0])
         g.line(f"z = {g.call(self.head, [x])}")
         if self.last:
-            g.line(f"ctx.leave(z, {self.index}, True)")
+            g.line(f"ctx.record('exit', None, {self.index})")
+            g.line("ctx.leave(z, True)")
             g.line("ctx.rows = 0")
             g.line("return")
             return
         g.line(f"stay = {g.bind(self, f'exit{self.index}')}.split(ctx, z, {x})")
         g.line("n = stay.shape[0]")
         with g.block("if n != ctx.rows:"):
-            g.line(f"ctx.leave(z, {self.index}, n == 0)")
+            g.line(f"ctx.record('exit', None, {self.index})")
+            g.line("ctx.leave(z, n == 0)")
             with g.block("if n == 0:"):
                 g.line("ctx.rows = 0")
                 g.line("return")
@@ -160,7 +183,7 @@ class ExitRuntime:
             self._run_dense(ctx, x, logits)
             return
         if self.last:
-            ctx.leave(logits, self.index, everyone=True)
+            self._leave(ctx, logits, everyone=True)
             ctx.finish()
             return
         staying = self.staying(ctx, logits, x)
@@ -168,17 +191,23 @@ class ExitRuntime:
             self._partition(ctx, logits, staying)
         elif ctx.rows == 1:  # one sample: one host sync, no index tensors
             if not bool(self.stays(logits, ctx, x)):
-                ctx.leave(logits, self.index, everyone=True)
+                self._leave(ctx, logits, everyone=True)
                 ctx.finish()
         else:
             self._partition(ctx, logits, positions(self.stays(logits, ctx, x)))
+
+    def _leave(self, ctx, logits: torch.Tensor, everyone: bool) -> None:
+        """Infer: every current row outputs `logits` through this exit; the rows that stay are
+        written again by the exit they do take (the last takes all)."""
+        ctx.record("exit", None, self.index)
+        ctx.leave(logits, everyone)
 
     def _partition(self, ctx, logits: torch.Tensor, staying: torch.Tensor) -> None:
         """Infer: the rows at `staying` go on, the others leave with `logits`."""
         n = staying.shape[0]
         if n == ctx.rows:  # nobody leaves
             return
-        ctx.leave(logits, self.index, everyone=n == 0)
+        self._leave(ctx, logits, everyone=n == 0)
         if n == 0:
             ctx.finish()
         else:
@@ -197,8 +226,7 @@ class ExitRuntime:
         ctx.live = ctx.live & ~leave
 
 
-@register_construct("exit", ExitSpec, trace_field="exit")
-def build_exit(spec: ExitSpec, b, site) -> tuple[ExitRuntime, tuple] | None:
+def build_exit(spec: ExitSpec, b, site: Site) -> tuple[ExitRuntime, tuple] | None:
     """Check and build one exit node."""
     index = b.next_index("exit")
     task = b.spec.task
@@ -231,19 +259,34 @@ def build_exit(spec: ExitSpec, b, site) -> tuple[ExitRuntime, tuple] | None:
             f"shape mismatch: the head outputs {list(out)}; the task needs [{task.classes}] (classes)",
         )
         return None
-    unit = b.unit(f"exit {index} head", head, [site.in_shape], construct=f"exit {index}")
-    return ExitRuntime(index, unit, spec, site.in_id, site.node_id, out), site.in_shape
+    unit = b.unit(f"exit {index} head", head, [site.in_shape], construct=f"exit {index}", head=True)
+    crit = spec.criterion
+    runtime = ExitRuntime(
+        index,
+        unit,
+        None if crit is None else crit.type,
+        getattr(crit, "threshold", None),
+        getattr(crit, "temperature", 1.0),
+        getattr(crit, "patience", None),
+        spec.weight,
+        spec.distill,
+        site.in_id,
+        site.node_id,
+        out,
+    )
+    return runtime, site.in_shape
 
 
-@register_objective("exit")
 def exit_objective(lc) -> dict[str, torch.Tensor]:
     """Weighted task loss over every exit (MSDNet); SCAN's self-distillation from the last exit:
     KL at temperature T (scaled by T^2) and an L2 alignment of the exit's layer-normalized input
     features with the last exit's (unnormalized, the alignment diverged: the residual stream's
     scale grew without bound)."""
-    exits, logits = lc.model.exits, lc.out.extras["exit_logits"]
+    exits, logits = lc.model.exits, lc.out.extras.get("exit_logits")
+    if not logits:
+        return {}
     feats = lc.out.extras["exit_features"]
-    weights = torch.tensor([e.spec.weight for e in exits])
+    weights = torch.tensor([e.weight for e in exits])
     task = (
         sum(w * lc.task_loss(z).mean() for w, z in zip(weights.tolist(), logits, strict=True))
         / weights.sum()
@@ -252,10 +295,10 @@ def exit_objective(lc) -> dict[str, torch.Tensor]:
     last, last_feat = logits[-1].detach(), feats[-1].detach()
     kl = feat = 0.0
     n = max(
-        sum(e.spec.distill is not None for e in exits[:-1]), 1
+        sum(e.distill is not None for e in exits[:-1]), 1
     )  # averaged over exits, as the task loss
     for e, z, f in zip(exits[:-1], logits[:-1], feats[:-1], strict=True):
-        d = e.spec.distill
+        d = e.distill
         if d is None:
             continue
         t = d.temperature
@@ -275,3 +318,140 @@ def exit_objective(lc) -> dict[str, torch.Tensor]:
         terms["distill_features"] = feat / n
     lc.task_replaced = True
     return terms
+
+
+# ---------------------------------------------------------------- what generic code reads
+
+
+def _finish(exits: list[ExitRuntime], b) -> tuple | None:
+    """The last exit takes every sample left; only it may go without a criterion; a graph
+    with exits ends with one. The model's output has the heads' shape."""
+    exits[-1].last = True
+    for e in exits[:-1]:
+        if e.kind is None:
+            b.problem(
+                b.path_of(e) + ("exit",),
+                f"{e.name} has no criterion: only the graph's last exit may leave it out (it "
+                "takes every sample left); add e.g. `criterion: {type: max_prob, threshold: 0.9}`",
+            )
+    key, path = b.graph_end
+    if key != "exit":
+        b.problem(
+            path, "a graph with exits must end with an exit (the last exit takes every sample left)"
+        )
+    return exits[-1].head_shape
+
+
+def _thresholds(exits: list[ExitRuntime]) -> list[tuple]:
+    # max_prob above 1 (or entropy below 0) means "never leave here"
+    return [(e, 0.0 if e.kind == "max_prob" else -math.inf, math.inf) for e in exits[:-1]]
+
+
+def _save(exits: list[ExitRuntime]) -> list:
+    return [{"threshold": e.threshold, "temperature": e.temperature} for e in exits]
+
+
+def _load(exits: list[ExitRuntime], values: list) -> None:
+    for e, v in zip(exits, values, strict=False):
+        e.threshold, e.temperature = v["threshold"], v["temperature"]
+
+
+GRIDS = {
+    "max_prob": [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1.01],
+    "entropy": [10.0, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001, -1.0],
+}
+
+
+def _sweep(model, exits: list[ExitRuntime]) -> Sweep | None:
+    """The confidence threshold of every exit with one (max_prob where there are both)."""
+    scored = [e for e in exits[:-1] if e.kind in GRIDS]
+    if not scored:
+        return None
+    kind = "max_prob" if any(e.kind == "max_prob" for e in scored) else "entropy"
+    return attr_sweep(
+        f"exit threshold ({kind})", GRIDS[kind], [e for e in scored if e.kind == kind], "threshold"
+    )
+
+
+@torch.no_grad()
+def fit_temperatures(model, exits: list[ExitRuntime], val, batch_size: int = 512) -> dict:
+    """Per exit, the temperature minimizing the validation NLL (post-hoc temperature scaling)."""
+    if val.y is None or model.spec.task.type != "classification":
+        return {}
+    logits = [[] for _ in exits]
+    for i in range(0, len(val), batch_size):
+        out = model(val.x[i : i + batch_size], mode="dense")
+        for e, z in enumerate(out.extras["exit_logits"]):
+            logits[e].append(z)
+    grid = torch.logspace(math.log10(0.05), math.log10(20.0), 200)
+    temps = []
+    for e, zs in zip(exits, logits, strict=True):
+        z = torch.cat(zs)
+        nll = torch.stack([torch.nn.functional.cross_entropy(z / t, val.y) for t in grid])
+        e.temperature = float(grid[int(nll.argmin())])
+        temps.append(e.temperature)
+    return {"temperatures": temps}
+
+
+def _paths(e: ExitRuntime, done: int, going: int) -> tuple[int, int]:
+    return done + going, 0 if e.last else going
+
+
+def exit_macs(model, exits: list[ExitRuntime], counter: str = "fvcore") -> list[int]:
+    """Cumulative static MACs of a sample leaving at each exit (every earlier unit once)."""
+    macs = model.unit_macs(counter)
+    weights = model.max_path_counts()
+    out = []
+    for e in exits:
+        upto = torch.tensor([u.order[0] <= e.head.order[0] for u in model.units])
+        out.append(int((macs * weights * upto).sum()))
+    return out
+
+
+def _describe(model, exits: list[ExitRuntime], counter: str) -> list[str]:
+    lines = ["", "exits (cumulative MACs of a sample leaving there):"]
+    full = exit_macs(model, exits, counter)
+    for e, m in zip(exits, full, strict=True):
+        crit = (
+            "takes every sample left"
+            if e.last
+            else f"{e.kind} {e.threshold if e.kind != 'patience' else e.patience}"
+        )
+        lines.append(f"  exit {e.index}: {m:>12,} MACs ({m / full[-1]:.0%} of the last)  [{crit}]")
+    return lines
+
+
+def _docs(table) -> list[str]:
+    lines = table(ExitSpec) + ["", "Criteria (`criterion: {type: ...}`):", ""]
+    for m in (MaxProb, Entropy, Patience):
+        lines += [f"`{m.model_fields['type'].annotation.__args__[0]}`:", ""]
+        lines += table(m, ("type",)) + [""]
+    return lines + ["`distill:` (SCAN self-distillation, used in training):", ""] + table(Distill)
+
+
+def _path_text(values: list[int], exits: list) -> str | None:
+    return f"exit {values[0]}" if values[0] >= 0 else None
+
+
+EXIT = register_construct(
+    ConstructDef(
+        key="exit",
+        schema=ExitSpec,
+        build=build_exit,
+        plural="exits",
+        column=Column("exit", per_node=False, empty=-1, describe=_path_text),
+        objective=exit_objective,
+        passes_input=True,
+        finish=_finish,
+        thresholds=_thresholds,
+        settings_key="exits",
+        save_settings=_save,
+        load_settings=_load,
+        sweep=_sweep,
+        sweep_rank=0,
+        calibrate=fit_temperatures,
+        paths=_paths,
+        describe=_describe,
+        docs=_docs,
+    )
+)

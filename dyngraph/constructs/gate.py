@@ -16,15 +16,17 @@ REINFORCE), `hard`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
 from pydantic import Field
 
+from ..core.types import ModuleRef, Strict
 from ..runtime import kernels
 from ..runtime.context import const, draw_scale, positions, pseudo_uniform
-from ..spec.types import ModuleRef, Strict
-from .registry import register_construct, register_objective
+from .api import Column, ConstructDef, Site, attr_sweep
+from .registry import register_construct
 
 TRAIN_MODES = ("straight_through", "soft", "sample", "hard")
 
@@ -38,6 +40,40 @@ class GateSpec(Strict):
     train: Literal["straight_through", "soft", "sample", "hard"] = "straight_through"
 
 
+class GateOptions(Strict):
+    """`gate:` in a training stage: how gates decide and what their objective weighs."""
+
+    decisions: Literal["soft", "straight_through", "sample", "hard"] | None = Field(
+        None, description="gate decision mode (default: each gate's `train:`)"
+    )
+    penalty: float = Field(0.0, ge=0, description="lambda x mean fraction of gated blocks run")
+    reward: Literal["skipnet", "blockdrop"] = Field(
+        "skipnet", description="REINFORCE reward when gates sample"
+    )
+    skipnet_alpha: float = Field(
+        0.1, ge=0, description="skipnet reward: -CE - alpha x fraction run"
+    )
+    blockdrop_gamma: float = Field(5.0, ge=0, description="blockdrop reward when wrong: -gamma")
+    curriculum_steps: int = Field(
+        0,
+        ge=0,
+        description="blockdrop curriculum: one more learnable gate (from the last) every N steps; 0 = off",
+    )
+    policy_weight: float = Field(1.0, ge=0, description="weight of the REINFORCE term")
+
+
+#: keys of earlier specs: a stage's `decisions:` and its `objective:`'s gate keys
+LEGACY = {
+    "decisions": "decisions",
+    "gate_penalty": "penalty",
+    "gate_reward": "reward",
+    "skipnet_alpha": "skipnet_alpha",
+    "blockdrop_gamma": "blockdrop_gamma",
+    "curriculum_steps": "curriculum_steps",
+    "policy_weight": "policy_weight",
+}
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
@@ -48,7 +84,8 @@ class GateRuntime:
     def __init__(
         self,
         index: int,
-        spec: GateSpec,
+        threshold: float,
+        train_mode: str,
         body,
         policy,
         style: str,
@@ -60,7 +97,7 @@ class GateRuntime:
     ):
         self.index, self.body, self.policy, self.style = index, body, policy, style
         self.key, self.column, self.state_shape = key, column, state_shape
-        self.threshold, self.train_mode = spec.threshold, spec.train
+        self.threshold, self.train_mode = threshold, train_mode
         self.reads, self.writes = reads, writes
         self.force: float | None = None  # benchmarks/tests: run the body with this probability
         self.forced_on = False  # training curriculum (BlockDrop): this gate always runs
@@ -189,10 +226,9 @@ class GateRuntime:
         ctx.env[self.writes] = x + _bcast(g, x) * (yb - x)
 
 
-@register_construct("gate", GateSpec, trace_field="gates")
-def build_gate(spec: GateSpec, b, site) -> tuple[GateRuntime, tuple] | None:
+def build_gate(spec: GateSpec, b, site: Site) -> tuple[GateRuntime, tuple] | None:
     """Check and build one gate node."""
-    index = b.next_index("gate", trace="gates")
+    index = b.next_index("gate", column="gates")
     name = f"gate {index}"
     got = b.controller(spec.policy, site.path + ("policy",), site.in_shape, ("gate_policy",))
     if got is None:
@@ -241,37 +277,47 @@ def build_gate(spec: GateSpec, b, site) -> tuple[GateRuntime, tuple] | None:
         )
         return None
     return GateRuntime(
-        index, spec, body, unit, style, f"gate/{key}", column, state_shape, reads, site.node_id
+        index,
+        spec.threshold,
+        spec.train,
+        body,
+        unit,
+        style,
+        f"gate/{key}",
+        column,
+        state_shape,
+        reads,
+        site.node_id,
     ), site.in_shape
 
 
-@register_objective("gate")
 def gate_objective(lc) -> dict[str, torch.Tensor]:
     """Compute penalty on the gates (straight-through or soft), and REINFORCE for sampled
     gates: SkipNet's reward -CE - alpha x fraction run with a batch-mean baseline, or BlockDrop's
     1 - (used/K)^2 if correct else -gamma with a self-critical (greedy) baseline."""
-    obj, gates = lc.objective, lc.out.extras["gates"]
+    obj, gates = lc.options, lc.out.extras.get("gates")
     terms: dict[str, torch.Tensor] = {}
-    free = [g for g in gates if not g["forced"]]
+    free = [g for g in gates or [] if not g["forced"]]
     if not free:
         return terms
     soft = [g for g in free if g["mode"] != "sample"]
-    if soft and obj.gate_penalty:
+    if soft and obj.penalty:
         terms["gate_penalty"] = (
-            lc.ramp * obj.gate_penalty * torch.stack([g["gate"] for g in soft]).mean()
+            lc.ramp * obj.penalty * torch.stack([g["gate"] for g in soft]).mean()
         )
     sampled = [g for g in free if g["mode"] == "sample"]
     if sampled:
         acts = torch.stack([g["action"] for g in gates])  # [G, B], forced gates count as run
         frac = acts.mean(0)
         logp = torch.stack([g["logp"] for g in sampled]).sum(0)
-        if obj.gate_reward == "skipnet":
+        if obj.reward == "skipnet":
             reward = -lc.task_loss(lc.out.logits).detach() - obj.skipnet_alpha * frac
             baseline = reward.mean()
         else:
             reward = blockdrop_reward(lc, lc.out.logits, frac, obj)
             with torch.no_grad():  # self-critical: the greedy decisions' reward
-                greedy = lc.greedy()
+                with _hard(lc.model.gates):
+                    greedy = lc.model(lc.x, mode="train")
                 gfrac = torch.stack([g["action"] for g in greedy.extras["gates"]]).mean(0)
                 baseline = blockdrop_reward(lc, greedy.logits, gfrac, obj)
         terms["gate_reinforce"] = -obj.policy_weight * ((reward - baseline).detach() * logp).mean()
@@ -283,3 +329,68 @@ def blockdrop_reward(lc, logits, frac, obj) -> torch.Tensor:
     return torch.where(
         correct, 1 - frac.pow(2), torch.full_like(frac, -obj.blockdrop_gamma)
     ).detach()
+
+
+@contextlib.contextmanager
+def _hard(gates: list[GateRuntime]):
+    """Every gate decides hard for a while (BlockDrop's self-critical baseline)."""
+    saved = [g.mode_override for g in gates]
+    for g in gates:
+        g.mode_override = "hard"
+    try:
+        yield
+    finally:
+        for g, m in zip(gates, saved, strict=True):
+            g.mode_override = m
+
+
+# ---------------------------------------------------------------- what generic code reads
+
+
+def _start_stage(gates: list[GateRuntime], options: GateOptions) -> None:
+    for g in gates:
+        g.mode_override = options.decisions
+
+
+def _before_step(gates: list[GateRuntime], options: GateOptions, step: int) -> None:
+    """BlockDrop's curriculum: the first K - k gates always run; k grows by one every
+    `curriculum_steps`."""
+    k_total, every = len(gates), options.curriculum_steps
+    k = k_total if not every else min(k_total, 1 + step // every)
+    for i, g in enumerate(gates):
+        g.forced_on = i < k_total - k
+
+
+def _path_text(values: list[int], gates: list) -> str:
+    ran = [str(i) for i, g in enumerate(values) if g == 1]
+    return f"gates run {','.join(ran) or 'none'} of {sum(1 for g in values if g >= 0)}"
+
+
+GRID = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0]
+
+GATE = register_construct(
+    ConstructDef(
+        key="gate",
+        schema=GateSpec,
+        build=build_gate,
+        plural="gates",
+        column=Column("gates", per_node=True, empty=-1, describe=_path_text),
+        objective=gate_objective,
+        options=GateOptions,
+        legacy_options=LEGACY,
+        start_stage=_start_stage,
+        before_step=_before_step,
+        thresholds=lambda gates: [(g, 0.0, 1.0) for g in gates],
+        settings_key="gates",
+        save_settings=lambda gates: [g.threshold for g in gates],
+        load_settings=lambda gates, values: [
+            setattr(g, "threshold", v) for g, v in zip(gates, values, strict=False)
+        ],
+        sweep=lambda model, gates: attr_sweep("gate threshold", GRID, gates, "threshold"),
+        sweep_rank=2,
+        paths=lambda g, done, going: (done, going * 2),
+        docs=lambda table: (
+            table(GateSpec) + ["", "Stage options (`gate:` in a stage):", ""] + table(GateOptions)
+        ),
+    )
+)

@@ -17,15 +17,17 @@ and return every step's output (train) for the objectives.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 import torch
 from pydantic import AliasChoices, Field
-from torch import nn
 
+from ..blocks.steps import FlagStep, StopFeatures
+from ..core.types import InlineModule, ModuleRef, Strict
 from ..runtime.context import const, positions, pseudo_uniform
-from ..spec.types import InlineModule, ModuleRef, Strict
-from .registry import register_construct, register_objective
+from .api import Column, ConstructDef, Site, attr_sweep
+from .registry import register_construct
 
 _steps = Field(
     validation_alias=AliasChoices("max_steps", "steps"),
@@ -40,6 +42,14 @@ class _Common(Strict):
     max_steps: int = _steps
     shared: bool = Field(True, description="one step module for every step (false: one per step)")
     init: ModuleRef | None = None
+
+
+class HaltingOptions(Strict):
+    """`halting:` in a training stage."""
+
+    l2s: Literal["likelihood", "imitation", "joint"] = Field(
+        "joint", description="L2S stage I, stage II, or both"
+    )
 
 
 class ActSpec(_Common):
@@ -68,47 +78,39 @@ class PonderSpec(_Common):
 HaltingSpec = Annotated[Union[ActSpec, L2SSpec, PonderSpec], Field(discriminator="rule")]  # noqa: UP007
 
 
-class FlagStep(nn.Module):
-    """A step whose input gets a first-step flag column (ACT)."""
+@dataclass(frozen=True)
+class Rule:
+    """A halting node's rule and its fixed settings (thresholds live on the runtime)."""
 
-    def __init__(self, step: nn.Module):
-        super().__init__()
-        self.step = step
-
-    def forward(self, h: torch.Tensor, x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
-        return self.step(h, torch.cat([x, flag], dim=1))
-
-
-class StopFeatures(nn.Module):
-    """L2S: the stop policy sees the step's own stop features when it has them (a LISTA layer:
-    residual norm, step size, ...) or [input, state], plus the one-hot step index."""
-
-    def __init__(self, policy: nn.Module, step: nn.Module):
-        super().__init__()
-        self.policy = policy
-        # not a submodule: the step's weights belong to the backbone, not to the stop policy
-        object.__setattr__(self, "step", step if hasattr(step, "stop_features") else None)
-
-    def forward(
-        self, x: torch.Tensor, h: torch.Tensor, prev: torch.Tensor, onehot: torch.Tensor
-    ) -> torch.Tensor:
-        if self.step is not None:
-            f = self.step.stop_features(h, x, prev)
-        else:
-            f = torch.cat([x.flatten(1), h.flatten(1)], dim=1)
-        return self.policy(torch.cat([f, onehot], dim=1))
+    rule: str
+    max_steps: int
+    flag: bool = False  # ACT's first-step flag
+    ponder_cost: float = 0.0  # ACT
+    prior: float = 0.0  # PonderNet
+    kl_weight: float = 0.0  # PonderNet
+    beta: float = 1.0  # L2S
 
 
 class HaltingRuntime:
     """One halting node in each execution mode."""
 
-    def __init__(self, index: int, spec, steps: list, unit, init, state_shape, reads, writes):
-        self.index, self.spec, self.rule = index, spec, spec.rule
+    def __init__(
+        self,
+        index: int,
+        rule: Rule,
+        threshold: float | None,
+        epsilon: float | None,
+        steps: list,
+        unit,
+        init,
+        state_shape,
+        reads,
+        writes,
+    ):
+        self.index, self.params, self.rule = index, rule, rule.rule
         self.steps, self.unit, self.init, self.state_shape = steps, unit, init, state_shape
-        self.max_steps = spec.max_steps
-        self.threshold = getattr(spec, "threshold", None)
-        self.epsilon = getattr(spec, "epsilon", None)
-        self.flag = getattr(spec, "step_flag", False)
+        self.max_steps, self.flag = rule.max_steps, rule.flag
+        self.threshold, self.epsilon = threshold, epsilon
         self.reads, self.writes = reads, writes
         self.force: tuple[int, int] | None = None  # benchmarks: steps per sample drawn in [lo, hi]
         self.live_after: set[str] = set()
@@ -289,10 +291,9 @@ class HaltingRuntime:
         return out
 
 
-@register_construct("halting", HaltingSpec, trace_field="steps")
-def build_halting(spec, b, site) -> tuple[HaltingRuntime, tuple] | None:
+def build_halting(spec, b, site: Site) -> tuple[HaltingRuntime, tuple] | None:
     """Check and build one halting node."""
-    index = b.next_index("halting", trace="steps")
+    index = b.next_index("halting", column="steps")
     name, path = f"halting {index}", site.path
     x_shape = site.in_shape
     step_in = (*x_shape[:-1], x_shape[-1] + 1) if getattr(spec, "step_flag", False) else x_shape
@@ -360,8 +361,25 @@ def build_halting(spec, b, site) -> tuple[HaltingRuntime, tuple] | None:
         if um is None:
             return None
         unit = b.unit(f"{name} halting unit", um, [state_shape], construct=name)
+    fields = ("ponder_cost", "prior", "kl_weight", "beta")
+    rule = Rule(
+        spec.rule,
+        spec.max_steps,
+        getattr(spec, "step_flag", False),
+        **{f: getattr(spec, f) for f in fields if hasattr(spec, f)},
+    )
+    threshold, epsilon = getattr(spec, "threshold", None), getattr(spec, "epsilon", None)
     rt = HaltingRuntime(
-        index, spec, steps, unit, init_unit, state_shape, [site.in_id], site.node_id
+        index,
+        rule,
+        threshold,
+        epsilon,
+        steps,
+        unit,
+        init_unit,
+        state_shape,
+        [site.in_id],
+        site.node_id,
     )
     return rt, state_shape
 
@@ -384,32 +402,31 @@ def _halting_distribution(probs: list[torch.Tensor], rule: str) -> torch.Tensor:
     return torch.stack(out)
 
 
-@register_objective("halting")
 def halting_objective(lc) -> dict[str, torch.Tensor]:
     """ACT: task loss + tau x (N + R). PonderNet: sum_n p_n L(y_n) + kl_weight x KL(p || geometric
     prior). L2S: stage I, sum_t q*_t L_t with q* = softmin_t(L_t / beta) (the oracle,
     not back-propagated); stage II, KL(q* || q_phi) for the stop policy; `joint` adds both."""
     terms: dict[str, torch.Tensor] = {}
-    for h, ex in zip(lc.model.haltings, lc.out.extras["halting"], strict=True):
+    for h, ex in zip(lc.model.haltings, lc.out.extras.get("halting") or [], strict=True):
         if h.rule == "act":
-            terms[f"ponder_{h.index}"] = h.spec.ponder_cost * ex["ponder"].mean()
+            terms[f"ponder_{h.index}"] = h.params.ponder_cost * ex["ponder"].mean()
             continue
         losses = torch.stack([lc.task_loss(lc.tail(h, s)) for s in ex["states"]])  # [T, B]
         if h.rule == "pondernet":
             p = _halting_distribution(ex["probs"], h.rule)
             terms["ponder_reconstruction"] = (p * losses).sum(0).mean()
             steps = torch.arange(len(ex["probs"]), dtype=p.dtype, device=p.device)
-            prior = h.spec.prior * (1 - h.spec.prior) ** steps
+            prior = h.params.prior * (1 - h.params.prior) ** steps
             prior = (prior / prior.sum())[:, None]
             terms["ponder_kl"] = (
-                h.spec.kl_weight * (p * (p.clamp_min(1e-10).log() - prior.log())).sum(0).mean()
+                h.params.kl_weight * (p * (p.clamp_min(1e-10).log() - prior.log())).sum(0).mean()
             )
             lc.task_replaced = True
             continue
         # q* ∝ p(y|t,x)^(1/beta), with log p = -(summed squared error) for regression
         nll = losses.detach() * (lc.y[0].numel() if lc.model.spec.task.type == "regression" else 1)
-        q_star = torch.softmax(-nll / h.spec.beta, dim=0)
-        stage = lc.objective.l2s
+        q_star = torch.softmax(-nll / h.params.beta, dim=0)
+        stage = lc.options.l2s
         if stage in ("likelihood", "joint"):
             terms["l2s_oracle"] = (q_star * losses).sum(0).mean()
         if stage in ("imitation", "joint"):
@@ -421,3 +438,63 @@ def halting_objective(lc) -> dict[str, torch.Tensor]:
             )
         lc.task_replaced = True
     return terms
+
+
+# ---------------------------------------------------------------- what generic code reads
+
+
+def _sweep(model, haltings: list[HaltingRuntime]):
+    """The stop threshold (L2S, PonderNet), else ACT's epsilon."""
+    hs = [h for h in haltings if h.rule in ("l2s", "pondernet")]
+    if hs:
+        return attr_sweep("halting threshold", GRID, hs, "threshold")
+    acts = [h for h in haltings if h.rule == "act"]
+    return attr_sweep("ACT epsilon", EPSILONS, acts, "epsilon") if acts else None
+
+
+def _load(haltings: list[HaltingRuntime], values: list) -> None:
+    for h, v in zip(haltings, values, strict=False):
+        h.threshold, h.epsilon = v["threshold"], v["epsilon"]
+
+
+def _longest(h: HaltingRuntime, counts: torch.Tensor, macs: torch.Tensor) -> None:
+    """Every step, up to max_steps."""
+    for s in h.steps:
+        counts[s.index] = h.max_steps if len(h.steps) == 1 else 1
+    counts[h.unit.index] = h.max_steps
+
+
+def _docs(table) -> list[str]:
+    lines = []
+    for m in (ActSpec, L2SSpec, PonderSpec):
+        rule = m.model_fields["rule"].annotation.__args__[0]
+        lines += [f"`rule: {rule}`:", ""] + table(m, ("rule",)) + [""]
+    return lines + ["Stage options (`halting:` in a stage):", ""] + table(HaltingOptions)
+
+
+GRID = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99]
+EPSILONS = [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+
+HALTING = register_construct(
+    ConstructDef(
+        key="halting",
+        schema=HaltingSpec,
+        build=build_halting,
+        plural="haltings",
+        column=Column(
+            "steps", per_node=True, empty=0, describe=lambda v, _: "steps " + "+".join(map(str, v))
+        ),
+        objective=halting_objective,
+        options=HaltingOptions,
+        legacy_options={"l2s": "l2s"},
+        thresholds=lambda hs: [(h, 0.0, 1.0) for h in hs],
+        settings_key="haltings",
+        save_settings=lambda hs: [{"threshold": h.threshold, "epsilon": h.epsilon} for h in hs],
+        load_settings=_load,
+        sweep=_sweep,
+        sweep_rank=3,
+        paths=lambda h, done, going: (done, going * h.max_steps),
+        longest=_longest,
+        docs=_docs,
+    )
+)

@@ -13,13 +13,17 @@ changed on a compiled model with `model.set_gamma(...)` without recompiling.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import Field
 
+from ..core.types import ModuleRef, Strict
 from ..runtime import kernels
 from ..runtime.context import draw_scale, pseudo_uniform
-from ..spec.types import ModuleRef, Strict
-from .registry import register_construct, register_objective
+from ..runtime.model import checked_setting
+from .api import Column, ConstructDef, Site, Sweep
+from .registry import register_construct
 
 
 class MetalayerSpec(Strict):
@@ -34,17 +38,37 @@ class MetalayerSpec(Strict):
     )
 
 
+class MetalayerOptions(Strict):
+    """`metalayer:` in a training stage: routing and the Composer objective's weights."""
+
+    explore: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="fraction of samples routed at random during this stage (default: each metalayer's `explore`)",
+    )
+    entropy_cost: float = Field(0.0, ge=0, description="Composer batch-entropy cost weight")
+    policy_weight: float = Field(1.0, ge=0, description="weight of the REINFORCE and cost terms")
+
+
+#: keys of earlier specs: a stage's `explore:` and its `objective:`'s Composer keys
+LEGACY = {"explore": "explore", "entropy_cost": "entropy_cost", "policy_weight": "policy_weight"}
+
+
 class MetalayerRuntime:
     """One metalayer in each execution mode."""
 
     def __init__(
         self,
         index: int,
-        spec: MetalayerSpec,
+        explore: float,
+        choice_names: list[str],
         choices,
         router,
         key: str,
+        ctl_name: str,
         ctl,
+        gamma_test: dict[str, float],
         state_shape,
         choice_params: list[int],
         reads: list[str],
@@ -52,8 +76,9 @@ class MetalayerRuntime:
         out_shape,
     ):
         self.index, self.choices, self.router, self.key = index, choices, router, key
-        self.ctl, self.state_shape, self.explore = ctl, state_shape, spec.explore
-        self.choice_names = [choice_label(c) for c in spec.choices]
+        self.ctl, self.state_shape, self.explore = ctl, state_shape, explore
+        self.ctl_name, self.choice_names = ctl_name, choice_names
+        self.gamma_test = gamma_test  # set_gamma's values, shared by the controller's sites
         self.choice_params = torch.tensor(choice_params, dtype=torch.float32)
         self.reads, self.writes, self.out_shape = reads, writes, out_shape
         self.force: list[float] | None = None  # benchmarks/tests: route with these probabilities
@@ -75,7 +100,7 @@ class MetalayerRuntime:
                 g = torch.stack(cols, dim=1) if cols else torch.zeros(n, 0)
                 ctx.states[key] = g.to(device=like.device, dtype=like.dtype)
             else:  # the test values: one tensor per (rows, values), reused across forward passes
-                test = ctx.gamma_overrides.get(self.key, {})
+                test = self.gamma_test
                 values = tuple(
                     float(test.get(k, p.gamma.test)) for k, p in self.ctl.preferences.items()
                 )
@@ -208,10 +233,9 @@ def _n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@register_construct("metalayer", MetalayerSpec, trace_field="choices")
-def build_metalayer(spec: MetalayerSpec, b, site) -> tuple[MetalayerRuntime, tuple] | None:
+def build_metalayer(spec: MetalayerSpec, b, site: Site) -> tuple[MetalayerRuntime, tuple] | None:
     """Check and build one metalayer node."""
-    index = b.next_index("metalayer", trace="choices")
+    index = b.next_index("metalayer", column="choices")
     name = f"metalayer {index}"
     got = b.controller(spec.controller, site.path + ("controller",), site.in_shape, ("router",))
     unit = None
@@ -243,22 +267,23 @@ def build_metalayer(spec: MetalayerSpec, b, site) -> tuple[MetalayerRuntime, tup
     params = [_n_params(u.module) for u in units]
     rt = MetalayerRuntime(
         index,
-        spec,
+        spec.explore,
+        [choice_label(c) for c in spec.choices],
         units,
         unit,
         f"router/{key}",
+        key,
         ctl,
+        b.shared.setdefault(f"gamma/{key}", {}),
         ctl.state_shape,
         params,
         [site.in_id],
         site.node_id,
         shapes[0],
     )
-    rt.ctl_name = key
     return rt, shapes[0]
 
 
-@register_objective("metalayer")
 def metalayer_objective(lc) -> dict[str, torch.Tensor]:
     """Composer: maximize log p(y|x,c) + C(p, c, gamma) over the controller's choices.
 
@@ -268,7 +293,9 @@ def metalayer_objective(lc) -> dict[str, torch.Tensor]:
     sum_c pi(c | x, gamma) C(c), is differentiated exactly (no sampling variance): this is what
     teaches the controller to follow gamma. A `batch_entropy` preference (or `entropy_cost`)
     adds -weight x the entropy of the batch's mean routing, rewarding varied routing."""
-    obj, picks = lc.objective, lc.out.extras["choices"]
+    obj, picks = lc.options, lc.out.extras.get("choices")
+    if not picks:
+        return {}
     reward = -lc.task_loss(lc.out.logits).detach()  # log p(y|x,c) (classification)
     terms: dict[str, torch.Tensor] = {}
     cost = ent = logp = 0.0
@@ -293,3 +320,92 @@ def metalayer_objective(lc) -> dict[str, torch.Tensor]:
     if torch.is_tensor(ent):
         terms["batch_entropy"] = ent
     return terms
+
+
+# ---------------------------------------------------------------- what generic code reads
+
+
+def set_gamma(
+    metalayers: list[MetalayerRuntime],
+    value: float,
+    preference: str | None = None,
+    controller: str | None = None,
+) -> None:
+    """Set the test-time preference value gamma of the controllers (`model.set_gamma`)."""
+    value = checked_setting(value, 0.0, math.inf, "gamma")
+    found = False
+    for m in metalayers:
+        if controller is not None and m.ctl_name != controller:
+            continue
+        for pref in m.ctl.preferences:
+            if preference is None or pref == preference:
+                m.gamma_test[pref] = float(value)
+                found = True
+    if not found:
+        raise ValueError(f"no preference {preference!r} on controller {controller!r}")
+
+
+def _save(metalayers: list[MetalayerRuntime]) -> dict:
+    return {m.key: dict(m.gamma_test) for m in metalayers if m.gamma_test}
+
+
+def _load(metalayers: list[MetalayerRuntime], values: dict) -> None:
+    for m in metalayers:
+        m.gamma_test.clear()
+    for m in metalayers:
+        m.gamma_test.update(values.get(m.key, {}))
+
+
+GAMMAS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0]
+
+
+def _sweep(model, metalayers: list[MetalayerRuntime]) -> Sweep:
+    saved = _save(metalayers)
+    return Sweep(
+        "gamma", GAMMAS, lambda v: set_gamma(metalayers, v), lambda: _load(metalayers, saved)
+    )
+
+
+def _start_stage(metalayers: list[MetalayerRuntime], options: MetalayerOptions) -> None:
+    for m in metalayers:
+        m.explore_override = options.explore
+
+
+def _path_text(values: list[int], metalayers: list) -> str:
+    names = [m.choice_names[c] if c >= 0 else "-" for m, c in zip(metalayers, values, strict=True)]
+    return "choices " + "→".join(names)
+
+
+def _longest(m: MetalayerRuntime, counts: torch.Tensor, macs: torch.Tensor) -> None:
+    """The costliest choice."""
+    best = max(m.choices, key=lambda u: int(macs[u.index]))
+    for u in m.choices:
+        counts[u.index] = int(u is best)
+
+
+METALAYER = register_construct(
+    ConstructDef(
+        key="metalayer",
+        schema=MetalayerSpec,
+        build=build_metalayer,
+        plural="metalayers",
+        column=Column("choices", per_node=True, empty=-1, describe=_path_text),
+        objective=metalayer_objective,
+        options=MetalayerOptions,
+        legacy_options=LEGACY,
+        start_stage=_start_stage,
+        settings_key="gamma",
+        save_settings=_save,
+        load_settings=_load,
+        sweep=_sweep,
+        sweep_rank=1,
+        paths=lambda m, done, going: (done, going * len(m.choices)),
+        longest=_longest,
+        docs=lambda table: (
+            table(MetalayerSpec)
+            + ["", "Stage options (`metalayer:` in a stage):", ""]
+            + table(MetalayerOptions)
+        ),
+        methods={"set_gamma": set_gamma},
+    )
+)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..spec.errors import did_you_mean
+from ..core.errors import did_you_mean
 from .sets import DATASETS, SPLITS, is_file_name
 from .splits import GENERATED, sharing
 

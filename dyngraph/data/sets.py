@@ -229,7 +229,7 @@ def load_data(
     if is_file_name(name):
         return load_file(name).subset(n)
     if name not in DATASETS:
-        from ..spec.errors import did_you_mean
+        from ..core.errors import did_you_mean
 
         raise DataError(
             f"unknown data set '{name}'{did_you_mean(name, DATASETS)}; built in: {', '.join(DATASETS)}"

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..data.inputs import as_data
 from ..progress import Progress
-from .inputs import as_data
 from .latency import measure
 from .sweep import quality, sweep
 

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from ..compiler.compile import compile as compile_spec
-from ..spec.load import load_spec
+from ..compiler.load import load_spec
 from ..training import train
 from ..training.batches import Batches
 from ..training.checkpoint import load_into

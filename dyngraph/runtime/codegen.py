@@ -118,7 +118,7 @@ def generate(plan) -> tuple[Callable, str]:
             _generic(g, step)
         else:
             emit(g)
-    if not plan.has_exits:
+    if not plan.writes_output:
         g.line(f"ctx.out = {g.var(plan.output_id)}")
     source = "def infer(ctx):\n" + "\n".join(g.lines) + "\n"
     scope = dict(g.scope)

@@ -1,7 +1,7 @@
 """The state of one forward pass, and the helpers every construct's runtime uses.
 
 In **infer** mode the context holds only the *active* rows of the batch: `idx` maps them to
-their sample index, and `keep()` compacts every live value when samples leave (an exit). A
+their sample index, and `keep()` compacts every live value when samples leave (at an exit, say). A
 construct that runs a unit on part of its rows slices its inputs itself and says which rows
 ran (`count=`), so that the trace knows exactly which units each sample executed.
 
@@ -84,7 +84,6 @@ class RunContext:
         self.events: list[tuple] = []
         self.decisions: list[tuple] = []
         self.extras: dict[str, Any] = defaultdict(list)
-        self.gamma_overrides: dict[str, dict[str, float]] = {}
         self.trace_sizes = trace_sizes
         self.rows = b  # the number of rows the values in `env` have now (0: every sample left)
 
@@ -113,17 +112,16 @@ class RunContext:
         rows = self.live if self.idx is None else self.idx
         self.decisions.append((field, col, rows, where, values))
 
-    def leave(self, logits: torch.Tensor, exit_index: int, everyone: bool) -> None:
-        """Infer: output `logits` for every current row, as if they all left through exit
-        `exit_index`. Rows that stay are written again by the exit they do take (the last exit
+    def leave(self, out: torch.Tensor, everyone: bool) -> None:
+        """Infer: `out` is the output of every current row (the caller records why: an exit
+        records which). Rows that go on are written again where they leave (the last exit
         takes all), so no index of the leaving rows is ever built. `everyone`: no row stays."""
-        self.record("exit", None, exit_index)
         if self.out is None and self.idx is None and everyone:
-            self.out = logits  # the whole batch leaves here, and nothing writes after it
+            self.out = out  # the whole batch leaves here, and nothing writes after it
             return
         if self.out is None:
-            self.out = logits.new_empty((self.batch, *logits.shape[1:]))
-        self.put(self.out, self.idx, logits)
+            self.out = out.new_empty((self.batch, *out.shape[1:]))
+        self.put(self.out, self.idx, out)
 
     def emit(self, leaving: torch.Tensor, logits: torch.Tensor) -> None:
         """Dense/train: the live samples in the mask `leaving` output `logits` (infer: `leave`)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ from torch import nn
 
 from .codegen import generate
 from .context import MODES, RunContext
-from .trace import PathTable, Trace
+from .trace import Group, PathTable, Trace
 
 
 @dataclass
@@ -48,15 +49,23 @@ class DynamicModel(nn.Module):
         self.backend = backend
         self._plan = plan
         self.units = plan.units
-        self.exits = plan.runtimes.get("exit", [])
-        self.gates = plan.runtimes.get("gate", [])
-        self.metalayers = plan.runtimes.get("metalayer", [])
-        self.haltings = plan.runtimes.get("halting", [])
+        # each construct's runtimes, by construct key (also `model.exits`, `model.gates`, ...:
+        # the construct's `plural`)
+        self._constructs = {c.key: c for c in plan.constructs}  # their ConstructDefs
+        self.nodes = {c.key: plan.runtimes.get(c.key, []) for c in plan.constructs}
         self.paths = PathTable(
-            plan.trace_sizes["gates"], plan.trace_sizes["choices"], plan.trace_sizes["steps"]
+            [
+                Group(
+                    c.column.name,
+                    plan.trace_sizes.get(c.column.name, 0) if c.column.per_node else None,
+                    c.column.empty,
+                    c.column.describe,
+                    self.nodes[c.key],
+                )
+                for c in plan.constructs
+            ]
         )
         self._in_shape = torch.Size(plan.spec.input.shape)
-        self._gamma: dict[str, dict[str, float]] = {}
         self._costs: dict[str, list] = {}
         # infer mode runs a function generated from the plan (runtime/codegen.py); False: the
         # interpreter, as dense and train mode (tests compare the two)
@@ -98,7 +107,6 @@ class DynamicModel(nn.Module):
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         x = self._checked_input(x)
         ctx = RunContext(x, mode, self._plan.trace_sizes)
-        ctx.gamma_overrides = self._gamma
         grad = torch.is_grad_enabled()
         if x.shape[0] == 0:  # an empty batch: nothing runs, the answer is empty
             ctx.out = x.new_empty((0, *self._plan.out_shape))
@@ -166,7 +174,7 @@ class DynamicModel(nn.Module):
             if not ctx.rows:  # every sample has left
                 break
             step.run(ctx)
-        if not self._plan.has_exits:
+        if not self._plan.writes_output:
             ctx.out = ctx.env[self._plan.output_id]
 
     def source(self) -> str:
@@ -201,69 +209,50 @@ class DynamicModel(nn.Module):
                 env[k] = v
         return env[self._plan.output_id]
 
+    def __getattr__(self, name: str) -> Any:
+        # `model.exits`, `model.gates`, ...: a construct's runtimes under its `plural`
+        # and the methods a construct adds (`model.set_gamma(...)`)
+        for c in self.__dict__.get("_constructs", {}).values():
+            if name == c.plural:
+                return self.__dict__["nodes"][c.key]
+            if name in c.methods:
+                return functools.partial(c.methods[name], self.__dict__["nodes"][c.key])
+        return super().__getattr__(name)
+
     # ------------------------------------------------------------------ decision settings
     def set_threshold(self, value: float | list[float], construct: str = "exit") -> None:
-        """Set exit (or gate, or halting) thresholds without recompiling: one value or one per node."""
-        if construct not in ("exit", "gate", "halting"):
-            raise ValueError(f"unknown construct {construct!r}; expected exit, gate or halting")
-        nodes = {"exit": self.exits[:-1], "gate": self.gates, "halting": self.haltings}[construct]
+        """Set a construct's thresholds (exits, gates, halting) without recompiling: one value
+        or one per node."""
+        takes = [k for k, c in self._constructs.items() if c.thresholds is not None]
+        if construct not in takes:
+            raise ValueError(f"unknown construct {construct!r}; expected one of {', '.join(takes)}")
+        nodes = self._constructs[construct].thresholds(self.nodes[construct])
         values = value if isinstance(value, list | tuple) else [value] * len(nodes)
         if len(values) != len(nodes):
             raise ValueError(f"{len(values)} thresholds for {len(nodes)} {construct} nodes")
-        checked = []
-        for node, v in zip(nodes, values, strict=True):
-            # a probability for gates and halting; for exits, max_prob above 1 (or entropy
-            # below 0) means "never leave here"
-            lo, hi = (
-                (0.0, 1.0)
-                if construct != "exit"
-                else ((0.0, math.inf) if node.kind == "max_prob" else (-math.inf, math.inf))
-            )
-            checked.append(_setting(v, lo, hi, f"{node.name} threshold"))
-        for node, v in zip(nodes, checked, strict=True):
+        checked = [
+            checked_setting(v, lo, hi, f"{node.name} threshold")
+            for (node, lo, hi), v in zip(nodes, values, strict=True)
+        ]
+        for (node, _, _), v in zip(nodes, checked, strict=True):
             node.threshold = v
 
     def decision_settings(self) -> dict:
         """Thresholds, temperatures and gamma: what calibration changes (saved in checkpoints)."""
         return {
-            "exits": [{"threshold": e.threshold, "temperature": e.temperature} for e in self.exits],
-            "gates": [g.threshold for g in self.gates],
-            "haltings": [{"threshold": h.threshold, "epsilon": h.epsilon} for h in self.haltings],
-            "gamma": {k: dict(v) for k, v in self._gamma.items()},
+            c.settings_key: c.save_settings(self.nodes[k])
+            for k, c in self._constructs.items()
+            if c.settings_key is not None
         }
 
     def load_decision_settings(self, s: dict) -> None:
-        for e, v in zip(self.exits, s.get("exits", []), strict=False):
-            e.threshold, e.temperature = v["threshold"], v["temperature"]
-        for g, v in zip(self.gates, s.get("gates", []), strict=False):
-            g.threshold = v
-        for h, v in zip(self.haltings, s.get("haltings", []), strict=False):
-            h.threshold, h.epsilon = v["threshold"], v["epsilon"]
-        self._gamma.clear()
-        self._gamma.update({k: dict(v) for k, v in s.get("gamma", {}).items()})
-
-    def set_gamma(
-        self, value: float, preference: str | None = None, controller: str | None = None
-    ) -> None:
-        """Set the test-time preference value gamma of Composer controllers (no recompiling)."""
-        value = _setting(value, 0.0, math.inf, "gamma")
-        found = False
-        for m in self.metalayers:
-            if controller is not None and m.ctl_name != controller:
-                continue
-            for pref in m.ctl.preferences:
-                if preference is None or pref == preference:
-                    self._gamma.setdefault(m.key, {})[pref] = value
-                    found = True
-        if not found:
-            raise ValueError(f"no preference {preference!r} on controller {controller!r}")
+        for k, c in self._constructs.items():
+            if c.settings_key is not None and c.settings_key in s:
+                c.load_settings(self.nodes[k], s[c.settings_key])
 
     # ------------------------------------------------------------------ description
-    def choice_names(self) -> list[list[str]]:
-        return [m.choice_names for m in self.metalayers]
-
     def describe_path(self, path_id: int) -> str:
-        return self.paths.describe(path_id, self.choice_names())
+        return self.paths.describe(path_id)
 
     def unit_costs(self, counter: str = "fvcore") -> list:
         """Static cost (MACs, by-module breakdown, uncounted ops) of every unit, for one sample."""
@@ -282,19 +271,15 @@ class DynamicModel(nn.Module):
         return trace.unit_counts.cpu() @ self.unit_macs(counter)
 
     def max_path_counts(self, decisions: bool = True) -> torch.Tensor:
-        """[U] unit runs of the longest path: every gate on, the costliest choice of each
-        metalayer, halting at max_steps, leaving at the last exit (optionally without the
-        decision units: the static backbone)."""
+        """[U] unit runs of the longest path: every unit once, except where a construct says
+        otherwise (the costliest choice of each metalayer, halting at max_steps, ...);
+        optionally without the decision units (the static backbone)."""
         counts = torch.ones(len(self.units), dtype=torch.long)
-        for h in self.haltings:
-            for s in h.steps:
-                counts[s.index] = h.max_steps if len(h.steps) == 1 else 1
-            counts[h.unit.index] = h.max_steps
         macs = self.unit_macs()
-        for m in self.metalayers:
-            best = max(m.choices, key=lambda u: int(macs[u.index]))
-            for u in m.choices:
-                counts[u.index] = int(u is best)
+        for k, c in self._constructs.items():
+            if c.longest is not None:
+                for node in self.nodes[k]:
+                    c.longest(node, counts, macs)
         if not decisions:
             for u in self.units:
                 if u.kind == "decision":
@@ -309,7 +294,7 @@ class DynamicModel(nn.Module):
         return f"name={self.name!r}, units={len(self.units)}, backend={self.backend!r}"
 
 
-def _setting(value: Any, lo: float, hi: float, what: str) -> float:
+def checked_setting(value: Any, lo: float, hi: float, what: str) -> float:
     """A decision setting as a float in [lo, hi], or a one-line ValueError."""
     try:
         v = float(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +29,9 @@ class Trace:
     """What each sample of a batch did. Built from the forward pass's log when first read.
 
     Attributes:
-        exit: [B] index of the exit taken (-1 when the graph has no exit).
-        gates: [B, G] 1 ran the body, 0 skipped it, -1 never reached (left earlier).
-        choices: [B, M] index of the choice taken at each metalayer (-1 never reached).
-        steps: [B, H] steps run at each halting node (0 never reached).
+        <column>: one attribute per construct's column group (`trace.exit` [B], `trace.gates`
+            [B, G], `trace.choices` [B, M], `trace.steps` [B, H], ...): the construct's decision
+            at each of its nodes, or its `empty` value where the sample never reached the node.
         path_id: [B] the id of the sample's path (a tuple of all its decisions) in the model's
             PathTable; a path's cost is static.
         unit_counts: [B, U] how many times each sample executed each unit of the model.
@@ -39,19 +39,19 @@ class Trace:
 
     def __init__(self, ctx, n_units: int, paths: PathTable):
         self._batch, self._device, self._compacting = ctx.batch, ctx.device, ctx.compacting
-        self._sizes, self._decisions, self._events = ctx.trace_sizes, ctx.decisions, ctx.events
+        self._decisions, self._events = ctx.decisions, ctx.events
         self._n_units, self._paths = n_units, paths
         self._fields: dict[str, torch.Tensor] | None = None
         self._path_id: torch.Tensor | None = None
         self._unit_counts: torch.Tensor | None = None
 
     def _build(self) -> dict[str, torch.Tensor]:
-        b, dev, s = self._batch, self._device, self._sizes
+        b, dev = self._batch, self._device
         t = {
-            "exit": torch.full((b,), -1, dtype=torch.long, device=dev),
-            "gates": torch.full((b, s["gates"]), -1, dtype=torch.long, device=dev),
-            "choices": torch.full((b, s["choices"]), -1, dtype=torch.long, device=dev),
-            "steps": torch.zeros((b, s["steps"]), dtype=torch.long, device=dev),
+            g.name: torch.full(
+                (b,) if g.width is None else (b, g.width), g.empty, dtype=torch.long, device=dev
+            )
+            for g in self._paths.groups
         }
         for name, col, rows, where, values in self._decisions:  # in order: later ones win
             target = t[name] if col is None else t[name][:, col]
@@ -69,30 +69,24 @@ class Trace:
                 target.copy_(values) if torch.is_tensor(values) else target.fill_(values)
         return t
 
-    def _field(self, name: str) -> torch.Tensor:
+    @property
+    def columns(self) -> dict[str, torch.Tensor]:
+        """Every column group by name, in the model's order."""
         if self._fields is None:
             self._fields = self._build()
-        return self._fields[name]
+        return self._fields
 
-    @property
-    def exit(self) -> torch.Tensor:
-        return self._field("exit")
-
-    @property
-    def gates(self) -> torch.Tensor:
-        return self._field("gates")
-
-    @property
-    def choices(self) -> torch.Tensor:
-        return self._field("choices")
-
-    @property
-    def steps(self) -> torch.Tensor:
-        return self._field("steps")
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if any(g.name == name for g in self._paths.groups):
+            return self.columns[name]
+        raise AttributeError(f"the trace has no column {name!r}")
 
     def decisions(self) -> torch.Tensor:
         """[B, D]: every decision of each sample in one row (what defines its path)."""
-        return torch.cat([self.exit[:, None], self.gates, self.choices, self.steps], dim=1)
+        cols = self.columns.values()
+        return torch.cat([c[:, None] if c.dim() == 1 else c for c in cols], dim=1)
 
     @property
     def path_id(self) -> torch.Tensor:
@@ -129,13 +123,25 @@ class Trace:
         return self._batch
 
 
+@dataclass(frozen=True)
+class Group:
+    """A column group of the trace: a construct's decisions (constructs/api.py `Column`).
+
+    `width`: its columns (one per node), or None for a single [B] column; `nodes`: the
+    construct's runtimes, which its path text reads."""
+
+    name: str
+    width: int | None
+    empty: int
+    describe: Callable[[list[int], list[Any]], str | None]
+    nodes: list[Any]
+
+
 @dataclass
 class PathTable:
     """Distinct paths seen by a model, each with a stable id."""
 
-    n_gates: int
-    n_choices: int
-    n_steps: int
+    groups: list[Group]
     ids: dict[tuple[int, ...], int] = field(default_factory=dict)
     rows: list[tuple[int, ...]] = field(default_factory=list)
 
@@ -153,28 +159,16 @@ class PathTable:
             local.append(self.ids[key])
         return torch.tensor(local, dtype=torch.long)[inverse].to(decisions.device)
 
-    def describe(self, path_id: int, choice_names: list[list[str]] | None = None) -> str:
-        """A sentence a person reads: "exit 2", "blocks 1,3 run", "choices small→large", "7 steps"."""
-        row = self.rows[path_id]
-        ex, rest = row[0], row[1:]
-        gates = rest[: self.n_gates]
-        choices = rest[self.n_gates : self.n_gates + self.n_choices]
-        steps = rest[self.n_gates + self.n_choices :]
-        parts: list[str] = []
-        if ex >= 0:
-            parts.append(f"exit {ex}")
-        if gates:
-            ran = [str(i) for i, g in enumerate(gates) if g == 1]
-            reached = sum(1 for g in gates if g >= 0)
-            parts.append(f"gates run {','.join(ran) or 'none'} of {reached}")
-        if choices:
-            names = [
-                (choice_names[i][c] if choice_names and c >= 0 else str(c)) if c >= 0 else "-"
-                for i, c in enumerate(choices)
-            ]
-            parts.append("choices " + "→".join(names))
-        if steps:
-            parts.append("steps " + "+".join(str(s) for s in steps))
+    def describe(self, path_id: int) -> str:
+        """A sentence a person reads: "exit 2", "gates run 1,3 of 4", "steps 7"."""
+        row, start, parts = self.rows[path_id], 0, []
+        for g in self.groups:
+            n = 1 if g.width is None else g.width
+            values = list(row[start : start + n])
+            start += n
+            text = g.describe(values, g.nodes) if values else None
+            if text:
+                parts.append(text)
         return "; ".join(parts) or "static"
 
     def state(self) -> dict[str, Any]:

@@ -8,14 +8,20 @@ from typing import Any
 
 import pydantic
 
-from .errors import Problem, SpecError, did_you_mean, format_path
-from .schema import Spec, json_schema
-from .types import TAG
-from .yaml_loader import MAX_BYTES, LocDict, decode, load_yaml, locate
+from ..core.errors import Problem, SpecError, did_you_mean, format_path
+from ..core.types import TAG
+from ..core.yaml_loader import MAX_BYTES, decode, load_yaml, locate
+from . import schema
+from .schema import json_schema
+
+
+def _known_keys() -> frozenset[str]:
+    """(Rebuilt when a construct registered since rebuilt the schema.)"""
+    return _keys_of(id(schema.Spec))
 
 
 @functools.cache
-def _known_keys() -> frozenset[str]:
+def _keys_of(_spec_class: int) -> frozenset[str]:
     """Every key the spec format knows anywhere (for "did you mean" on unknown keys)."""
     keys: set[str] = set()
 
@@ -87,7 +93,7 @@ def _schema_problems(raw: Any, file: str, e: pydantic.ValidationError) -> list[P
     return out
 
 
-def parse_spec(source: str | Path | dict, file: str | None = None) -> tuple[Spec, Any, str]:
+def parse_spec(source: str | Path | dict, file: str | None = None) -> tuple[Any, Any, str]:
     """YAML and schema only: the validated Spec, the raw document (with positions), the file name."""
     if isinstance(source, dict):
         raw, file = source, file or "<dict>"
@@ -108,7 +114,7 @@ def parse_spec(source: str | Path | dict, file: str | None = None) -> tuple[Spec
             ]
         )
     try:
-        spec = Spec.model_validate(raw)
+        spec = schema.Spec.model_validate(raw)
     except pydantic.ValidationError as e:
         raise SpecError(_schema_problems(raw, file, e)) from None
     return spec, raw, file
@@ -130,11 +136,11 @@ def _read(source: str | Path) -> tuple[str, str]:
     return str(source), "<string>"
 
 
-def _resolve_data_files(spec: Spec, file: str) -> None:
-    from ..data.sets import is_file_name
-
+def resolve_data_files(spec: Any, file: str) -> None:
     """Data files named in a spec are relative to the spec's folder (the working directory for
     a spec given as text or a dict): made absolute here, so that every command finds them."""
+    from ..data.sets import is_file_name
+
     if spec.train is None:
         return
     folder = Path(file).resolve().parent if Path(file).is_file() else Path.cwd()
@@ -143,34 +149,3 @@ def _resolve_data_files(spec: Spec, file: str) -> None:
         src = getattr(d, key)
         if is_file_name(src) and not Path(src).is_absolute():
             setattr(d, key, str(folder / src))
-
-
-class LoadedSpec:
-    """A spec that passed every check, with what is needed to report later problems in place."""
-
-    def __init__(self, spec: Spec, raw: LocDict | dict, file: str, trust_imports: bool):
-        self.spec, self.raw, self.file, self.trust_imports = spec, raw, file, trust_imports
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def __repr__(self) -> str:
-        return f"LoadedSpec({self.file!r}, name={self.spec.name!r})"
-
-
-def load_spec(source: str | Path | dict | LoadedSpec, trust_imports: bool = False) -> LoadedSpec:
-    """Load and check a spec: a file path, YAML text, or a dict.
-
-    Every problem is collected — schema, references, graph, shapes — and raised together as
-    one SpecError whose lines read `FILE:LINE:COL: PATH: message`.
-    """
-    if isinstance(source, LoadedSpec):
-        return source
-    from ..compiler.build import build_plan
-
-    spec, raw, file = parse_spec(source)
-    _resolve_data_files(spec, file)
-    # semantic and shape checks on the meta device (no weights allocated); the plan is dropped
-    build_plan(spec, raw, file, trust_imports, meta=True)
-    return LoadedSpec(spec, raw, file, trust_imports)

@@ -12,71 +12,10 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, create_model, field_validator, model_validator
 
 from ..constructs import CONSTRUCTS
-from .types import TAG, Ident, InlineModule, Strict
+from ..constructs.registry import _ON_REGISTER
+from ..core.types import TAG, Ident, InlineModule, Strict
 
 BACKENDS = ("inductor", "aot_eager", "eager", "none")
-
-
-class RepeatNode(Strict):
-    """`{repeat: K, nodes: [...]}`: the nodes unrolled K times (inline modules fresh each time)."""
-
-    repeat: int = Field(ge=1)
-    nodes: list[Node] = Field(min_length=1)
-
-
-_CONSTRUCT_NODES = {
-    key: create_model(
-        f"{key.capitalize()}Node",
-        __base__=Strict,
-        id=(Ident | None, None),
-        inputs=(list[str] | None, None),
-        **{key: (c.schema, ...)},
-    )
-    for key, c in CONSTRUCTS.items()
-}
-NODE_KEYS = ("repeat", *CONSTRUCTS)
-# module attributes, so that pickle (torch.save of a whole model) finds the generated classes
-globals().update({cls.__name__: cls for cls in _CONSTRUCT_NODES.values()})
-
-
-def _node_tag(v: Any) -> str | None:
-    if isinstance(v, str):
-        return TAG + "name"
-    if isinstance(v, dict):
-        keys = [k for k in v if k in NODE_KEYS]
-        if len(keys) == 1:
-            return TAG + keys[0]
-        if not keys and "type" in v:
-            return TAG + "module"
-        return None
-    if isinstance(v, InlineModule):
-        return TAG + "module"
-    if isinstance(v, RepeatNode):
-        return TAG + "repeat"
-    for key, cls in _CONSTRUCT_NODES.items():
-        if isinstance(v, cls):
-            return TAG + key
-    return None
-
-
-_members = [
-    Annotated[str, Tag(TAG + "name")],
-    Annotated[InlineModule, Tag(TAG + "module")],
-    Annotated[RepeatNode, Tag(TAG + "repeat")],
-    *[Annotated[cls, Tag(TAG + key)] for key, cls in _CONSTRUCT_NODES.items()],
-]
-Node = Annotated[
-    Union[tuple(_members)],  # noqa: UP007
-    Discriminator(
-        _node_tag,
-        custom_error_type="node_kind",
-        custom_error_message=(
-            "a node is a module name, a mapping with `type:`, or a mapping with exactly one of "
-            + ", ".join(NODE_KEYS)
-        ),
-    ),
-]
-RepeatNode.model_rebuild()
 
 
 class InputSpec(Strict):
@@ -171,34 +110,16 @@ class ScheduleSpec(Strict):
 
 
 class ObjectiveSpec(Strict):
-    """The loss of a stage: the task loss of each construct plus its decision objectives."""
+    """What every stage's loss shares; each construct's own terms take its stage options."""
 
     task_weight: float = Field(1.0, ge=0)
-    gate_penalty: float = Field(0.0, ge=0, description="lambda x mean fraction of gated blocks run")
     penalty_ramp: float = Field(
         0.0, ge=0, le=1, description="fraction of the stage over which penalties ramp up from 0"
     )
-    gate_reward: Literal["skipnet", "blockdrop"] = Field(
-        "skipnet", description="REINFORCE reward when gates sample"
-    )
-    skipnet_alpha: float = Field(
-        0.1, ge=0, description="skipnet reward: -CE - alpha x fraction run"
-    )
-    blockdrop_gamma: float = Field(5.0, ge=0, description="blockdrop reward when wrong: -gamma")
-    curriculum_steps: int = Field(
-        0,
-        ge=0,
-        description="blockdrop curriculum: one more learnable gate (from the last) every N steps; 0 = off",
-    )
-    policy_weight: float = Field(1.0, ge=0, description="weight of REINFORCE terms")
-    entropy_cost: float = Field(0.0, ge=0, description="Composer batch-entropy cost weight")
-    l2s: Literal["likelihood", "imitation", "joint"] = Field(
-        "joint", description="L2S stage I, stage II, or both"
-    )
 
 
-class StageSpec(Strict):
-    """One training stage."""
+class _Stage(Strict):
+    """One training stage (each registered construct adds its own options under its key)."""
 
     name: str = "train"
     steps: int | None = Field(None, gt=0)
@@ -209,23 +130,45 @@ class StageSpec(Strict):
         ["all"],
         description="all, backbone, heads, controllers, a unit name, or a block name (its parameters' prefix, e.g. graph.1 for every block below graph[1])",
     )
-    decisions: Literal["soft", "straight_through", "sample", "hard"] | None = Field(
-        None, description="gate decision mode (default: each gate's `train:`)"
-    )
-    explore: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        description="metalayers' fraction of samples routed at random during this stage (default: each metalayer's `explore`)",
-    )
     objective: ObjectiveSpec = ObjectiveSpec()
     grad_clip: float | None = Field(None, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, v: Any) -> Any:
+        """Flat keys of earlier specs (`decisions:`, `objective: {gate_penalty: ...}`) move under
+        the construct that declares them."""
+        if not isinstance(v, dict):
+            return v
+        moves = [(k, c) for c in CONSTRUCTS.values() for k in c.legacy_options]
+        obj = v.get("objective")
+        if not any(k in v or (isinstance(obj, dict) and k in obj) for k, _ in moves):
+            return v
+        v, obj = dict(v), dict(obj) if isinstance(obj, dict) else obj
+        for k, c in moves:
+            for src in (v, obj):
+                if isinstance(src, dict) and k in src:
+                    opts = v.get(c.key)
+                    opts = dict(opts) if isinstance(opts, dict) else {}
+                    opts.setdefault(c.legacy_options[k], src[k])
+                    v[c.key] = opts
+        for k, _ in moves:
+            v.pop(k, None)
+            if isinstance(obj, dict):
+                obj.pop(k, None)
+        if obj is not None:
+            v["objective"] = obj
+        return v
+
     @model_validator(mode="after")
-    def _length(self) -> StageSpec:
+    def _length(self) -> _Stage:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("a stage needs exactly one of `steps` or `epochs`")
         return self
+
+    def options(self, key: str) -> Any:
+        """This stage's options of construct `key` (its defaults when the stage names none)."""
+        return getattr(self, key, None)
 
 
 class CalibrateSpec(Strict):
@@ -237,7 +180,106 @@ class CalibrateSpec(Strict):
     )
 
 
-class TrainSpec(Strict):
+def _assemble() -> None:
+    """(Re)build the classes that depend on the construct registry: graph nodes, stages, the
+    spec. Called at import and after each `register_construct`, so that a construct defined
+    outside the package (a test, a user's module) is part of the format."""
+    g = globals()
+
+    class RepeatNode(Strict):
+        """`{repeat: K, nodes: [...]}`: the nodes unrolled K times (inline modules fresh each
+        time)."""
+
+        repeat: int = Field(ge=1)
+        nodes: list[Any] = Field(min_length=1)
+
+    nodes = {
+        key: create_model(
+            f"{key.capitalize()}Node",
+            __base__=Strict,
+            __module__=__name__,
+            id=(Ident | None, None),
+            inputs=(list[str] | None, None),
+            **{key: (c.schema, ...)},
+        )
+        for key, c in CONSTRUCTS.items()
+    }
+    keys = ("repeat", *CONSTRUCTS)
+
+    def tag(v: Any) -> str | None:
+        if isinstance(v, str):
+            return TAG + "name"
+        if isinstance(v, dict):
+            found = [k for k in v if k in keys]
+            if len(found) == 1:
+                return TAG + found[0]
+            if not found and "type" in v:
+                return TAG + "module"
+            return None
+        if isinstance(v, InlineModule):
+            return TAG + "module"
+        if isinstance(v, RepeatNode):
+            return TAG + "repeat"
+        for key, cls in nodes.items():
+            if isinstance(v, cls):
+                return TAG + key
+        return None
+
+    members = [
+        Annotated[str, Tag(TAG + "name")],
+        Annotated[InlineModule, Tag(TAG + "module")],
+        Annotated[RepeatNode, Tag(TAG + "repeat")],
+        *[Annotated[cls, Tag(TAG + key)] for key, cls in nodes.items()],
+    ]
+    node = Annotated[
+        Union[tuple(members)],  # noqa: UP007
+        Discriminator(
+            tag,
+            custom_error_type="node_kind",
+            custom_error_message=(
+                "a node is a module name, a mapping with `type:`, or a mapping with exactly one "
+                "of " + ", ".join(keys)
+            ),
+        ),
+    ]
+    RepeatNode.__module__ = __name__
+    RepeatNode.model_fields["nodes"].annotation = list[node]
+    RepeatNode.model_rebuild(force=True)
+    stage = create_model(
+        "StageSpec",
+        __base__=_Stage,
+        __module__=__name__,
+        __doc__="One training stage.",
+        **{
+            c.key: (c.options, Field(default_factory=c.options, description=c.options.__doc__))
+            for c in CONSTRUCTS.values()
+            if c.options is not None
+        },
+    )
+    train = create_model(
+        "TrainSpec", __base__=_Train, __module__=__name__, stages=(list[stage], [])
+    )
+    spec = create_model(
+        "Spec",
+        __base__=_Spec,
+        __module__=__name__,
+        __doc__=_Spec.__doc__,
+        graph=(list[node], Field(min_length=1)),
+        train=(train | None, None),
+    )
+    # module attributes, so that pickle (torch.save of a whole model) finds the generated classes
+    g.update({cls.__name__: cls for cls in nodes.values()})
+    g.update(
+        RepeatNode=RepeatNode,
+        Node=node,
+        NODE_KEYS=keys,
+        StageSpec=stage,
+        TrainSpec=train,
+        Spec=spec,
+    )
+
+
+class _Train(Strict):
     """Training settings; `data` is also what `dyngraph profile` reads by default."""
 
     data: DataSpec
@@ -252,13 +294,12 @@ class TrainSpec(Strict):
     backend: Literal["inductor", "aot_eager", "eager", "none"] = Field(
         "none", description="backend while training (eager is quickest to start on small models)"
     )
-    stages: list[StageSpec] = []
     eval_every: int = Field(500, gt=0)
     checkpoint_every: int = Field(200, gt=0)
     calibrate: CalibrateSpec = CalibrateSpec()
 
 
-class Spec(Strict):
+class _Spec(Strict):
     """A dyngraph spec (schema version 1)."""
 
     dyngraph: Literal[1] = Field(description="schema version; must be 1")
@@ -275,16 +316,14 @@ class Spec(Strict):
     task: TaskSpec
     modules: dict[Ident, InlineModule] = {}
     controllers: dict[Ident, InlineModule] = {}
-    graph: list[Node] = Field(min_length=1)
     compile: CompileSpec = CompileSpec()
-    train: TrainSpec | None = None
 
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of the spec format, with every registered block's parameters."""
     from ..blocks import BLOCKS
 
-    schema = Spec.model_json_schema()
+    schema = globals()["Spec"].model_json_schema()
     variants = []
     for name, bd in sorted(BLOCKS.items()):
         sub = bd.params.model_json_schema(by_alias=True)
@@ -308,3 +347,7 @@ def json_schema() -> dict[str, Any]:
             schema.setdefault("$defs", {})[k] = v
     schema["$defs"]["InlineModule"] = {"oneOf": variants}
     return schema
+
+
+_assemble()
+_ON_REGISTER.append(_assemble)

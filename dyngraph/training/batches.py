@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..data import GENERATED, Data, DataError, load_data, load_split
-from ..profiler.inputs import as_data
+from ..data.inputs import as_data
 
 
 class Batches:

@@ -4,32 +4,21 @@ setting (exit thresholds, Composer's gamma, gate or halting thresholds) that mee
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..data import Data
-from ..profiler.sweep import run_infer, sweep_setting
+from .measure import run_infer, sweep_setting
 
 
 @torch.no_grad()
-def fit_temperatures(model, val: Data, batch_size: int = 512) -> list[float]:
-    """Per exit, the temperature minimizing the validation NLL (post-hoc temperature scaling)."""
-    if not model.exits or val.y is None or model.spec.task.type != "classification":
-        return []
-    logits = [[] for _ in model.exits]
-    for i in range(0, len(val), batch_size):
-        out = model(val.x[i : i + batch_size], mode="dense")
-        for e, z in enumerate(out.extras["exit_logits"]):
-            logits[e].append(z)
-    grid = torch.logspace(math.log10(0.05), math.log10(20.0), 200)
-    temps = []
-    for e, zs in zip(model.exits, logits, strict=True):
-        z = torch.cat(zs)
-        nll = torch.stack([torch.nn.functional.cross_entropy(z / t, val.y) for t in grid])
-        e.temperature = float(grid[int(nll.argmin())])
-        temps.append(e.temperature)
-    return temps
+def fit_temperatures(model, val: Data) -> list[float]:
+    """Every construct's own calibration on the validation split (per-exit temperature
+    scaling); returns the fitted temperatures, if any."""
+    fitted: dict = {}
+    for c in model._constructs.values():
+        if c.calibrate is not None and model.nodes[c.key]:
+            fitted.update(c.calibrate(model, model.nodes[c.key], val))
+    return fitted.get("temperatures", [])
 
 
 @torch.no_grad()

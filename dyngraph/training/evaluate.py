@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..data import Data
-from ..profiler.sweep import by_meta, quality
+from .measure import by_meta, quality
 
 
 @torch.no_grad()
@@ -16,13 +16,17 @@ def evaluate(model, data: Data, batch_size: int = 512, counter: str = "fvcore") 
     """Infer-mode metrics of `model` on `data`."""
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    logits, macs, paths, exits = [], [], [], []
+    logits, macs, paths = [], [], []
+    # constructs with one trace column for the whole graph (exits): how many took each value
+    single = [c for c in model._constructs.values() if not c.column.per_node and model.nodes[c.key]]
+    taken: dict[str, list] = {c.plural: [] for c in single}
     for i in range(0, len(data), batch_size):
         out = model(data.x[i : i + batch_size].to(device))
         logits.append(out.logits.cpu())
         macs.append(model.per_input_macs(out.trace, counter))
         paths.append(out.trace.path_id.cpu())
-        exits.append(out.trace.exit.cpu())
+        for c in single:
+            taken[c.plural].append(out.trace.columns[c.column.name].cpu())
     logits, macs = torch.cat(logits), torch.cat(macs)
     path = torch.cat(paths)
     full = model.static_macs(counter)
@@ -35,8 +39,8 @@ def evaluate(model, data: Data, batch_size: int = 512, counter: str = "fvcore") 
         "per_input_macs": macs,
         "logits": logits,
     }
-    if model.exits:
-        res["exits"] = dict(sorted(Counter(torch.cat(exits).tolist()).items()))
+    for name, values in taken.items():
+        res[name] = dict(sorted(Counter(torch.cat(values).tolist()).items()))
     if data.y is not None:
         res["quality"] = quality(model, logits, data.y)
     res["by_meta"] = by_meta(

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from ..compiler.compile import compile as compile_spec
+from ..compiler.load import LoadedSpec, load_spec
 from ..data import Data, load_split
 from ..progress import Progress
-from ..spec.load import LoadedSpec, load_spec
-from ..spec.schema import TrainSpec
+from ..spec import schema
 from .batches import Batches, as_training_data
 from .checkpoint import (
     CheckpointError,
@@ -56,14 +56,6 @@ def _dist() -> tuple[int, int]:
 
 def _stage_length(stage, batches: Batches) -> int:
     return stage.steps if stage.steps is not None else stage.epochs * batches.steps_per_epoch
-
-
-def _curriculum(model, obj, step: int) -> None:
-    """BlockDrop: the first K - k gates always run; k grows by one every `curriculum_steps`."""
-    k_total = len(model.gates)
-    k = k_total if not obj.curriculum_steps else min(k_total, 1 + step // obj.curriculum_steps)
-    for i, g in enumerate(model.gates):
-        g.forced_on = i < k_total - k
 
 
 @dataclass
@@ -132,7 +124,7 @@ def train(
     tr = sp.train
     if stages is not None:
         base = tr.model_dump() if tr is not None else {"data": {"train": "(given)"}}
-        tr = TrainSpec.model_validate({**base, "stages": stages})
+        tr = schema.TrainSpec.model_validate({**base, "stages": stages})
     if tr is None or not tr.stages:
         raise TrainingError(
             f"{sp.name}: the spec has no `train: {{stages: [...]}}` section (or pass stages=)"
@@ -202,22 +194,27 @@ def train(
             sched.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
             first = start_step
-        for g in model.gates:
-            g.mode_override = stage.decisions
-        for m in model.metalayers:
-            m.explore_override = stage.explore
+        for key, c in model._constructs.items():  # a stage's construct options
+            if c.start_stage is not None and model.nodes[key]:
+                c.start_stage(model.nodes[key], stage.options(key))
+        stepping = [
+            (c.before_step, model.nodes[k], stage.options(k))
+            for k, c in model._constructs.items()
+            if c.before_step is not None and model.nodes[k]
+        ]
         with Progress(total - first, f"{sp.name} {stage.name}", progress and rank == 0) as bar:
             for step in range(first, total):
                 x, y = batches.batch(global_step)
                 x, y = x.to(device), y.to(device)
-                _curriculum(model, stage.objective, step)
+                for before_step, nodes, options in stepping:
+                    before_step(nodes, options, step)
                 ramp = (
                     min(1.0, step / (stage.objective.penalty_ramp * total))
                     if stage.objective.penalty_ramp
                     else 1.0
                 )
                 out_ = net(x, mode="train")
-                loss, terms = compute_loss(model, out_, x, y, stage.objective, ramp)
+                loss, terms = compute_loss(model, out_, x, y, stage, ramp)
                 if not math.isfinite(float(loss.detach())):
                     last = ckpt_path if ckpt_path is not None and ckpt_path.exists() else None
                     raise TrainingError(

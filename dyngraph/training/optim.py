@@ -10,7 +10,7 @@ from ..compiler.names import leaves
 
 
 def trainable_parameters(model, names: list[str]) -> list[torch.nn.Parameter]:
-    """Parameters of the named parts: all, backbone, heads (exit heads), controllers (every
+    """Parameters of the named parts: all, backbone, heads (prediction heads: exit heads), controllers (every
     other decision unit), or unit/module names (a unit's name like "exit 2 head", a named module
     or controller)."""
     groups: dict[str, set[int]] = {
@@ -23,7 +23,7 @@ def trainable_parameters(model, names: list[str]) -> list[torch.nn.Parameter]:
     for u in model.units:
         part = (
             "heads"
-            if (u.kind == "decision" and u.construct.startswith("exit"))
+            if (u.kind == "decision" and u.head)
             else ("controllers" if u.kind == "decision" else "backbone")
         )
         for p in u.module.parameters():
@@ -41,7 +41,7 @@ def trainable_parameters(model, names: list[str]) -> list[torch.nn.Parameter]:
     chosen: set[int] = set()
     for n in names:
         if n not in groups:
-            from ..spec.errors import did_you_mean
+            from ..core.errors import did_you_mean
 
             raise ValueError(f"unknown trainable part '{n}'{did_you_mean(n, groups)}")
         chosen |= groups[n]

@@ -213,8 +213,8 @@ def mutations(n: int, seed: int = 0):
         src = SOURCES[i % len(SOURCES)]
         text = src.read_text()
         if rng.random() < 0.55:
-            from dyngraph.spec.errors import SpecError
-            from dyngraph.spec.yaml_loader import load_yaml
+            from dyngraph.core.errors import SpecError
+            from dyngraph.core.yaml_loader import load_yaml
 
             try:
                 load_yaml(text)  # bounded: a source that is itself a bomb is mutated as text

@@ -201,7 +201,7 @@ def test_a_utf8_bom_is_accepted(tmp_path):
 
 
 def test_problems_are_listed_once_and_capped():
-    from dyngraph.spec.errors import MAX_SHOWN
+    from dyngraph.core.errors import MAX_SHOWN
 
     keys = "".join(f"  k{i}: 1\n" for i in range(MAX_SHOWN + 30))
     with pytest.raises(dg.SpecError) as info:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import Data, load_data
+from .sets import Data, load_data
 
 
 def as_data(data, labels=None, spec=None, n: int | None = None, split: str = "test") -> Data:

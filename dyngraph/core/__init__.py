@@ -1,0 +1,1 @@
+"""The spec format's base: value types, problems and errors, the YAML reader (imports nothing of dyngraph)."""
