@@ -111,7 +111,7 @@ def _default(f: FieldInfo) -> str:
     if f.is_required():
         return "**required**"
     d = f.default
-    if isinstance(d, BaseModel):
+    if isinstance(d, BaseModel) or f.default_factory is not None:
         return "(defaults)"
     return f"`{d!r}`" if d not in ({}, []) else f"`{d}`"
 

@@ -185,6 +185,17 @@ class ConstructDef:
     docs: Callable | None = None
     methods: Mapping[str, Callable] = field(default_factory=dict)
 
+    def __reduce__(self) -> tuple:
+        # pickled by its key (a whole model pickles; its hooks are functions and lambdas):
+        # unpickling finds it in the registry, where it must be registered again
+        return (_registered, (self.key,))
+
+
+def _registered(key: str) -> ConstructDef:
+    from .registry import CONSTRUCTS
+
+    return CONSTRUCTS[key]
+
 
 def attr_sweep(name: str, grid: list[float], nodes: list, attr: str) -> Sweep:
     """A Sweep that sets attribute `attr` of every node in `nodes` (restore: the old values)."""

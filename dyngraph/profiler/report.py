@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .sweep import by_meta  # noqa: E402
+from ..training.measure import by_meta  # noqa: E402
 
 
 def _si(v: float) -> str:

@@ -56,10 +56,8 @@ class DynamicModel(nn.Module):
         self.paths = PathTable(
             [
                 Group(
-                    c.column.name,
+                    c,
                     plan.trace_sizes.get(c.column.name, 0) if c.column.per_node else None,
-                    c.column.empty,
-                    c.column.describe,
                     self.nodes[c.key],
                 )
                 for c in plan.constructs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,16 +124,25 @@ class Trace:
 
 @dataclass(frozen=True)
 class Group:
-    """A column group of the trace: a construct's decisions (constructs/api.py `Column`).
+    """A column group of the trace: a construct's decisions (its `column`, constructs/api.py).
 
     `width`: its columns (one per node), or None for a single [B] column; `nodes`: the
     construct's runtimes, which its path text reads."""
 
-    name: str
+    construct: Any  # the ConstructDef
     width: int | None
-    empty: int
-    describe: Callable[[list[int], list[Any]], str | None]
     nodes: list[Any]
+
+    @property
+    def name(self) -> str:
+        return self.construct.column.name
+
+    @property
+    def empty(self) -> int:
+        return self.construct.column.empty
+
+    def describe(self, values: list[int]) -> str | None:
+        return self.construct.column.describe(values, self.nodes)
 
 
 @dataclass
@@ -166,7 +174,7 @@ class PathTable:
             n = 1 if g.width is None else g.width
             values = list(row[start : start + n])
             start += n
-            text = g.describe(values, g.nodes) if values else None
+            text = g.describe(values) if values else None
             if text:
                 parts.append(text)
         return "; ".join(parts) or "static"

@@ -119,7 +119,11 @@ class ObjectiveSpec(Strict):
 
 
 class _Stage(Strict):
-    """One training stage (each registered construct adds its own options under its key)."""
+    """One training stage. Each construct with stage options adds them under its key
+    (`gate: {decisions: sample, penalty: 0.5}`); the flat keys of earlier specs (`decisions:`,
+    `explore:`, and `objective:`'s `gate_penalty`, `gate_reward`, `skipnet_alpha`,
+    `blockdrop_gamma`, `curriculum_steps`, `policy_weight`, `entropy_cost`, `l2s`) are still
+    read into them."""
 
     name: str = "train"
     steps: int | None = Field(None, gt=0)
@@ -242,14 +246,14 @@ def _assemble() -> None:
             ),
         ),
     ]
-    RepeatNode.__module__ = __name__
+    RepeatNode.__module__, RepeatNode.__qualname__ = __name__, "RepeatNode"
     RepeatNode.model_fields["nodes"].annotation = list[node]
     RepeatNode.model_rebuild(force=True)
     stage = create_model(
         "StageSpec",
         __base__=_Stage,
         __module__=__name__,
-        __doc__="One training stage.",
+        __doc__=_Stage.__doc__,
         **{
             c.key: (c.options, Field(default_factory=c.options, description=c.options.__doc__))
             for c in CONSTRUCTS.values()
@@ -257,7 +261,11 @@ def _assemble() -> None:
         },
     )
     train = create_model(
-        "TrainSpec", __base__=_Train, __module__=__name__, stages=(list[stage], [])
+        "TrainSpec",
+        __base__=_Train,
+        __module__=__name__,
+        __doc__=_Train.__doc__,
+        stages=(list[stage], []),
     )
     spec = create_model(
         "Spec",
@@ -294,6 +302,7 @@ class _Train(Strict):
     backend: Literal["inductor", "aot_eager", "eager", "none"] = Field(
         "none", description="backend while training (eager is quickest to start on small models)"
     )
+    stages: list[Any] = []  # (typed by _assemble)
     eval_every: int = Field(500, gt=0)
     checkpoint_every: int = Field(200, gt=0)
     calibrate: CalibrateSpec = CalibrateSpec()
@@ -316,7 +325,9 @@ class _Spec(Strict):
     task: TaskSpec
     modules: dict[Ident, InlineModule] = {}
     controllers: dict[Ident, InlineModule] = {}
+    graph: list[Any] = Field(min_length=1)  # (typed by _assemble)
     compile: CompileSpec = CompileSpec()
+    train: Any = None  # (typed by _assemble)
 
 
 def json_schema() -> dict[str, Any]:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import dyngraph as dg
-from dyngraph.compiler.build import SegmentStep
 from dyngraph.runtime import kernels
 from dyngraph.runtime.codegen import generate
+from dyngraph.runtime.steps import SegmentStep
 
 from ..conftest import ROOT, compiled, forced_decisions, random_batch
 

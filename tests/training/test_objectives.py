@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import dyngraph as dg
-from dyngraph.constructs.gate import gate_objective
+from dyngraph.constructs.gate import GATE, _hard, gate_objective
 from dyngraph.constructs.halting import halting_objective
-from dyngraph.spec.schema import ObjectiveSpec
+from dyngraph.spec import schema
 from dyngraph.training.batches import Batches
-from dyngraph.training.loop import _curriculum
-from dyngraph.training.loss import LossContext, compute_loss, hard_gates
+from dyngraph.training.loss import LossContext, compute_loss
 from tests.conftest import ROOT
 
 SPECS = ROOT / "specs"
@@ -32,6 +31,15 @@ def _model_and_batch(name: str, n: int = 64, seed: int = 0):
     model = dg.compile(loaded, backend="none").train()
     x, y = Batches(loaded.spec.train).batch(0)
     return model, x[:n], y[:n]
+
+
+def _stage(**options):
+    """A training stage with these construct options (`gate={...}`, `metalayer={...}`)."""
+    return schema.StageSpec.model_validate({"steps": 1, **options})
+
+
+def _curriculum(model, stage, step: int) -> None:
+    GATE.before_step(model.gates, stage.gate, step)
 
 
 def _grads(params) -> float:
@@ -50,7 +58,7 @@ def _sampled(model, x):
 
 def test_skipnet_gate_reinforce_has_the_papers_reward_and_trains_only_the_gates():
     model, x, y = _model_and_batch("skipnet_ff")
-    obj = ObjectiveSpec(gate_reward="skipnet", skipnet_alpha=0.3, policy_weight=0.5)
+    obj = _stage(gate={"reward": "skipnet", "skipnet_alpha": 0.3, "policy_weight": 0.5})
     torch.manual_seed(1)
     out = _sampled(model, x)
     _, terms = compute_loss(model, out, x, y, obj)
@@ -67,7 +75,7 @@ def test_skipnet_gate_reinforce_has_the_papers_reward_and_trains_only_the_gates(
     torch.manual_seed(1)
     out = _sampled(model, x)
     model.zero_grad()
-    gate_objective(LossContext(model, out, x, y, obj))["gate_reinforce"].backward()
+    gate_objective(LossContext(model, out, x, y, obj.gate))["gate_reinforce"].backward()
     last = len(model.gates) - 1
     assert _grads(_params(model, *(f"gate {i} policy" for i in range(last + 1)))) > 0
     assert _grads(_params(model, f"gate {last} body", model.units[-1].name)) == 0
@@ -75,7 +83,7 @@ def test_skipnet_gate_reinforce_has_the_papers_reward_and_trains_only_the_gates(
 
 def test_blockdrop_reinforce_uses_the_greedy_baseline_and_the_curriculum_forces_gates():
     model, x, y = _model_and_batch("blockdrop")
-    obj = ObjectiveSpec(gate_reward="blockdrop", blockdrop_gamma=2.0, curriculum_steps=10)
+    obj = _stage(gate={"reward": "blockdrop", "blockdrop_gamma": 2.0, "curriculum_steps": 10})
     n = len(model.gates)
     # step 25 with one more learnable gate every 10 steps: the last 3 gates learn, the rest run
     _curriculum(model, obj, step=25)
@@ -93,7 +101,7 @@ def test_blockdrop_reinforce_uses_the_greedy_baseline_and_the_curriculum_forces_
         ok = logits.argmax(1) == y
         return torch.where(ok, 1 - frac.pow(2), torch.full_like(frac, -2.0))
 
-    with torch.no_grad(), hard_gates(model):
+    with torch.no_grad(), _hard(model.gates):
         greedy = model(x, mode="train")
     logp = torch.stack([g["logp"] for g in gates[n - 3 :]]).sum(0)  # free gates only
     advantage = reward(out.logits, gates) - reward(greedy.logits, greedy.extras["gates"])
@@ -119,7 +127,7 @@ def test_composer_route_terms_follow_the_reward_and_gamma():
     m = model.metalayers[0]
     rel = m.choice_params / m.choice_params.max()
     assert float(rel.min()) < 0.05 and float(rel.max()) == 1.0  # a small and a large module
-    obj = ObjectiveSpec(policy_weight=0.7)
+    obj = _stage(metalayer={"policy_weight": 0.7})
 
     torch.manual_seed(3)  # gamma ~ U[0, 8] per sample and the routes are sampled
     out = model(x, mode="train")
@@ -155,13 +163,13 @@ def test_l2s_imitation_is_kl_from_the_oracle_which_is_a_target_not_a_path():
     model, x, y = _model_and_batch("l2s_lista")
     h = model.haltings[0]
     out = model(x, mode="train")
-    _, terms = compute_loss(model, out, x, y, ObjectiveSpec(l2s="imitation"))
+    _, terms = compute_loss(model, out, x, y, _stage(halting={"l2s": "imitation"}))
     assert set(terms) == {"l2s_imitation"}  # stage II: no likelihood term, no task loss
 
     ex = out.extras["halting"][0]
     # the oracle q*_t ∝ p(y | t, x)^(1/beta), log p = -(summed squared error)
     sse = torch.stack([(model.tail(h, s) - y).pow(2).flatten(1).sum(1) for s in ex["states"]])
-    q_star = torch.softmax(-sse / h.spec.beta, 0)
+    q_star = torch.softmax(-sse / h.params.beta, 0)
     # the policy's stopping distribution: stop at t after continuing through 1..t-1
     probs, left, q_phi = ex["probs"], torch.ones_like(ex["probs"][0]), []
     for t, p in enumerate(probs):
@@ -176,7 +184,9 @@ def test_l2s_imitation_is_kl_from_the_oracle_which_is_a_target_not_a_path():
     # the oracle is a target, not a path: the gradient, into the policy and the layers it
     # reads, is that of the cross-entropy -sum q* log q_phi with q* held fixed
     params = [p for p in model.parameters()]
-    kl_term = halting_objective(LossContext(model, out, x, y, ObjectiveSpec(l2s="imitation")))
+    kl_term = halting_objective(
+        LossContext(model, out, x, y, _stage(halting={"l2s": "imitation"}).halting)
+    )
     got = torch.autograd.grad(
         kl_term["l2s_imitation"], params, retain_graph=True, materialize_grads=True
     )

@@ -46,16 +46,14 @@ def test_first_stage_objective_has_its_terms_and_gradients(path):
     model = dg.compile(loaded, backend="none").train()
     stage = loaded.spec.train.stages[0]
     for g in model.gates:
-        g.mode_override = stage.decisions
+        g.mode_override = stage.gate.decisions
     x, y = Batches(loaded.spec.train).batch(0)
     out = model(x[:32], mode="train")
-    loss, terms = compute_loss(model, out, x[:32], y[:32], stage.objective, ramp=1.0)
+    loss, terms = compute_loss(model, out, x[:32], y[:32], stage, ramp=1.0)
     assert EXPECTED_TERMS[path.stem] <= set(terms), terms
     assert torch.isfinite(loss)
     loss.backward()
-    decision = [
-        u for u in model.units if u.kind == "decision" and not u.construct.startswith("exit")
-    ]
+    decision = [u for u in model.units if u.kind == "decision" and not u.head]
     for u in decision:  # every decision unit learns from this stage's objective, where trained
         if any(n in stage.trainable for n in ("all", "controllers")) and stage.name != "backbone":
             assert any(
@@ -184,12 +182,12 @@ graph:
   - {type: residual_mlp, hidden: 8}
   - exit: {head: {type: classifier, classes: 3}}
 """
-    from dyngraph.spec.schema import ObjectiveSpec
+    from dyngraph.spec import schema
 
     torch.manual_seed(0)
     model = dg.compile(spec, backend="none").train()
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
-    loss, terms = compute_loss(model, model(x), x, y, ObjectiveSpec())
+    loss, terms = compute_loss(model, model(x), x, y, schema.StageSpec(steps=1))
     assert {"task", "distill_kl", "distill_features"} <= set(terms) and torch.isfinite(loss)
     # the alignment is scale-free: scaling the residual stream does not change it
     feats = model(x).extras["exit_features"]
