@@ -3,7 +3,7 @@
 A head reads the node's input; samples that meet the criterion leave with its prediction, the
 rest go on with the node's input unchanged. The last exit of a graph takes every sample left.
 
-Criteria, on softmax(logits / temperature):
+Criteria (one class each, below), on softmax(logits / temperature):
 - `max_prob`: leave when the top probability >= threshold;
 - `entropy`: leave when the entropy (nats) <= threshold;
 - `patience` (PABEE): leave when the predicted class has stayed the same for `patience`
@@ -13,7 +13,7 @@ Criteria, on softmax(logits / temperature):
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import torch
 from pydantic import Field
@@ -24,25 +24,91 @@ from ..runtime.context import const, draw_scale, positions, pseudo_uniform
 from .api import Column, ConstructDef, Site, Sweep, attr_sweep
 from .registry import register_construct
 
+#: The criteria, each one class: its schema (`type:` and settings) and how it decides. A new
+#: criterion is one more class here, marked @criterion; a fused kernel rule (`kernel`) is
+#: optional, its ATen `stays` the reference.
+CRITERIA: list[type] = []
 
+
+def criterion(cls: type) -> type:
+    CRITERIA.append(cls)
+    return cls
+
+
+@criterion
 class MaxProb(Strict):
+    """Leave when the top probability of softmax(logits / temperature) >= threshold."""
+
     type: Literal["max_prob"]
     threshold: float = Field(ge=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)
 
+    kernel: ClassVar[int | None] = kernels.MAX_PROB_BELOW  # the kernels' rule of `stays`
+    lowest: ClassVar[float] = 0.0  # the lowest threshold a model takes (above 1: never leave)
+    grid: ClassVar[list[float] | None] = [
+        0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1.01,
+    ]  # fmt: skip
 
+    @staticmethod
+    def score(z: torch.Tensor) -> torch.Tensor:
+        # 1 / sum(exp(z - max z)), without softmax: its CPU kernel is slow on short rows
+        # (256 x 10 logits: 52 us, against 15 us for these four ops)
+        return (z - z.amax(dim=1, keepdim=True)).exp_().sum(dim=1).reciprocal_()
+
+    @staticmethod
+    def stays(e: ExitRuntime, logits: torch.Tensor, ctx) -> torch.Tensor:
+        score = confidence(logits, "max_prob", e.temperature)
+        return score < const(e.threshold, score)
+
+
+@criterion
 class Entropy(Strict):
+    """Leave when the entropy (nats) of softmax(logits / temperature) <= threshold."""
+
     type: Literal["entropy"]
     threshold: float = Field(ge=0.0)
     temperature: float = Field(1.0, gt=0.0)
 
+    kernel: ClassVar[int | None] = kernels.ENTROPY_ABOVE
+    lowest: ClassVar[float] = -math.inf  # below 0: never leave
+    grid: ClassVar[list[float] | None] = [
+        10.0, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001, -1.0,
+    ]  # fmt: skip
 
+    @staticmethod
+    def score(z: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(z, dim=1)
+        return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
+
+    @staticmethod
+    def stays(e: ExitRuntime, logits: torch.Tensor, ctx) -> torch.Tensor:
+        score = confidence(logits, "entropy", e.temperature)
+        return score > const(e.threshold, score)
+
+
+@criterion
 class Patience(Strict):
+    """PABEE: leave when the predicted class has stayed the same for `patience` consecutive
+    exits (counted from the previous exit on)."""
+
     type: Literal["patience"]
     patience: int = Field(ge=1)
 
+    kernel: ClassVar[int | None] = None
+    lowest: ClassVar[float] = -math.inf
+    grid: ClassVar[list[float] | None] = None  # not swept: patience is a count
 
-Criterion = Annotated[Union[MaxProb, Entropy, Patience], Field(discriminator="type")]  # noqa: UP007
+    @staticmethod
+    def stays(e: ExitRuntime, logits: torch.Tensor, ctx) -> torch.Tensor:
+        pred = logits.argmax(dim=1)
+        prev, count = ctx.states.get("exit/pred"), ctx.states.get("exit/count")
+        count = torch.zeros_like(pred) if prev is None else torch.where(pred == prev, count + 1, 0)
+        ctx.states["exit/pred"], ctx.states["exit/count"] = pred, count
+        return count < e.patience
+
+
+Criterion = Annotated[Union[tuple(CRITERIA)], Field(discriminator="type")]  # noqa: UP007
+RULES = {c.model_fields["type"].annotation.__args__[0]: c for c in CRITERIA}
 
 
 class Distill(Strict):
@@ -63,20 +129,17 @@ class ExitSpec(Strict):
 
 
 def confidence(logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-    """The score a criterion thresholds: top probability or (for `entropy`) the entropy.
+    """The score criterion `kind` thresholds (the top probability, the entropy).
 
-    On the CPU it is the fused kernel's number (the one its decisions compare), so that a
-    threshold set on these scores splits the samples as the infer runtime does."""
+    On the CPU it is the fused kernel's number where the criterion has a kernel rule (the one
+    its decisions compare), so that a threshold set on these scores splits the samples as the
+    infer runtime does."""
+    rule = RULES[kind]
     d = logits.detach()
     o = kernels.ops(d)
-    if o is not None and d.dim() == 2 and d.is_contiguous():
-        return o.confidence(d, kernels.KINDS[kind], temperature)
-    z = logits if temperature == 1.0 else logits / temperature
-    if kind == "max_prob":  # 1 / sum(exp(z - max z)), without softmax: its CPU kernel is slow on
-        # short rows (256 x 10 logits: 52 us, against 15 us for these four ops)
-        return (z - z.amax(dim=1, keepdim=True)).exp_().sum(dim=1).reciprocal_()
-    p = torch.softmax(z, dim=1)
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
+    if rule.kernel is not None and o is not None and d.dim() == 2 and d.is_contiguous():
+        return o.confidence(d, rule.kernel, temperature)
+    return rule.score(logits if temperature == 1.0 else logits / temperature)
 
 
 class ExitRuntime:
@@ -106,6 +169,7 @@ class ExitRuntime:
         head_shape,
     ):
         self.index, self.head, self.kind = index, head, kind
+        self.rule = RULES.get(kind)  # the criterion's class (its decision code)
         self.threshold, self.temperature, self.patience = threshold, temperature, patience
         self.weight, self.distill = weight, distill
         self.reads, self.writes, self.head_shape = [reads], writes, head_shape
@@ -122,18 +186,7 @@ class ExitRuntime:
         if self.force is not None:  # leave with probability `force`, fixed per sample (benchmarks)
             u = pseudo_uniform(x, self.index)
             return u >= const(self.force, u)
-        if self.kind == "patience":
-            pred = logits.argmax(dim=1)
-            prev = ctx.states.get("exit/pred")
-            count = ctx.states.get("exit/count")
-            count = (
-                torch.zeros_like(pred) if prev is None else torch.where(pred == prev, count + 1, 0)
-            )
-            ctx.states["exit/pred"], ctx.states["exit/count"] = pred, count
-            return count < self.patience
-        score = confidence(logits, self.kind, self.temperature)
-        thr = const(self.threshold, score)
-        return score < thr if self.kind == "max_prob" else score > thr
+        return self.rule.stays(self, logits, ctx)
 
     def staying(self, ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """Infer: positions of the rows that go on, in one fused kernel call (None where the
@@ -145,9 +198,9 @@ class ExitRuntime:
             return kernels.draw_rows(
                 k, x, kernels.DRAW_AT_LEAST, self.force, draw_scale(self.index)
             )
-        if self.kind == "patience" or not kernels.applies(logits):
+        if self.rule.kernel is None or not kernels.applies(logits):
             return None
-        return k.rows_where(logits, kernels.KINDS[self.kind], self.threshold, self.temperature)
+        return k.rows_where(logits, self.rule.kernel, self.threshold, self.temperature)
 
     def split(self, ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Infer: positions of the rows that go on (the fused kernel where it applies)."""
@@ -344,7 +397,7 @@ def _finish(exits: list[ExitRuntime], b) -> tuple | None:
 
 def _thresholds(exits: list[ExitRuntime]) -> list[tuple]:
     # max_prob above 1 (or entropy below 0) means "never leave here"
-    return [(e, 0.0 if e.kind == "max_prob" else -math.inf, math.inf) for e in exits[:-1]]
+    return [(e, e.rule.lowest, math.inf) for e in exits[:-1]]
 
 
 def _save(exits: list[ExitRuntime]) -> list:
@@ -356,20 +409,16 @@ def _load(exits: list[ExitRuntime], values: list) -> None:
         e.threshold, e.temperature = v["threshold"], v["temperature"]
 
 
-GRIDS = {
-    "max_prob": [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1.01],
-    "entropy": [10.0, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001, -1.0],
-}
-
-
 def _sweep(model, exits: list[ExitRuntime]) -> Sweep | None:
-    """The confidence threshold of every exit with one (max_prob where there are both)."""
-    scored = [e for e in exits[:-1] if e.kind in GRIDS]
-    if not scored:
+    """The threshold of every exit whose criterion has a grid (the first such criterion's,
+    where exits use several)."""
+    swept = [e for e in exits[:-1] if e.rule is not None and e.rule.grid is not None]
+    if not swept:
         return None
-    kind = "max_prob" if any(e.kind == "max_prob" for e in scored) else "entropy"
+    rule = next(c for c in CRITERIA if any(e.rule is c for e in swept))
+    kind = rule.model_fields["type"].annotation.__args__[0]
     return attr_sweep(
-        f"exit threshold ({kind})", GRIDS[kind], [e for e in scored if e.kind == kind], "threshold"
+        f"exit threshold ({kind})", rule.grid, [e for e in swept if e.rule is rule], "threshold"
     )
 
 
@@ -415,7 +464,7 @@ def _describe(model, exits: list[ExitRuntime], counter: str) -> list[str]:
         crit = (
             "takes every sample left"
             if e.last
-            else f"{e.kind} {e.threshold if e.kind != 'patience' else e.patience}"
+            else f"{e.kind} {e.threshold if e.threshold is not None else e.patience}"
         )
         lines.append(f"  exit {e.index}: {m:>12,} MACs ({m / full[-1]:.0%} of the last)  [{crit}]")
     return lines
@@ -423,8 +472,9 @@ def _describe(model, exits: list[ExitRuntime], counter: str) -> list[str]:
 
 def _docs(table) -> list[str]:
     lines = table(ExitSpec) + ["", "Criteria (`criterion: {type: ...}`):", ""]
-    for m in (MaxProb, Entropy, Patience):
-        lines += [f"`{m.model_fields['type'].annotation.__args__[0]}`:", ""]
+    for m in CRITERIA:
+        doc = " ".join((m.__doc__ or "").split())
+        lines += [f"`{m.model_fields['type'].annotation.__args__[0]}`: {doc}", ""]
         lines += table(m, ("type",)) + [""]
     return lines + ["`distill:` (SCAN self-distillation, used in training):", ""] + table(Distill)
 

@@ -30,7 +30,6 @@ import torch
 SOURCE = Path(__file__).with_name("kernels.cpp")
 # rules of rows_where, as in kernels.cpp
 MAX_PROB_BELOW, ENTROPY_ABOVE, DRAW_AT_LEAST, DRAW_BELOW, AT_LEAST = range(5)
-KINDS = {"max_prob": MAX_PROB_BELOW, "entropy": ENTROPY_ABOVE}
 # rules of choose
 ARGMAX, DRAW_BUCKET = range(2)
 
