@@ -49,7 +49,7 @@ def straight_line(model):
     k = kernels.for_device(torch.device("cpu"))
     segments, heads = model.units[0::2], model.units[1::2]
     scales = [draw_scale(e.index) for e in model.exits]
-    leave_p = model.exits[0].force
+    leave_p = 1 - CONTINUING  # as case_model forces it
 
     def run(x: torch.Tensor) -> torch.Tensor:
         events, b, out, idx, rows = [], x.shape[0], None, None, x.shape[0]

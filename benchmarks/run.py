@@ -6,8 +6,8 @@
 
 One thread, warm; the functions compared in a case are timed in interleaved rounds (one call of
 each per round), and every ratio is one of medians over those rounds, taken in the same run.
-Decisions are forced (each construct runtime's `force`, fixed per sample by its values) so
-that the fraction of work each case skips is known.
+Decisions are forced (dyngraph.forcing: a draw fixed per sample by its values) so that the
+fraction of work each case skips is known.
 
 Per case and batch size B (256, 64; and B = 1, the mean over 64 inputs run one at a time):
   f        = mean MACs per input (decision units counted) / the static model's MACs
@@ -32,6 +32,7 @@ from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 import dyngraph as dg
+from dyngraph import forcing
 
 D = 512
 HERE = Path(__file__).resolve().parent
@@ -93,16 +94,10 @@ def case_specs(kind: str) -> tuple[dict, dict | None]:
 
 
 def force(model, kind: str, setting) -> None:
-    if kind == "early_exit":
-        for e in model.exits[:-1]:
-            e.force = 1 - setting  # `setting` = fraction continuing past each exit
-    elif kind == "gates":
-        for g in model.gates:
-            g.force = setting  # fraction running each block
-    elif kind == "metalayer":
-        model.metalayers[0].force = setting
-    elif kind == "halting":
-        model.haltings[0].force = setting
+    """Force the case's decisions: `setting` is the fraction continuing past each exit, running
+    each gated block, the routing probabilities, or the range of steps."""
+    key = {"early_exit": "exit", "gates": "gate"}.get(kind, kind)
+    forcing.force(model, key, 1 - setting if kind == "early_exit" else setting)
 
 
 def case_model(kind: str, setting, backend: str = "none"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dyngraph as dg
+from dyngraph.forcing import forced
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -82,19 +83,17 @@ def diversify(model: dg.DynamicModel) -> None:
 def forced_decisions(model: dg.DynamicModel, on: bool = True):
     """Force every exit, gate and metalayer (`force`: partial batches at every decision) for
     a while; `on=False`: leave the criteria as they are."""
-    saved = [(o, o.force) for o in [*model.exits, *model.gates, *model.metalayers]]
-    if on:
-        for e in model.exits[:-1]:
-            e.force = 0.4
-        for gate in model.gates:
-            gate.force = 0.6
-        for m in model.metalayers:
-            m.force = [1.0 / len(m.choices)] * len(m.choices)
-    try:
+    if not on:
         yield model
-    finally:
-        for o, f in saved:
-            o.force = f
+        return
+    route = model._constructs["metalayer"].force  # the same draw, one setting per node
+    with forced(model, exit=0.4, gate=0.6):
+        for m in model.metalayers:
+            route([m], [1.0 / len(m.choices)] * len(m.choices))
+        try:
+            yield model
+        finally:
+            route(model.metalayers, None)
 
 
 @pytest.fixture(params=SPECS, ids=spec_id)

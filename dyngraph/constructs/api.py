@@ -156,6 +156,9 @@ class ConstructDef:
         longest: `longest(node, counts, macs)`: set `counts` [U] to the longest path's unit runs.
         describe: `describe(model, nodes, counter) -> [line]` for `dyngraph inspect`.
         docs: `docs(model_table) -> [line]`: its section of the spec reference.
+        force: `force(nodes, setting)`: decide by a per-sample draw instead (benchmarks and
+            tests control the fraction of rows going each way; `dyngraph.forcing`); None:
+            decide by the construct's own rule again.
         methods: model methods it adds: `model.NAME(*args)` calls `methods[NAME](nodes, *args)`
             (`set_gamma`).
     """
@@ -184,6 +187,7 @@ class ConstructDef:
     describe: Callable | None = None
     docs: Callable | None = None
     methods: Mapping[str, Callable] = field(default_factory=dict)
+    force: Callable | None = None
 
     def __reduce__(self) -> tuple:
         # pickled by its key (a whole model pickles; its hooks are functions and lambdas):

@@ -174,7 +174,6 @@ class ExitRuntime:
         self.weight, self.distill = weight, distill
         self.reads, self.writes, self.head_shape = [reads], writes, head_shape
         self.last = False  # the graph's final exit (set by `_finish`)
-        self.force: float | None = None  # benchmarks: leave with this probability
         self.live_after: set[str] = set()
 
     @property
@@ -183,9 +182,6 @@ class ExitRuntime:
 
     def stays(self, logits: torch.Tensor, ctx, x: torch.Tensor) -> torch.Tensor:
         """Which rows go on past this exit (bool, one per current row; not for the last exit)."""
-        if self.force is not None:  # leave with probability `force`, fixed per sample (benchmarks)
-            u = pseudo_uniform(x, self.index)
-            return u >= const(self.force, u)
         return self.rule.stays(self, logits, ctx)
 
     def staying(self, ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
@@ -194,10 +190,6 @@ class ExitRuntime:
         k = ctx.kernels
         if k is None:
             return None
-        if self.force is not None:
-            return kernels.draw_rows(
-                k, x, kernels.DRAW_AT_LEAST, self.force, draw_scale(self.index)
-            )
         if self.rule.kernel is None or not kernels.applies(logits):
             return None
         return k.rows_where(logits, self.rule.kernel, self.threshold, self.temperature)
@@ -479,6 +471,29 @@ def _docs(table) -> list[str]:
     return lines + ["`distill:` (SCAN self-distillation, used in training):", ""] + table(Distill)
 
 
+def force(exits: list[ExitRuntime], leave: float | None) -> None:
+    """Benchmarks and tests: every exit but the last lets a fraction `leave` of the samples
+    leave, drawn per sample from its input (the same in any batch); None: the criteria again."""
+    for e in exits[:-1]:
+        if leave is None:
+            e.__dict__.pop("stays", None)
+            e.__dict__.pop("staying", None)
+            continue
+
+        def stays(logits, ctx, x, e=e):
+            u = pseudo_uniform(x, e.index)
+            return u >= const(leave, u)
+
+        def staying(ctx, logits, x, e=e):
+            k = ctx.kernels
+            scale = draw_scale(e.index)
+            return (
+                None if k is None else kernels.draw_rows(k, x, kernels.DRAW_AT_LEAST, leave, scale)
+            )
+
+        e.stays, e.staying = stays, staying
+
+
 def _path_text(values: list[int], exits: list) -> str | None:
     return f"exit {values[0]}" if values[0] >= 0 else None
 
@@ -503,5 +518,6 @@ EXIT = register_construct(
         paths=_paths,
         describe=_describe,
         docs=_docs,
+        force=force,
     )
 )

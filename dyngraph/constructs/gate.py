@@ -99,7 +99,6 @@ class GateRuntime:
         self.key, self.column, self.state_shape = key, column, state_shape
         self.threshold, self.train_mode = threshold, train_mode
         self.reads, self.writes = reads, writes
-        self.force: float | None = None  # benchmarks/tests: run the body with this probability
         self.forced_on = False  # training curriculum (BlockDrop): this gate always runs
         self.mode_override: str | None = None  # a training stage's `decisions:`
         self.live_after: set[str] = set()
@@ -141,9 +140,6 @@ class GateRuntime:
         k = ctx.kernels
         if k is None:
             return None
-        if self.force is not None:
-            scale = draw_scale(100 + self.index)
-            return kernels.draw_rows(k, x, kernels.DRAW_BELOW, self.force, scale)
         col = 0
         if self.style == "oneshot":  # p is a column of the policy's [B, gates] output
             p, col = ctx.states[self.key], self.column
@@ -152,11 +148,7 @@ class GateRuntime:
         return k.rows_where(p, kernels.AT_LEAST, self.threshold, col)
 
     def on(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """Which rows run the body (bool): `force`d (benchmarks: with probability `force`,
-        fixed per sample) or p >= threshold."""
-        if self.force is not None:
-            u = pseudo_uniform(x, 100 + self.index)
-            return u < const(self.force, u)
+        """Which rows run the body (bool): p >= threshold."""
         return p >= const(self.threshold, p)
 
     def infer(self, ctx, x: torch.Tensor, src: torch.Tensor | None, live) -> torch.Tensor:
@@ -194,8 +186,6 @@ class GateRuntime:
             return
         p = self.probs(ctx, x, src)
         on = self.on(x, p)
-        if self.force is not None:
-            p = on.to(x.dtype)
         ctx.record("gates", self.index, on)
         yb = ctx.call(self.body, x, count=on)
         if ctx.mode == "dense":
@@ -368,6 +358,27 @@ def _path_text(values: list[int], gates: list) -> str:
 
 GRID = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0]
 
+
+def force(gates: list[GateRuntime], run: float | None) -> None:
+    """Benchmarks and tests: every gate runs its body for a fraction `run` of the samples,
+    drawn per sample from its input (the same in any batch); None: the policies again."""
+    for g in gates:
+        if run is None:
+            g.__dict__.pop("on", None)
+            g.__dict__.pop("running", None)
+            continue
+
+        def on(x, p, g=g):
+            u = pseudo_uniform(x, 100 + g.index)
+            return u < const(run, u)
+
+        def running(ctx, x, p, g=g):
+            k, scale = ctx.kernels, draw_scale(100 + g.index)
+            return None if k is None else kernels.draw_rows(k, x, kernels.DRAW_BELOW, run, scale)
+
+        g.on, g.running = on, running
+
+
 GATE = register_construct(
     ConstructDef(
         key="gate",
@@ -389,6 +400,7 @@ GATE = register_construct(
         sweep=lambda model, gates: attr_sweep("gate threshold", GRID, gates, "threshold"),
         sweep_rank=2,
         paths=lambda g, done, going: (done, going * 2),
+        force=force,
         docs=lambda table: (
             table(GateSpec) + ["", "Stage options (`gate:` in a stage):", ""] + table(GateOptions)
         ),

@@ -112,7 +112,6 @@ class HaltingRuntime:
         self.max_steps, self.flag = rule.max_steps, rule.flag
         self.threshold, self.epsilon = threshold, epsilon
         self.reads, self.writes = reads, writes
-        self.force: tuple[int, int] | None = None  # benchmarks: steps per sample drawn in [lo, hi]
         self.live_after: set[str] = set()
 
     @property
@@ -141,14 +140,6 @@ class HaltingRuntime:
         lam = ctx.call(self.unit, h, count=count)  # pondernet: carry = prob. of not having halted
         carry = carry * (1 - lam)
         return 1 - carry >= const(self.threshold, carry), carry, lam
-
-    def _forced_steps(self, x: torch.Tensor) -> torch.Tensor | None:
-        """With `force = (lo, hi)`, the number of steps each sample runs, drawn in [lo, hi] and
-        fixed by its input (benchmarks); None without `force`."""
-        if self.force is None:
-            return None
-        lo, hi = self.force
-        return lo + (pseudo_uniform(x, 300 + self.index) * (hi - lo + 1)).long()
 
     def _init(self, ctx, x):
         if self.init is not None:
@@ -180,12 +171,10 @@ class HaltingRuntime:
         carry = x.new_ones(1) if self.rule == "pondernet" else x.new_zeros(1)
         acc = torch.zeros_like(h) if self.rule == "act" else None
         last = self.max_steps - 1
-        forced = self._forced_steps(x)
-        forced = None if forced is None else int(forced)
         for t in range(self.max_steps):
             prev, h = h, self._step(ctx, t, h, x)
             halt, new_carry, p = self._decide(ctx, t, h, x, carry, prev)
-            stop = t == last or (bool(halt) if forced is None else forced <= t + 1)
+            stop = t == last or bool(halt)
             if acc is not None:
                 acc = self._weigh(acc, stop, carry, p, h)
             if stop:
@@ -204,12 +193,9 @@ class HaltingRuntime:
         carry = x.new_ones(n) if self.rule == "pondernet" else x.new_zeros(n)
         acc = torch.zeros_like(h) if self.rule == "act" else None
         xa, last = x, self.max_steps - 1
-        forced = self._forced_steps(x)
         for t in range(self.max_steps):
             prev, h = h, self._step(ctx, t, h, xa, pos)
             halt, new_carry, p = self._decide(ctx, t, h, xa, carry, prev, pos)
-            if forced is not None:
-                halt = forced <= const(t + 1, forced)
             if t == last:
                 halt = torch.ones_like(halt)
             if acc is not None:
@@ -236,8 +222,6 @@ class HaltingRuntime:
             carry = new_carry.index_select(0, staying)
             if acc is not None:
                 acc = acc.index_select(0, staying)
-            if forced is not None:
-                forced = forced.index_select(0, staying)
         ctx.record("steps", self.index, steps)
         return out
 
@@ -252,13 +236,10 @@ class HaltingRuntime:
         steps = torch.zeros(n, dtype=torch.long, device=x.device)
         remainder = x.new_zeros(n)
         states, probs = [], []
-        forced = self._forced_steps(x)
         view = (-1, *([1] * (h.dim() - 1)))
         for t in range(self.max_steps):
             prev, h = h, self._step(ctx, t, h, x, count=running)
             halt, new_carry, p = self._decide(ctx, t, h, x, carry, prev, count=running)
-            if forced is not None:
-                halt = forced <= t + 1
             if t == self.max_steps - 1:
                 halt = torch.ones_like(halt)
             states.append(h)
@@ -472,6 +453,23 @@ def _docs(table) -> list[str]:
     return lines + ["Stage options (`halting:` in a stage):", ""] + table(HaltingOptions)
 
 
+def force(haltings: list[HaltingRuntime], steps: tuple[int, int] | None) -> None:
+    """Benchmarks and tests: each sample runs a number of steps drawn in [lo, hi] from its
+    input (the same in any batch); None: the halting rule again."""
+    lo, hi = steps if steps is not None else (0, 0)
+    for h in haltings:
+        if steps is None:
+            h.__dict__.pop("_decide", None)
+            continue
+
+        def decide(ctx, t, state, x, carry, prev, count=None, h=h):
+            _, new_carry, p = HaltingRuntime._decide(h, ctx, t, state, x, carry, prev, count)
+            n = lo + (pseudo_uniform(x, 300 + h.index) * (hi - lo + 1)).long()
+            return n <= const(t + 1, n), new_carry, p
+
+        h._decide = decide
+
+
 GRID = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99]
 EPSILONS = [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
 
@@ -496,5 +494,6 @@ HALTING = register_construct(
         paths=lambda h, done, going: (done, going * h.max_steps),
         longest=_longest,
         docs=_docs,
+        force=force,
     )
 )

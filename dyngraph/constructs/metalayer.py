@@ -81,7 +81,6 @@ class MetalayerRuntime:
         self.gamma_test = gamma_test  # set_gamma's values, shared by the controller's sites
         self.choice_params = torch.tensor(choice_params, dtype=torch.float32)
         self.reads, self.writes, self.out_shape = reads, writes, out_shape
-        self.force: list[float] | None = None  # benchmarks/tests: route with these probabilities
         self.explore_override: float | None = None  # a training stage's `explore:`
         self._gamma_cache: dict = {}
         self._edges: tuple = (None, None)
@@ -125,10 +124,7 @@ class MetalayerRuntime:
         return logits
 
     def pick(self, ctx, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The choice of each row: forced, the top score (infer, dense) or sampled (train)."""
-        if self.force is not None:  # route with probabilities `force`, fixed per sample
-            u = pseudo_uniform(x, 200 + self.index)
-            return torch.bucketize(u, self.edges(u), right=True)
+        """The choice of each row: the top score (infer, dense) or sampled (train)."""
         if ctx.mode != "train":
             return logits.argmax(dim=1)
         c = torch.multinomial(torch.softmax(logits.detach(), dim=1), 1).squeeze(1)
@@ -144,17 +140,20 @@ class MetalayerRuntime:
         k = ctx.kernels
         if k is None:
             return None
-        t, rule = (x, kernels.DRAW_BUCKET) if self.force is not None else (logits, kernels.ARGMAX)
+        return self._choose(k, logits, kernels.ARGMAX, None)
+
+    def _choose(self, k, t: torch.Tensor, rule: int, probs: list[float] | None) -> tuple | None:
+        """The kernels' grouped choice on `t` by `rule` (a draw with probabilities `probs`)."""
         if not kernels.applies(t):
             return None
-        c, order, counts = k.choose(t, rule, self.edges(t), draw_scale(200 + self.index))
+        c, order, counts = k.choose(t, rule, self.edges(t, probs), draw_scale(200 + self.index))
         return c, order, counts + [0] * (len(self.choices) - len(counts))
 
-    def edges(self, like: torch.Tensor) -> torch.Tensor:
-        """Forced routing's cumulative probabilities (kept while `force` stays; none unforced)."""
-        key = (None if self.force is None else tuple(self.force), like.device, like.dtype)
+    def edges(self, like: torch.Tensor, probs: list[float] | None) -> torch.Tensor:
+        """Cumulative probabilities of a draw (none for the argmax), cached."""
+        key = (None if probs is None else tuple(probs), like.device, like.dtype)
         if self._edges[0] != key:
-            e = torch.tensor(self.force or [0.0], device=like.device, dtype=like.dtype)
+            e = torch.tensor(probs or [0.0], device=like.device, dtype=like.dtype)
             self._edges = (key, e.cumsum(0)[:-1])
         return self._edges[1]
 
@@ -383,6 +382,26 @@ def _longest(m: MetalayerRuntime, counts: torch.Tensor, macs: torch.Tensor) -> N
         counts[u.index] = int(u is best)
 
 
+def force(metalayers: list[MetalayerRuntime], probs: list[float] | None) -> None:
+    """Benchmarks and tests: route with probabilities `probs` (one per choice), drawn per
+    sample from its input (the same in any batch); None: the controller again."""
+    for m in metalayers:
+        if probs is None:
+            m.__dict__.pop("pick", None)
+            m.__dict__.pop("grouped", None)
+            continue
+
+        def pick(ctx, x, logits, m=m):
+            u = pseudo_uniform(x, 200 + m.index)
+            return torch.bucketize(u, m.edges(u, probs), right=True)
+
+        def grouped(ctx, x, logits, m=m):
+            k = ctx.kernels
+            return None if k is None else m._choose(k, x, kernels.DRAW_BUCKET, probs)
+
+        m.pick, m.grouped = pick, grouped
+
+
 METALAYER = register_construct(
     ConstructDef(
         key="metalayer",
@@ -407,5 +426,6 @@ METALAYER = register_construct(
             + table(MetalayerOptions)
         ),
         methods={"set_gamma": set_gamma},
+        force=force,
     )
 )

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ..forcing import forced  # noqa: E402
 from .common import claim, label, pm, save_figure, splits, spread, stats, train_spec  # noqa: E402
 
 GAMMAS = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
@@ -31,11 +32,10 @@ def run_seed(seed: int, quick: bool = False) -> dict:
 
     def at(data, gamma=None, force=None):
         """Accuracy, mean parameter fraction and choices on `data` at a gamma (or forced)."""
-        m.force = force
         if gamma is not None:
             model.set_gamma(gamma)
-        out = model(data.x)
-        m.force = None
+        with forced(model, metalayer=force):
+            out = model(data.x)
         c = out.trace.choices[:, 0]
         acc = float((out.logits.argmax(1) == data.y).float().mean())
         return acc, float(cost[c].mean()), c

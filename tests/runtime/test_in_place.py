@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dyngraph as dg
+from dyngraph.forcing import force
 
 HEADER = "dyngraph: 1\nname: t\ninput: {shape: [8]}\ntask: {type: classification, classes: 3}\n"
 GATE = "{gate: {body: {type: residual_mlp, hidden: 8}, policy: {type: ff_gate}}}"
@@ -37,8 +38,7 @@ SPECS = {
 def test_partial_gates_change_nothing_a_user_or_a_later_node_reads(name):
     torch.manual_seed(0)
     model = dg.compile(HEADER + SPECS[name], backend="none").eval()
-    for g in model.gates:
-        g.force = 0.5  # some rows run the body, some skip it
+    force(model, "gate", 0.5)  # some rows run the body, some skip it
     x = torch.randn(64, 8)
     before = x.clone()
     out = model(x)
@@ -56,8 +56,7 @@ def test_a_dead_gate_input_is_reused_in_place(codegen):
     torch.manual_seed(0)
     model = dg.compile(HEADER + SPECS["gate_on_input"], backend="none").eval()
     model.codegen = codegen
-    for g in model.gates:
-        g.force = 0.5
+    force(model, "gate", 0.5)
     seen = {}
     second = model.gates[1]
     real = second.infer
