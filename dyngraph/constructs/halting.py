@@ -462,9 +462,11 @@ def force(haltings: list[HaltingRuntime], steps: tuple[int, int] | None) -> None
             h.__dict__.pop("_decide", None)
             continue
 
-        def decide(ctx, t, state, x, carry, prev, count=None, h=h):
+        def decide(ctx, t, state, x, carry, prev, count=None, h=h, seen=[None, None]):  # noqa: B006
             _, new_carry, p = HaltingRuntime._decide(h, ctx, t, state, x, carry, prev, count)
-            n = lo + (pseudo_uniform(x, 300 + h.index) * (hi - lo + 1)).long()
+            if seen[0] is not x:  # the draw once per input of the loop (it changes when rows leave)
+                seen[:] = [x, lo + (pseudo_uniform(x, 300 + h.index) * (hi - lo + 1)).long()]
+            n = seen[1]
             return n <= const(t + 1, n), new_carry, p
 
         h._decide = decide
