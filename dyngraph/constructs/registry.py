@@ -6,6 +6,9 @@ from .api import ConstructDef
 
 CONSTRUCTS: dict[str, ConstructDef] = {}
 
+#: called after each change of the registry (the spec schema rebuilds its node union)
+_ON_REGISTER: list = []
+
 
 def register_construct(definition: ConstructDef) -> ConstructDef:
     """Register a construct (its spec key must be new). Register it before loading specs that
@@ -18,5 +21,9 @@ def register_construct(definition: ConstructDef) -> ConstructDef:
     return definition
 
 
-#: called after each registration (the spec schema rebuilds its node union)
-_ON_REGISTER: list = []
+def unregister_construct(key: str) -> ConstructDef:
+    """Remove a construct (a test's, a plugin reloaded); models compiled with it keep running."""
+    definition = CONSTRUCTS.pop(key)
+    for hook in _ON_REGISTER:
+        hook()
+    return definition

@@ -156,8 +156,10 @@ def train(
     val = _val_data(tr, val_data, own=train_data is None)
     if rank == 0 and out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        if isinstance(spec, str | Path) and Path(spec).is_file():
-            (out / "spec.yaml").write_text(Path(spec).read_text())
+        if loaded is not None and loaded.file not in ("<string>", "<dict>"):  # a file: its text
+            (out / "spec.yaml").write_text(Path(loaded.file).read_text())
+        elif isinstance(spec, str):  # YAML text (a long one is no file name: no path test)
+            (out / "spec.yaml").write_text(spec)
         (out / "resolved.json").write_text(json.dumps(sp.model_dump(mode="json"), indent=1))
     net = model
     if world > 1:
