@@ -6,7 +6,7 @@ python -m dyngraph.docs > docs/spec.md      (a test checks the committed file is
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -171,8 +171,19 @@ def generate() -> str:
     for key, c in CONSTRUCTS.items():
         mod = __import__(c.build.__module__, fromlist=["x"])
         lines += [f"### `{key}`", "", (mod.__doc__ or "").strip(), ""]
-        if c.docs is not None:
+        if c.docs is not None:  # its own tables (a union of schemas, nested settings)
             lines += c.docs(model_table) + [""]
+        elif isinstance(c.schema, type) and issubclass(c.schema, BaseModel):
+            lines += model_table(c.schema) + [""]
+        else:  # a union of schemas told apart by a key (`rule:`): one table each
+            union, info = get_args(c.schema)[:2]
+            tag = info.discriminator
+            for m in get_args(union):
+                value = m.model_fields[tag].annotation.__args__[0]
+                lines += [f"`{tag}: {value}`:", ""] + model_table(m, (tag,)) + [""]
+        if c.options is not None:
+            lines += [f"Stage options (`{key}:` in a stage):", ""]
+            lines += model_table(c.options) + [""]
     lines += [
         "## Blocks",
         "",

@@ -15,12 +15,19 @@ from collections.abc import Iterator
 from typing import Any
 
 
-def force(model, key: str, setting: Any) -> None:
-    """Force construct `key`'s nodes of `model` with `setting` (None: unforce them)."""
+def force(model, key: str, setting: Any, nodes: list | None = None) -> None:
+    """Force construct `key`'s nodes of `model` (or `nodes` of them) with `setting`; None:
+    their own rules again. The construct's `force(node, setting)` gives the methods that
+    replace the node's decision methods while it is forced."""
     c = model._constructs.get(key)
     if c is None or c.force is None:
         raise ValueError(f"construct {key!r} cannot be forced")
-    c.force(model.nodes[key], setting)
+    for node in model.nodes[key] if nodes is None else nodes:
+        for name in node.__dict__.pop("_forced", ()):
+            del node.__dict__[name]
+        if setting is not None:
+            methods = c.force(node, setting)
+            node.__dict__.update(methods, _forced=tuple(methods))
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dyngraph as dg
-from dyngraph.forcing import forced
+from dyngraph.forcing import force, forced
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -86,14 +86,13 @@ def forced_decisions(model: dg.DynamicModel, on: bool = True):
     if not on:
         yield model
         return
-    route = model._constructs["metalayer"].force  # the same draw, one setting per node
     with forced(model, exit=0.4, gate=0.6):
-        for m in model.metalayers:
-            route([m], [1.0 / len(m.choices)] * len(m.choices))
+        for m in model.metalayers:  # each its own number of choices
+            force(model, "metalayer", [1.0 / len(m.choices)] * len(m.choices), nodes=[m])
         try:
             yield model
         finally:
-            route(model.metalayers, None)
+            force(model, "metalayer", None)
 
 
 @pytest.fixture(params=SPECS, ids=spec_id)

@@ -17,8 +17,7 @@ import torch
 from pydantic import Field
 
 import dyngraph as dg
-from dyngraph.constructs import Column, ConstructDef, Site, register_construct
-from dyngraph.constructs import unregister_construct
+from dyngraph.constructs import Column, ConstructDef, Site, register_construct, unregister_construct
 from dyngraph.core.types import ModuleRef, Strict
 
 
@@ -127,8 +126,9 @@ DEPTH = ConstructDef(
     options=DepthOptions,
     paths=lambda node, done, going: (done, going * node.max_depth),
     longest=_longest,
-    describe=lambda model, nodes, counter: ["", "depth nodes:"]
-    + [f"  {n.name}: its body up to {n.max_depth} times" for n in nodes],
+    describe=lambda model, nodes, counter: (
+        ["", "depth nodes:"] + [f"  {n.name}: its body up to {n.max_depth} times" for n in nodes]
+    ),
     docs=lambda table: table(DepthSpec) + ["", "Stage options:", ""] + table(DepthOptions),
 )
 
@@ -185,7 +185,10 @@ def test_it_validates_with_line_numbered_errors():
     assert "<string>:11:7: graph[1].depth.cots: unknown key 'cots' (did you mean 'cost'?)" in text
     with pytest.raises(dg.SpecError) as e:  # the builder's own check, at the controller's line
         dg.load_spec(SPEC.replace("out: 3}", "out: 4}"))
-    assert "<string>:9:19: graph[1].depth.controller: shape mismatch: the controller outputs [4]" in str(e.value)
+    assert (
+        "<string>:9:19: graph[1].depth.controller: shape mismatch: the controller outputs [4]"
+        in str(e.value)
+    )
     assert "depth" in dg.load_spec(SPEC).spec.graph[1].model_fields_set
 
 

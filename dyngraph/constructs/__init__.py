@@ -4,4 +4,12 @@ from . import exit, gate, metalayer, halting  # noqa: F401, I001  (registration;
 from .api import Column, ConstructDef, Site, Sweep
 from .registry import CONSTRUCTS, register_construct, unregister_construct
 
-__all__ = ["CONSTRUCTS", "Column", "ConstructDef", "Site", "Sweep", "register_construct", "unregister_construct"]
+__all__ = [
+    "CONSTRUCTS",
+    "Column",
+    "ConstructDef",
+    "Site",
+    "Sweep",
+    "register_construct",
+    "unregister_construct",
+]

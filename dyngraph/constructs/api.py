@@ -149,7 +149,9 @@ class ConstructDef:
         start_stage / before_step: apply a training stage's options (`(nodes, options)`,
             `(nodes, options, step)`).
         thresholds: `thresholds(nodes) -> [(node, lo, hi)]`, what `set_threshold` sets.
-        settings_key, save_settings, load_settings: what calibration changes, in checkpoints.
+        settings: `(key, attributes)`: what calibration changes, saved in checkpoints under
+            `key` (one value per node, or a mapping per node for several attributes);
+            `save_settings(nodes)` and `load_settings(nodes, value)` replace the attributes.
         sweep: `sweep(model, nodes) -> Sweep | None`; the lowest `sweep_rank` with one wins.
         calibrate: `calibrate(model, nodes, val) -> {name: values}` before the sweep is fitted.
         paths: `paths(node, done, going) -> (done, going)`: distinct paths, counted along the plan.
@@ -176,7 +178,7 @@ class ConstructDef:
     start_stage: Callable | None = None
     before_step: Callable | None = None
     thresholds: Callable | None = None
-    settings_key: str | None = None
+    settings: tuple[str, tuple[str, ...]] | None = None
     save_settings: Callable | None = None
     load_settings: Callable | None = None
     sweep: Callable | None = None
@@ -188,6 +190,25 @@ class ConstructDef:
     docs: Callable | None = None
     methods: Mapping[str, Callable] = field(default_factory=dict)
     force: Callable | None = None
+
+    def saved_settings(self, nodes: list) -> Any:
+        """What `settings` names, of every node (what a checkpoint keeps)."""
+        if self.save_settings is not None:
+            return self.save_settings(nodes)
+        attrs = self.settings[1]
+        if len(attrs) == 1:
+            return [getattr(n, attrs[0]) for n in nodes]
+        return [{a: getattr(n, a) for a in attrs} for n in nodes]
+
+    def restore_settings(self, nodes: list, value: Any) -> None:
+        """Set what `saved_settings` returned (to the first nodes, where it holds fewer)."""
+        if self.load_settings is not None:
+            self.load_settings(nodes, value)
+            return
+        attrs = self.settings[1]
+        for n, v in zip(nodes, value, strict=False):
+            for a in attrs:
+                setattr(n, a, v if len(attrs) == 1 else v[a])
 
     def __reduce__(self) -> tuple:
         # pickled by its key (a whole model pickles; its hooks are functions and lambdas):

@@ -17,7 +17,8 @@ REINFORCE), `hard`.
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -78,30 +79,24 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
+@dataclass(eq=False)
 class GateRuntime:
     """One gate in each execution mode."""
 
-    def __init__(
-        self,
-        index: int,
-        threshold: float,
-        train_mode: str,
-        body,
-        policy,
-        style: str,
-        key: str,
-        column: int,
-        state_shape,
-        reads: list[str],
-        writes: str,
-    ):
-        self.index, self.body, self.policy, self.style = index, body, policy, style
-        self.key, self.column, self.state_shape = key, column, state_shape
-        self.threshold, self.train_mode = threshold, train_mode
-        self.reads, self.writes = reads, writes
-        self.forced_on = False  # training curriculum (BlockDrop): this gate always runs
-        self.mode_override: str | None = None  # a training stage's `decisions:`
-        self.live_after: set[str] = set()
+    index: int
+    threshold: float
+    train_mode: str
+    body: Any  # the body's unit
+    policy: Any  # the policy's unit (a one-shot policy's: shared by its gates)
+    style: str  # ff, recurrent or oneshot
+    key: str  # the policy's state in the run context
+    column: int  # a one-shot policy's output column for this gate
+    state_shape: tuple | None
+    reads: list[str]
+    writes: str
+    forced_on: bool = False  # training curriculum (BlockDrop): this gate always runs
+    mode_override: str | None = None  # a training stage's `decisions:`
+    live_after: set[str] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -359,24 +354,19 @@ def _path_text(values: list[int], gates: list) -> str:
 GRID = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0]
 
 
-def force(gates: list[GateRuntime], run: float | None) -> None:
-    """Benchmarks and tests: every gate runs its body for a fraction `run` of the samples,
-    drawn per sample from its input (the same in any batch); None: the policies again."""
-    for g in gates:
-        if run is None:
-            g.__dict__.pop("on", None)
-            g.__dict__.pop("running", None)
-            continue
+def force(g: GateRuntime, run: float) -> dict:
+    """Benchmarks and tests (dyngraph.forcing): the body runs for a fraction `run` of the
+    rows, drawn per sample from its input."""
 
-        def on(x, p, g=g):
-            u = pseudo_uniform(x, 100 + g.index)
-            return u < const(run, u)
+    def on(x, p):
+        u = pseudo_uniform(x, 100 + g.index)
+        return u < const(run, u)
 
-        def running(ctx, x, p, g=g):
-            k, scale = ctx.kernels, draw_scale(100 + g.index)
-            return None if k is None else kernels.draw_rows(k, x, kernels.DRAW_BELOW, run, scale)
+    def running(ctx, x, p):
+        k, scale = ctx.kernels, draw_scale(100 + g.index)
+        return None if k is None else kernels.draw_rows(k, x, kernels.DRAW_BELOW, run, scale)
 
-        g.on, g.running = on, running
+    return {"on": on, "running": running}
 
 
 GATE = register_construct(
@@ -392,17 +382,10 @@ GATE = register_construct(
         start_stage=_start_stage,
         before_step=_before_step,
         thresholds=lambda gates: [(g, 0.0, 1.0) for g in gates],
-        settings_key="gates",
-        save_settings=lambda gates: [g.threshold for g in gates],
-        load_settings=lambda gates, values: [
-            setattr(g, "threshold", v) for g, v in zip(gates, values, strict=False)
-        ],
+        settings=("gates", ("threshold",)),
         sweep=lambda model, gates: attr_sweep("gate threshold", GRID, gates, "threshold"),
         sweep_rank=2,
         paths=lambda g, done, going: (done, going * 2),
         force=force,
-        docs=lambda table: (
-            table(GateSpec) + ["", "Stage options (`gate:` in a stage):", ""] + table(GateOptions)
-        ),
     )
 )

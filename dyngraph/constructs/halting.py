@@ -17,15 +17,16 @@ and return every step's output (train) for the objectives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Literal, Union
+import math
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Union
 
 import torch
 from pydantic import AliasChoices, Field
 
 from ..blocks.steps import FlagStep, StopFeatures
 from ..core.types import InlineModule, ModuleRef, Strict
-from ..runtime.context import const, positions, pseudo_uniform
+from ..runtime.context import const, pseudo_uniform
 from .api import Column, ConstructDef, Site, attr_sweep
 from .registry import register_construct
 
@@ -78,41 +79,27 @@ class PonderSpec(_Common):
 HaltingSpec = Annotated[Union[ActSpec, L2SSpec, PonderSpec], Field(discriminator="rule")]  # noqa: UP007
 
 
-@dataclass(frozen=True)
-class Rule:
-    """A halting node's rule and its fixed settings (thresholds live on the runtime)."""
+@dataclass(eq=False)
+class HaltingRuntime:
+    """One halting node in each execution mode: its rule and settings, its units."""
 
-    rule: str
+    index: int
+    rule: str  # act, l2s or pondernet
     max_steps: int
+    threshold: float | None  # l2s, pondernet
+    epsilon: float | None  # act
+    steps: list[Any]  # the step's unit (one per step when not shared)
+    unit: Any  # the halting unit (act, pondernet) or the stop policy (l2s)
+    init: Any  # the initial state's unit, or None: zeros
+    state_shape: tuple
+    reads: list[str]
+    writes: str
     flag: bool = False  # ACT's first-step flag
     ponder_cost: float = 0.0  # ACT
     prior: float = 0.0  # PonderNet
     kl_weight: float = 0.0  # PonderNet
     beta: float = 1.0  # L2S
-
-
-class HaltingRuntime:
-    """One halting node in each execution mode."""
-
-    def __init__(
-        self,
-        index: int,
-        rule: Rule,
-        threshold: float | None,
-        epsilon: float | None,
-        steps: list,
-        unit,
-        init,
-        state_shape,
-        reads,
-        writes,
-    ):
-        self.index, self.params, self.rule = index, rule, rule.rule
-        self.steps, self.unit, self.init, self.state_shape = steps, unit, init, state_shape
-        self.max_steps, self.flag = rule.max_steps, rule.flag
-        self.threshold, self.epsilon = threshold, epsilon
-        self.reads, self.writes = reads, writes
-        self.live_after: set[str] = set()
+    live_after: set[str] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -120,10 +107,8 @@ class HaltingRuntime:
 
     def _step(self, ctx, t: int, h, x, count=None):
         unit = self.steps[t if len(self.steps) > 1 else 0]
-        if self.flag:
-            flag = x.new_full((x.shape[0], 1), 1.0 if t == 0 else 0.0)
-            return ctx.call(unit, h, x, flag, count=count)
-        return ctx.call(unit, h, x, count=count)
+        flag = [x.new_full((x.shape[0], 1), 1.0 if t == 0 else 0.0)] if self.flag else []
+        return ctx.call(unit, h, x, *flag, count=count)
 
     def _decide(self, ctx, t: int, h, x, carry, prev, count=None):
         """The halting quantity after step t: (halts now [rows], new carry, raw probability).
@@ -142,9 +127,7 @@ class HaltingRuntime:
         return 1 - carry >= const(self.threshold, carry), carry, lam
 
     def _init(self, ctx, x):
-        if self.init is not None:
-            return ctx.call(self.init, x)
-        return x.new_zeros((x.shape[0], *self.state_shape))
+        return ctx.call(self.init, x) if self.init else x.new_zeros((len(x), *self.state_shape))
 
     def _weigh(self, acc, halt, carry, p, h):
         """ACT: add step output `h` to the running mean, weighted by its halting probability
@@ -201,27 +184,11 @@ class HaltingRuntime:
             if acc is not None:
                 acc = self._weigh(acc, halt, carry, p, h)
             res = acc if acc is not None else h
-            going = positions(halt)
-            k, m = going.shape[0], halt.shape[0]
-            if k == 0:
-                carry = new_carry
-                continue
-            if k == m:  # every row left in the loop halts now
-                if pos is None:
-                    out, steps = res, steps.fill_(t + 1)
-                else:
-                    ctx.put(out, pos, res)
-                    steps.index_fill_(0, pos, t + 1)
+            out, pos, (h, xa, carry, acc), done = ctx.retire(
+                halt, res, out, steps, t + 1, pos, [h, xa, new_carry, acc]
+            )
+            if done:
                 break
-            staying = positions(~halt)
-            gone = going if pos is None else pos.index_select(0, going)
-            ctx.put(out, gone, res, going)
-            steps.index_fill_(0, gone, t + 1)
-            pos = staying if pos is None else pos.index_select(0, staying)
-            h, xa = h.index_select(0, staying), xa.index_select(0, staying)
-            carry = new_carry.index_select(0, staying)
-            if acc is not None:
-                acc = acc.index_select(0, staying)
         ctx.record("steps", self.index, steps)
         return out
 
@@ -231,11 +198,8 @@ class HaltingRuntime:
         h = self._init(ctx, x)
         running = torch.ones(n, dtype=torch.bool, device=x.device)
         carry = x.new_ones(n) if self.rule == "pondernet" else x.new_zeros(n)
-        out = torch.zeros_like(h)
-        acc = torch.zeros_like(h)
-        steps = torch.zeros(n, dtype=torch.long, device=x.device)
-        remainder = x.new_zeros(n)
-        states, probs = [], []
+        out, acc, remainder = torch.zeros_like(h), torch.zeros_like(h), x.new_zeros(n)
+        steps, states, probs = torch.zeros(n, dtype=torch.long, device=x.device), [], []
         view = (-1, *([1] * (h.dim() - 1)))
         for t in range(self.max_steps):
             prev, h = h, self._step(ctx, t, h, x, count=running)
@@ -259,117 +223,71 @@ class HaltingRuntime:
                 break
         ctx.record("steps", self.index, steps)
         if ctx.mode == "train":
-            ctx.extras["halting"].append(
-                {
-                    "rule": self.rule,
-                    "states": states,
-                    "probs": probs,
-                    "steps": steps,
-                    "remainder": remainder,
-                    "ponder": steps.to(x.dtype) + remainder,
-                }
-            )
+            ponder = steps.to(x.dtype) + remainder
+            ctx.extras["halting"].append(dict(rule=self.rule, states=states, probs=probs,
+                                              steps=steps, remainder=remainder, ponder=ponder))  # fmt: skip
         return out
 
 
 def build_halting(spec, b, site: Site) -> tuple[HaltingRuntime, tuple] | None:
     """Check and build one halting node."""
     index = b.next_index("halting", column="steps")
-    name, path = f"halting {index}", site.path
-    x_shape = site.in_shape
-    step_in = (*x_shape[:-1], x_shape[-1] + 1) if getattr(spec, "step_flag", False) else x_shape
+    name, path, x_shape = f"halting {index}", site.path, site.in_shape
+    flag = getattr(spec, "step_flag", False)
+    step_in = (*x_shape[:-1], x_shape[-1] + 1) if flag else x_shape
     if not spec.shared and not isinstance(spec.step, InlineModule):
-        b.problem(
-            path + ("shared",),
-            "`shared: false` needs an inline step (a named module is one instance)",
-        )
-        return None
+        msg = "`shared: false` needs an inline step (a named module is one instance)"
+        return b.problem(path + ("shared",), msg)
     n_mods = 1 if spec.shared else spec.max_steps
-    mods = [
-        b.module(spec.step, path + ("step",), [step_in], roles=("step",)) for _ in range(n_mods)
-    ]
+    mods = [b.module(spec.step, path + ("step",), [step_in], ("step",)) for _ in range(n_mods)]
     if any(m is None for m in mods):
         return None
-    state_shape = tuple(mods[0].state_shape)
-    out = b.shapes_of(mods[0], [state_shape, step_in], path + ("step",), "the step")
-    if out is None:
-        return None
-    if out != state_shape:
-        b.problem(
-            path + ("step",),
-            f"shape mismatch: the step returns {list(out)}, its state is {list(state_shape)}",
-        )
+    state = tuple(mods[0].state_shape)
+    out = b.shapes_of(mods[0], [state, step_in], path + ("step",), "the step")
+    if out is not None and out != state:
+        msg = f"shape mismatch: the step returns {list(out)}, its state is {list(state)}"
+        b.problem(path + ("step",), msg)
+    if out != state:
         return None
     init_unit = None
     if spec.init is not None:
         im = b.module(spec.init, path + ("init",), [x_shape])
-        if im is None:
-            return None
-        s = b.shapes_of(im, [x_shape], path + ("init",), "init")
-        if s != state_shape:
-            if s is not None:
-                b.problem(
-                    path + ("init",),
-                    f"shape mismatch: init outputs {list(s)}, the state is {list(state_shape)}",
-                )
+        s = None if im is None else b.shapes_of(im, [x_shape], path + ("init",), "init")
+        if s is not None and s != state:
+            msg = f"shape mismatch: init outputs {list(s)}, the state is {list(state)}"
+            b.problem(path + ("init",), msg)
+        if s != state:
             return None
         init_unit = b.unit(f"{name} init", im, [x_shape], "segment", name)
-    step_shapes = [state_shape, x_shape] + ([(1,)] if getattr(spec, "step_flag", False) else [])
-    steps = []
-    for t, m in enumerate(mods):
-        mod = FlagStep(m) if getattr(spec, "step_flag", False) else m
-        label = f"{name} step" if n_mods == 1 else f"{name} step {t}"
-        steps.append(b.unit(label, mod, step_shapes, "segment", name))
+    shapes = [state, x_shape] + ([(1,)] if flag else [])
+    steps = [
+        b.unit(f"{name} step" + ("" if n_mods == 1 else f" {t}"), FlagStep(m) if flag else m,
+               shapes, "segment", name)
+        for t, m in enumerate(mods)
+    ]  # fmt: skip
     if spec.rule == "l2s":
         own = getattr(mods[0], "stop_features_dim", None)
-        fdim = own if own is not None else _numel(x_shape) + _numel(state_shape)
-        pm = b.module(
-            spec.policy, path + ("policy",), [(fdim + spec.max_steps,)], roles=("stop_policy",)
-        )
+        fdim = own if own is not None else math.prod(x_shape) + math.prod(state)
+        pm = b.module(spec.policy, path + ("policy",), [(fdim + spec.max_steps,)], ("stop_policy",))
         if pm is None:
             return None
-        unit = b.unit(
-            f"{name} stop policy",
-            StopFeatures(pm, mods[0]),
-            [x_shape, state_shape, state_shape, (spec.max_steps,)],
-            construct=name,
-        )
+        in_shapes = [x_shape, state, state, (spec.max_steps,)]
+        unit = b.unit(f"{name} stop policy", StopFeatures(pm, mods[0]), in_shapes, construct=name)
     else:
         default = InlineModule(type="act_unit" if spec.rule == "act" else "lambda_unit")
-        um = b.module(
-            spec.unit or default, path + ("unit",), [state_shape], roles=("halting_unit",)
-        )
+        um = b.module(spec.unit or default, path + ("unit",), [state], ("halting_unit",))
         if um is None:
             return None
-        unit = b.unit(f"{name} halting unit", um, [state_shape], construct=name)
-    fields = ("ponder_cost", "prior", "kl_weight", "beta")
-    rule = Rule(
-        spec.rule,
-        spec.max_steps,
-        getattr(spec, "step_flag", False),
-        **{f: getattr(spec, f) for f in fields if hasattr(spec, f)},
-    )
-    threshold, epsilon = getattr(spec, "threshold", None), getattr(spec, "epsilon", None)
-    rt = HaltingRuntime(
-        index,
-        rule,
-        threshold,
-        epsilon,
-        steps,
-        unit,
-        init_unit,
-        state_shape,
-        [site.in_id],
-        site.node_id,
-    )
-    return rt, state_shape
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+        unit = b.unit(f"{name} halting unit", um, [state], construct=name)
+    own = {
+        f: getattr(spec, f)
+        for f in ("ponder_cost", "prior", "kl_weight", "beta")
+        if hasattr(spec, f)
+    }
+    rt = HaltingRuntime(index, spec.rule, spec.max_steps, getattr(spec, "threshold", None),
+                        getattr(spec, "epsilon", None), steps, unit, init_unit, state,
+                        [site.in_id], site.node_id, flag, **own)  # fmt: skip
+    return rt, state
 
 
 def _halting_distribution(probs: list[torch.Tensor], rule: str) -> torch.Tensor:
@@ -390,38 +308,38 @@ def halting_objective(lc) -> dict[str, torch.Tensor]:
     terms: dict[str, torch.Tensor] = {}
     for h, ex in zip(lc.model.haltings, lc.out.extras.get("halting") or [], strict=True):
         if h.rule == "act":
-            terms[f"ponder_{h.index}"] = h.params.ponder_cost * ex["ponder"].mean()
+            terms[f"ponder_{h.index}"] = h.ponder_cost * ex["ponder"].mean()
             continue
         losses = torch.stack([lc.task_loss(lc.tail(h, s)) for s in ex["states"]])  # [T, B]
         if h.rule == "pondernet":
             p = _halting_distribution(ex["probs"], h.rule)
             terms["ponder_reconstruction"] = (p * losses).sum(0).mean()
             steps = torch.arange(len(ex["probs"]), dtype=p.dtype, device=p.device)
-            prior = h.params.prior * (1 - h.params.prior) ** steps
+            prior = h.prior * (1 - h.prior) ** steps
             prior = (prior / prior.sum())[:, None]
-            terms["ponder_kl"] = (
-                h.params.kl_weight * (p * (p.clamp_min(1e-10).log() - prior.log())).sum(0).mean()
-            )
+            kl = (p * (p.clamp_min(1e-10).log() - prior.log())).sum(0).mean()
+            terms["ponder_kl"] = h.kl_weight * kl
             lc.task_replaced = True
             continue
         # q* ∝ p(y|t,x)^(1/beta), with log p = -(summed squared error) for regression
         nll = losses.detach() * (lc.y[0].numel() if lc.model.spec.task.type == "regression" else 1)
-        q_star = torch.softmax(-nll / h.params.beta, dim=0)
+        q_star = torch.softmax(-nll / h.beta, dim=0)
         stage = lc.options.l2s
         if stage in ("likelihood", "joint"):
             terms["l2s_oracle"] = (q_star * losses).sum(0).mean()
         if stage in ("imitation", "joint"):
             q_phi = _halting_distribution(ex["probs"], h.rule)
-            terms["l2s_imitation"] = (
-                (q_star * (q_star.clamp_min(1e-10).log() - q_phi.clamp_min(1e-10).log()))
-                .sum(0)
-                .mean()
-            )
+            log_ratio = q_star.clamp_min(1e-10).log() - q_phi.clamp_min(1e-10).log()
+            terms["l2s_imitation"] = (q_star * log_ratio).sum(0).mean()
         lc.task_replaced = True
     return terms
 
 
 # ---------------------------------------------------------------- what generic code reads
+
+
+GRID = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99]
+EPSILONS = [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
 
 
 def _sweep(model, haltings: list[HaltingRuntime]):
@@ -433,11 +351,6 @@ def _sweep(model, haltings: list[HaltingRuntime]):
     return attr_sweep("ACT epsilon", EPSILONS, acts, "epsilon") if acts else None
 
 
-def _load(haltings: list[HaltingRuntime], values: list) -> None:
-    for h, v in zip(haltings, values, strict=False):
-        h.threshold, h.epsilon = v["threshold"], v["epsilon"]
-
-
 def _longest(h: HaltingRuntime, counts: torch.Tensor, macs: torch.Tensor) -> None:
     """Every step, up to max_steps."""
     for s in h.steps:
@@ -445,35 +358,20 @@ def _longest(h: HaltingRuntime, counts: torch.Tensor, macs: torch.Tensor) -> Non
     counts[h.unit.index] = h.max_steps
 
 
-def _docs(table) -> list[str]:
-    lines = []
-    for m in (ActSpec, L2SSpec, PonderSpec):
-        rule = m.model_fields["rule"].annotation.__args__[0]
-        lines += [f"`rule: {rule}`:", ""] + table(m, ("rule",)) + [""]
-    return lines + ["Stage options (`halting:` in a stage):", ""] + table(HaltingOptions)
+def force(h: HaltingRuntime, steps: tuple[int, int]) -> dict:
+    """Benchmarks and tests (dyngraph.forcing): each sample runs a number of steps drawn in
+    [lo, hi] from its input."""
+    lo, hi = steps
+    seen: list = [None, None]
 
+    def decide(ctx, t, state, x, carry, prev, count=None):
+        _, new_carry, p = HaltingRuntime._decide(h, ctx, t, state, x, carry, prev, count)
+        if seen[0] is not x:  # the draw once per input of the loop (it changes as rows leave)
+            seen[:] = [x, lo + (pseudo_uniform(x, 300 + h.index) * (hi - lo + 1)).long()]
+        return seen[1] <= const(t + 1, seen[1]), new_carry, p
 
-def force(haltings: list[HaltingRuntime], steps: tuple[int, int] | None) -> None:
-    """Benchmarks and tests: each sample runs a number of steps drawn in [lo, hi] from its
-    input (the same in any batch); None: the halting rule again."""
-    lo, hi = steps if steps is not None else (0, 0)
-    for h in haltings:
-        if steps is None:
-            h.__dict__.pop("_decide", None)
-            continue
+    return {"_decide": decide}
 
-        def decide(ctx, t, state, x, carry, prev, count=None, h=h, seen=[None, None]):  # noqa: B006
-            _, new_carry, p = HaltingRuntime._decide(h, ctx, t, state, x, carry, prev, count)
-            if seen[0] is not x:  # the draw once per input of the loop (it changes when rows leave)
-                seen[:] = [x, lo + (pseudo_uniform(x, 300 + h.index) * (hi - lo + 1)).long()]
-            n = seen[1]
-            return n <= const(t + 1, n), new_carry, p
-
-        h._decide = decide
-
-
-GRID = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99]
-EPSILONS = [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
 
 HALTING = register_construct(
     ConstructDef(
@@ -481,21 +379,16 @@ HALTING = register_construct(
         schema=HaltingSpec,
         build=build_halting,
         plural="haltings",
-        column=Column(
-            "steps", per_node=True, empty=0, describe=lambda v, _: "steps " + "+".join(map(str, v))
-        ),
+        column=Column("steps", True, 0, lambda v, _: "steps " + "+".join(map(str, v))),
         objective=halting_objective,
         options=HaltingOptions,
         legacy_options={"l2s": "l2s"},
         thresholds=lambda hs: [(h, 0.0, 1.0) for h in hs],
-        settings_key="haltings",
-        save_settings=lambda hs: [{"threshold": h.threshold, "epsilon": h.epsilon} for h in hs],
-        load_settings=_load,
+        settings=("haltings", ("threshold", "epsilon")),
         sweep=_sweep,
         sweep_rank=3,
         paths=lambda h, done, going: (done, going * h.max_steps),
         longest=_longest,
-        docs=_docs,
         force=force,
     )
 )

@@ -14,6 +14,8 @@ changed on a compiled model with `model.set_gamma(...)` without recompiling.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -55,36 +57,28 @@ class MetalayerOptions(Strict):
 LEGACY = {"explore": "explore", "entropy_cost": "entropy_cost", "policy_weight": "policy_weight"}
 
 
+@dataclass(eq=False)
 class MetalayerRuntime:
     """One metalayer in each execution mode."""
 
-    def __init__(
-        self,
-        index: int,
-        explore: float,
-        choice_names: list[str],
-        choices,
-        router,
-        key: str,
-        ctl_name: str,
-        ctl,
-        gamma_test: dict[str, float],
-        state_shape,
-        choice_params: list[int],
-        reads: list[str],
-        writes: str,
-        out_shape,
-    ):
-        self.index, self.choices, self.router, self.key = index, choices, router, key
-        self.ctl, self.state_shape, self.explore = ctl, state_shape, explore
-        self.ctl_name, self.choice_names = ctl_name, choice_names
-        self.gamma_test = gamma_test  # set_gamma's values, shared by the controller's sites
-        self.choice_params = torch.tensor(choice_params, dtype=torch.float32)
-        self.reads, self.writes, self.out_shape = reads, writes, out_shape
-        self.explore_override: float | None = None  # a training stage's `explore:`
-        self._gamma_cache: dict = {}
-        self._edges: tuple = (None, None)
-        self.live_after: set[str] = set()
+    index: int
+    explore: float
+    choice_names: list[str]
+    choices: list[Any]  # a unit per choice
+    router: Any  # the controller's unit at this site
+    key: str  # the controller's state in the run context
+    ctl_name: str
+    ctl: Any  # the controller module (its preferences)
+    gamma_test: dict[str, float]  # set_gamma's values, shared by the controller's sites
+    state_shape: tuple
+    choice_params: torch.Tensor  # [choices] parameters of each choice (the Composer cost)
+    reads: list[str]
+    writes: str
+    out_shape: tuple
+    explore_override: float | None = None  # a training stage's `explore:`
+    live_after: set[str] = field(default_factory=set)
+    _gamma_cache: dict = field(default_factory=dict)
+    _edges: tuple = (None, None)
 
     @property
     def name(self) -> str:
@@ -185,7 +179,7 @@ class MetalayerRuntime:
         if got is not None:
             c, order, counts = got
             ctx.record("choices", self.index, c)
-            return self._dispatch(ctx, x, order, counts)
+            return ctx.dispatch(self.choices, x, order, counts, self.out_shape)
         c = self.pick(ctx, x, logits)
         ctx.record("choices", self.index, c)
         if ctx.mode == "dense":
@@ -201,24 +195,9 @@ class MetalayerRuntime:
             counts = torch.bincount(c, minlength=len(self.choices)).tolist()  # one host sync
             # rows grouped by choice with one sort: each group's positions are a slice of it
             order = None if max(counts) == x.shape[0] else torch.sort(c, stable=True).indices
-            y = self._dispatch(ctx, x, order, counts)
+            y = ctx.dispatch(self.choices, x, order, counts, self.out_shape)
         if ctx.mode == "train":
             self._extras(ctx, logits, c, x)
-        return y
-
-    def _dispatch(self, ctx, x: torch.Tensor, order: torch.Tensor | None, counts: list[int]):
-        """Infer/train: each choice runs on its rows (`order`: rows grouped by choice)."""
-        if max(counts) == x.shape[0]:
-            return ctx.call(self.choices[counts.index(x.shape[0])], x)
-        # (each choice gathers its own rows: slices of one gathered batch would reach a
-        # compiled unit at a storage offset, which inductor recompiles for)
-        y = x.new_empty((x.shape[0], *self.out_shape))
-        start = 0
-        for j, unit in enumerate(self.choices):
-            if counts[j]:
-                rows = order[start : start + counts[j]]
-                ctx.put(y, rows, ctx.call(unit, x.index_select(0, rows), count=rows))
-                start += counts[j]
         return y
 
 
@@ -275,7 +254,7 @@ def build_metalayer(spec: MetalayerSpec, b, site: Site) -> tuple[MetalayerRuntim
         ctl,
         b.shared.setdefault(f"gamma/{key}", {}),
         ctl.state_shape,
-        params,
+        torch.tensor(params, dtype=torch.float32),
         [site.in_id],
         site.node_id,
         shapes[0],
@@ -382,24 +361,19 @@ def _longest(m: MetalayerRuntime, counts: torch.Tensor, macs: torch.Tensor) -> N
         counts[u.index] = int(u is best)
 
 
-def force(metalayers: list[MetalayerRuntime], probs: list[float] | None) -> None:
-    """Benchmarks and tests: route with probabilities `probs` (one per choice), drawn per
-    sample from its input (the same in any batch); None: the controller again."""
-    for m in metalayers:
-        if probs is None:
-            m.__dict__.pop("pick", None)
-            m.__dict__.pop("grouped", None)
-            continue
+def force(m: MetalayerRuntime, probs: list[float]) -> dict:
+    """Benchmarks and tests (dyngraph.forcing): route with probabilities `probs` (one per
+    choice), drawn per sample from its input."""
 
-        def pick(ctx, x, logits, m=m):
-            u = pseudo_uniform(x, 200 + m.index)
-            return torch.bucketize(u, m.edges(u, probs), right=True)
+    def pick(ctx, x, logits):
+        u = pseudo_uniform(x, 200 + m.index)
+        return torch.bucketize(u, m.edges(u, probs), right=True)
 
-        def grouped(ctx, x, logits, m=m):
-            k = ctx.kernels
-            return None if k is None else m._choose(k, x, kernels.DRAW_BUCKET, probs)
+    def grouped(ctx, x, logits):
+        k = ctx.kernels
+        return None if k is None else m._choose(k, x, kernels.DRAW_BUCKET, probs)
 
-        m.pick, m.grouped = pick, grouped
+    return {"pick": pick, "grouped": grouped}
 
 
 METALAYER = register_construct(
@@ -413,18 +387,13 @@ METALAYER = register_construct(
         options=MetalayerOptions,
         legacy_options=LEGACY,
         start_stage=_start_stage,
-        settings_key="gamma",
+        settings=("gamma", ()),
         save_settings=_save,
         load_settings=_load,
         sweep=_sweep,
         sweep_rank=1,
         paths=lambda m, done, going: (done, going * len(m.choices)),
         longest=_longest,
-        docs=lambda table: (
-            table(MetalayerSpec)
-            + ["", "Stage options (`metalayer:` in a stage):", ""]
-            + table(MetalayerOptions)
-        ),
         methods={"set_gamma": set_gamma},
         force=force,
     )

@@ -84,6 +84,28 @@ class Emitter:
         """Those of `keys` that exist here, in a fixed order."""
         return sorted(k for k in keys if k in self.defined)
 
+    def leave_all(self, out: str, column: str, value: int) -> None:
+        """Infer code: every current row leaves with output `out`, recorded as `value` in
+        trace column `column`; the pass ends."""
+        self.line(f"ctx.record({column!r}, None, {value})")
+        self.line(f"ctx.leave({out}, True)")
+        self.line("ctx.rows = 0")
+        self.line("return")
+
+    def part(self, stay: str, out: str, column: str, value: int, live_after) -> None:
+        """Infer code, as `ctx.part`: the rows at positions `stay` (an expression) go on, their
+        live values compacted; the others leave with output `out`, recorded as `value`."""
+        self.line(f"stay = {stay}")
+        self.line("n = stay.shape[0]")
+        with self.block("if n != ctx.rows:"):
+            self.line(f"ctx.record({column!r}, None, {value})")
+            self.line(f"ctx.leave({out}, n == 0)")
+            with self.block("if n == 0:"):
+                self.line("ctx.rows = 0")
+                self.line("return")
+            live = self.live(live_after)
+            self.line(f"{self.values(live)}= ctx.compact(stay, [{self.values(live)}])")
+
     def call(self, unit, args: list[str], count: str = "None") -> str:
         """An expression calling `unit` on `args`, logging the call as `ctx.call` does."""
         u = self.bind(unit, f"u{unit.index}")

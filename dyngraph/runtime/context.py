@@ -123,6 +123,56 @@ class RunContext:
             self.out = out.new_empty((self.batch, *out.shape[1:]))
         self.put(self.out, self.idx, out)
 
+    def part(self, staying: torch.Tensor, out: torch.Tensor, live_ids: set[str]) -> None:
+        """Infer: the rows at positions `staying` go on (their live values compacted); the
+        others leave with output `out`."""
+        n = staying.shape[0]
+        self.leave(out, everyone=n == 0)
+        if n == 0:
+            self.finish()
+        else:
+            self.keep(staying, live_ids)
+
+    def retire(self, halt, res, out, count, value: int, pos, carried: list):
+        """Infer, inside a loop over some of the rows (`pos`: their positions among the
+        context's rows; None: all of them): the rows where `halt` holds leave the loop, their
+        `res` written into `out` and `value` into `count`; the others go on, `carried` (per-row
+        tensors, or None) compacted to them. Returns (out, pos, carried, every row has left)."""
+        going = positions(halt)
+        k, m = going.shape[0], halt.shape[0]
+        if k == 0:
+            return out, pos, carried, False
+        if k == m:  # every row left in the loop leaves now
+            if pos is None:
+                return res, pos, carried, count.fill_(value) is not None
+            self.put(out, pos, res)
+            count.index_fill_(0, pos, value)
+            return out, pos, carried, True
+        staying = positions(~halt)
+        gone = going if pos is None else pos.index_select(0, going)
+        self.put(out, gone, res, going)
+        count.index_fill_(0, gone, value)
+        pos = staying if pos is None else pos.index_select(0, staying)
+        kept = [None if c is None else c.index_select(0, staying) for c in carried]
+        return out, pos, kept, False
+
+    def dispatch(self, units: list, x: torch.Tensor, order, counts: list[int], out_shape):
+        """Infer/train: each of `units` runs on its group of rows, grouped dispatch as in MoE
+        routing. `order`: the row positions grouped by unit (`counts[j]` rows for unit j);
+        the outputs land in row order."""
+        if max(counts) == x.shape[0]:  # one unit takes every row
+            return self.call(units[counts.index(x.shape[0])], x)
+        # (each unit gathers its own rows: slices of one gathered batch would reach a compiled
+        # unit at a storage offset, which inductor recompiles for)
+        y = x.new_empty((x.shape[0], *out_shape))
+        start = 0
+        for j, unit in enumerate(units):
+            if counts[j]:
+                rows = order[start : start + counts[j]]
+                self.put(y, rows, self.call(unit, x.index_select(0, rows), count=rows))
+                start += counts[j]
+        return y
+
     def emit(self, leaving: torch.Tensor, logits: torch.Tensor) -> None:
         """Dense/train: the live samples in the mask `leaving` output `logits` (infer: `leave`)."""
         if self.out is None:

@@ -238,15 +238,15 @@ class DynamicModel(nn.Module):
     def decision_settings(self) -> dict:
         """Thresholds, temperatures and gamma: what calibration changes (saved in checkpoints)."""
         return {
-            c.settings_key: c.save_settings(self.nodes[k])
+            c.settings[0]: c.saved_settings(self.nodes[k])
             for k, c in self._constructs.items()
-            if c.settings_key is not None
+            if c.settings is not None
         }
 
     def load_decision_settings(self, s: dict) -> None:
         for k, c in self._constructs.items():
-            if c.settings_key is not None and c.settings_key in s:
-                c.load_settings(self.nodes[k], s[c.settings_key])
+            if c.settings is not None and c.settings[0] in s:
+                c.restore_settings(self.nodes[k], s[c.settings[0]])
 
     # ------------------------------------------------------------------ description
     def describe_path(self, path_id: int) -> str:

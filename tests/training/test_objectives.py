@@ -169,7 +169,7 @@ def test_l2s_imitation_is_kl_from_the_oracle_which_is_a_target_not_a_path():
     ex = out.extras["halting"][0]
     # the oracle q*_t ∝ p(y | t, x)^(1/beta), log p = -(summed squared error)
     sse = torch.stack([(model.tail(h, s) - y).pow(2).flatten(1).sum(1) for s in ex["states"]])
-    q_star = torch.softmax(-sse / h.params.beta, 0)
+    q_star = torch.softmax(-sse / h.beta, 0)
     # the policy's stopping distribution: stop at t after continuing through 1..t-1
     probs, left, q_phi = ex["probs"], torch.ones_like(ex["probs"][0]), []
     for t, p in enumerate(probs):
