@@ -1,7 +1,13 @@
 """The state of one forward pass, and the helpers every construct's runtime uses.
 
+Rows. A pass runs on rows, and a row is a (sample, position) pair: row id = sample x `width`
++ position, where `width` is the positions per sample. A sample-level pass (every construct
+today) has width 1, and a row is a sample; a per-token pass over sequences of L tokens has
+width L, one row per token. Compaction, leaving, gathering, recording and the trace all work
+on row ids; only the trace folds them back to samples (docs/runtime.md).
+
 In **infer** mode the context holds only the *active* rows of the batch: `idx` maps them to
-their sample index, and `keep()` compacts every live value when samples leave (at an exit, say). A
+their row ids, and `keep()` compacts every live value when rows leave (at an exit, say). A
 construct that runs a unit on part of its rows slices its inputs itself and says which rows
 ran (`count=`), so that the trace knows exactly which units each sample executed.
 
@@ -62,16 +68,19 @@ def pseudo_uniform(x: torch.Tensor, salt: int) -> torch.Tensor:
 class RunContext:
     """Everything one forward pass reads and writes."""
 
-    def __init__(self, x: torch.Tensor, mode: str, trace_sizes: dict[str, int]):
+    def __init__(self, x: torch.Tensor, mode: str, trace_sizes: dict[str, int], width: int = 1):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-        b = x.shape[0]
+        b = x.shape[0]  # rows: samples x width
+        if b % width:
+            raise ValueError(f"{b} rows are not whole samples of {width} positions")
         self.mode, self.batch, self.device = mode, b, x.device
+        self.width, self.samples = width, b // width
         self.compacting = mode == "infer"
         # the fused decision kernels (infer on a CPU: no autograd), or None: ATen ops
         self.kernels = kernels.for_device(self.device) if self.compacting else None
-        # infer: the sample index of each current row (None: every sample, in order);
-        # dense/train: None, and `live` masks the samples infer mode would still hold.
+        # infer: the row id of each current row (None: every row, in order); dense/train:
+        # None, and `live` masks the rows infer mode would still hold.
         self.idx: torch.Tensor | None = None
         self.live = None if self.compacting else torch.ones(b, dtype=torch.bool, device=x.device)
         self.env: dict[str, torch.Tensor] = {"input": x}
@@ -85,7 +94,15 @@ class RunContext:
         self.decisions: list[tuple] = []
         self.extras: dict[str, Any] = defaultdict(list)
         self.trace_sizes = trace_sizes
-        self.rows = b  # the number of rows the values in `env` have now (0: every sample left)
+        self.rows = b  # the number of rows the values in `env` have now (0: every row left)
+
+    def sample_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The sample of each row id."""
+        return rows if self.width == 1 else torch.div(rows, self.width, rounding_mode="floor")
+
+    def position_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The position of each row id within its sample (0 for sample rows)."""
+        return torch.zeros_like(rows) if self.width == 1 else torch.remainder(rows, self.width)
 
     def free(self, x: torch.Tensor, live: list[torch.Tensor]) -> bool:
         """Infer: whether `x` may be overwritten in place, given the values `live` that are

@@ -25,7 +25,10 @@ def _rows(batch: int, rows: torch.Tensor | None, where, compacting: bool, device
 
 
 class Trace:
-    """What each sample of a batch did. Built from the forward pass's log when first read.
+    """What each sample of a batch did. Built from the forward pass's log when first read:
+    over the pass's rows (row id = sample x width + position), then folded to samples (a
+    per-position column gets a dimension of `width`; unit counts are summed over a sample's
+    positions, so that its MACs are the exact sum over its tokens).
 
     Attributes:
         <column>: one attribute per construct's column group (`trace.exit` [B], `trace.gates`
@@ -38,6 +41,7 @@ class Trace:
 
     def __init__(self, ctx, n_units: int, paths: PathTable):
         self._batch, self._device, self._compacting = ctx.batch, ctx.device, ctx.compacting
+        self._width, self._samples = ctx.width, ctx.samples
         self._decisions, self._events = ctx.decisions, ctx.events
         self._n_units, self._paths = n_units, paths
         self._fields: dict[str, torch.Tensor] | None = None
@@ -68,11 +72,16 @@ class Trace:
                 target.copy_(values) if torch.is_tensor(values) else target.fill_(values)
         return t
 
+    def _fold(self, t: torch.Tensor) -> torch.Tensor:
+        """Row-space values [rows, ...] as [samples, width, ...] (width 1: unchanged)."""
+        return t if self._width == 1 else t.view(self._samples, self._width, *t.shape[1:])
+
     @property
     def columns(self) -> dict[str, torch.Tensor]:
-        """Every column group by name, in the model's order."""
+        """Every column group by name, in the model's order ([samples, ...]; a pass over
+        positions: [samples, width, ...])."""
         if self._fields is None:
-            self._fields = self._build()
+            self._fields = {k: self._fold(v) for k, v in self._build().items()}
         return self._fields
 
     def __getattr__(self, name: str) -> torch.Tensor:
@@ -84,8 +93,8 @@ class Trace:
 
     def decisions(self) -> torch.Tensor:
         """[B, D]: every decision of each sample in one row (what defines its path)."""
-        cols = self.columns.values()
-        return torch.cat([c[:, None] if c.dim() == 1 else c for c in cols], dim=1)
+        cols = [c.flatten(1) if c.dim() > 1 else c[:, None] for c in self.columns.values()]
+        return torch.cat(cols, dim=1)
 
     @property
     def path_id(self) -> torch.Tensor:
@@ -106,6 +115,8 @@ class Trace:
                     counts[:, u] += sel.long()
                 else:
                     counts[sel, u] += 1
+            if self._width > 1:  # a sample ran a unit as often as its positions did
+                counts = counts.view(self._samples, self._width, -1).sum(1)
             self._unit_counts = counts
         return self._unit_counts
 
@@ -119,7 +130,7 @@ class Trace:
         return out
 
     def __len__(self) -> int:
-        return self._batch
+        return self._samples
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pydantic
 
+from ..constructs import CONSTRUCTS
 from ..core.errors import Problem, SpecError, did_you_mean, format_path
 from ..core.types import TAG
 from ..core.yaml_loader import MAX_BYTES, decode, load_yaml, locate
@@ -80,10 +81,30 @@ def problem_text(err: dict) -> tuple[str, bool]:
     return msg, False
 
 
+def _written(raw: Any, loc: tuple) -> tuple:
+    """Where the user wrote what `loc` names: a stage's construct option given by an earlier
+    spec's flat key (`decisions:`, `objective: {gate_penalty: ...}`) is reported there."""
+    if len(loc) < 5 or loc[:2] != ("train", "stages") or loc[3] not in CONSTRUCTS:
+        return loc
+    try:
+        stage = raw["train"]["stages"][loc[2]]
+    except (KeyError, IndexError, TypeError):
+        return loc
+    if not isinstance(stage, dict) or loc[3] in stage:
+        return loc
+    for old, new in CONSTRUCTS[loc[3]].legacy_options.items():
+        if new == loc[4]:
+            for where in ((), ("objective",)):
+                holder = stage.get(where[0]) if where else stage
+                if isinstance(holder, dict) and old in holder:
+                    return (*loc[:3], *where, old, *loc[5:])
+    return loc
+
+
 def _schema_problems(raw: Any, file: str, e: pydantic.ValidationError) -> list[Problem]:
     out = []
     for err in e.errors():
-        loc = tuple(p for p in err["loc"] if not str(p).startswith(TAG))
+        loc = _written(raw, tuple(p for p in err["loc"] if not str(p).startswith(TAG)))
         msg, key = problem_text(err)
         if err["type"] == "missing":  # point at the mapping that lacks it
             line, col = locate(raw, loc[:-1])

@@ -234,3 +234,31 @@ def test_validation_allocates_no_weights():
 def test_yaml_12_floats_are_numbers():
     text = DIGITS.replace("threshold: 0.9", "threshold: 9e-1")
     assert dg.load_spec(text).spec.graph[1].nodes[1].exit.criterion.threshold == 0.9
+
+
+def test_stage_options_sit_under_their_construct_and_old_flat_keys_still_read():
+    """`gate: {decisions: sample, penalty: 0.2}` and the flat keys of earlier specs give the
+    same stage; a bad value under an old key is reported where it was written."""
+    base = (ROOT / "tests" / "fixtures" / "tiny_train.yaml").read_text()
+    old = dg.load_spec(base).spec.train.stages
+    new_text = base.replace(
+        "decisions: straight_through, objective: {gate_penalty: 0.05, penalty_ramp: 0.3}}",
+        "gate: {decisions: straight_through, penalty: 0.05}, objective: {penalty_ramp: 0.3}}",
+    ).replace(
+        "decisions: sample,\n       objective: {gate_reward: skipnet}}",
+        "gate: {decisions: sample, reward: skipnet}}",
+    )
+    assert new_text != base
+    new = dg.load_spec(new_text).spec.train.stages
+    assert [s.model_dump() for s in new] == [s.model_dump() for s in old]
+    assert new[0].gate.penalty == 0.05 and new[1].gate.decisions == "sample"
+    with pytest.raises(dg.SpecError) as e:
+        dg.load_spec(base.replace("gate_penalty: 0.05", "gate_penalty: -1"))
+    assert str(e.value).startswith(
+        "<string>:20:63: train.stages[0].objective.gate_penalty: input should be greater than"
+    )
+    with pytest.raises(dg.SpecError) as e:
+        dg.load_spec(new_text.replace("penalty: 0.05", "penalti: 0.05"))
+    assert "train.stages[0].gate.penalti: unknown key 'penalti' (did you mean 'penalty'?)" in str(
+        e.value
+    )
