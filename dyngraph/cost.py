@@ -121,7 +121,16 @@ def _fvcore(module, inputs):
 
 
 def count_unit(unit, counter: str = "fvcore") -> UnitCost:
-    """Static cost of `unit` for one sample (inputs of its recorded shapes at batch 1)."""
+    """Static cost of `unit` for one sample (inputs of its recorded shapes at batch 1), by
+    submodule under readable names where the unit has them (a segment's `labels`)."""
+    cost = _count(unit, counter)
+    labels = getattr(unit.module, "labels", None)
+    if labels:
+        cost.by_module = {labels.get(k, k): v for k, v in cost.by_module.items()}
+    return cost
+
+
+def _count(unit, counter: str) -> UnitCost:
     if counter not in COUNTERS:
         raise ValueError(f"unknown counter {counter!r}; expected one of {COUNTERS}")
     module = unit.module

@@ -117,7 +117,7 @@ def build(r: Resolver) -> Plan | None:
                 pending_reads.extend(
                     i for i in inputs if i not in pending_reads and i not in inside
                 )
-                pending.append(StaticNode(nid, m, inputs, path))
+                pending.append(StaticNode(nid, m, inputs, path, r.names.label(nid)))
             continue
         flush()
         shapes[nid] = None

@@ -16,6 +16,7 @@ class StaticNode:
     module: nn.Module
     inputs: list[str]
     path: tuple
+    label: str = ""  # what a person reads (its parameters' prefix, `graph.1.rep3`)
 
 
 def _safe(name: str) -> str:
@@ -45,4 +46,7 @@ def segment_module(
     else:
         graph.output(tuple(vals[o] for o in out_ids))
     graph.lint()
-    return fx.GraphModule(root, graph, class_name="Segment")
+    gm = fx.GraphModule(root, graph, class_name="Segment")
+    # readable names of the submodules, for per-module cost tables (not part of the graph)
+    gm.labels = {f"n{k}_{_safe(n.node_id)}": n.label or n.node_id for k, n in enumerate(nodes)}
+    return gm

@@ -61,6 +61,10 @@ class BlockNames:
         """Name the (unrolled) node `node_id`."""
         self._nodes[node_id] = name
 
+    def label(self, node_id: str) -> str:
+        """The dotted name of node `node_id` (its blocks' prefix)."""
+        return ".".join(self._nodes.get(node_id, (node_id,)))
+
     def enter(self, node_id: str, path: tuple) -> None:
         """The node `node_id`, defined at `path`, is being built: its blocks go under its name."""
         self._current = (path, self._nodes[node_id])

@@ -53,6 +53,7 @@ class Resolver:
         self.shapes: dict[str, Shape | None] = {}
         self.runtimes: dict[str, list[Any]] = {}
         self.block_paths: dict[int, tuple] = {}  # id(module) -> where the spec defines it
+        self.labels: dict[int, str] = {}  # id(block) -> its dotted name
         self._shape_cache: dict[tuple, Any] = {}
         self._unrolled = 0
         self.graph_end: tuple[str | None, tuple] = (None, ())  # the last node: construct key, path
@@ -120,7 +121,7 @@ class Resolver:
         except Exception as e:  # a user block's own error
             self.problem(path, f"{m.type}: cannot build: {_short(e)}")
             return None
-        self.names.add(module, path)
+        self.labels[id(module)] = self.names.add(module, path)
         self.block_paths[id(module)] = path
         return module
 
@@ -270,7 +271,7 @@ class Resolver:
             shape = self.shapes_of(m, [shape], p, f"'{ref if isinstance(ref, str) else ref.type}'")
             if shape is None:
                 return None, None
-            nodes.append(StaticNode(f"b{k}", m, [cur], p))
+            nodes.append(StaticNode(f"b{k}", m, [cur], p, self.labels.get(id(m), "")))
             cur = f"b{k}"
         gm = segment_module(nodes, ["x"], [cur], single=True)
         return self.unit(name, gm, [in_shape], "segment", construct), shape
