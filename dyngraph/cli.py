@@ -209,8 +209,8 @@ def _eval(args: argparse.Namespace) -> int:
         f"{model.name} on {data.origin}: {_quality_text(model, res)}, mean {res['mean_macs']:,.0f} MACs "
         f"per input ({res['macs_fraction']:.1%} of the longest path's {res['full_macs']:,})"
     )
-    if "exits" in res:
-        print("  inputs per exit: " + ", ".join(f"exit {e}: {c}" for e, c in res["exits"].items()))
+    for key, counts in res.get("taken", {}).items():  # a whole-graph decision: inputs per value
+        print(f"  inputs per {key}: " + ", ".join(f"{key} {v}: {c}" for v, c in counts.items()))
     for desc, c in list(res["paths"].items())[:10]:
         print(f"  {c:>6}  {desc}")
     for col, rows in res.get("by_meta", {}).items():

@@ -218,10 +218,13 @@ class DynamicModel(nn.Module):
         return super().__getattr__(name)
 
     # ------------------------------------------------------------------ decision settings
-    def set_threshold(self, value: float | list[float], construct: str = "exit") -> None:
+    def set_threshold(self, value: float | list[float], construct: str | None = None) -> None:
         """Set a construct's thresholds (exits, gates, halting) without recompiling: one value
-        or one per node."""
+        or one per node. `construct`: its key; by default the first construct (in the trace's
+        order) that has thresholds and nodes in this model (the exits, where it has some)."""
         takes = [k for k, c in self._constructs.items() if c.thresholds is not None]
+        if construct is None:
+            construct = next((k for k in takes if self.nodes[k]), takes[0] if takes else "")
         if construct not in takes:
             raise ValueError(f"unknown construct {construct!r}; expected one of {', '.join(takes)}")
         nodes = self._constructs[construct].thresholds(self.nodes[construct])

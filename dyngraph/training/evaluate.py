@@ -19,14 +19,14 @@ def evaluate(model, data: Data, batch_size: int = 512, counter: str = "fvcore") 
     logits, macs, paths = [], [], []
     # constructs with one trace column for the whole graph (exits): how many took each value
     single = [c for c in model._constructs.values() if not c.column.per_node and model.nodes[c.key]]
-    taken: dict[str, list] = {c.plural: [] for c in single}
+    taken: dict[str, list] = {c.key: [] for c in single}
     for i in range(0, len(data), batch_size):
         out = model(data.x[i : i + batch_size].to(device))
         logits.append(out.logits.cpu())
         macs.append(model.per_input_macs(out.trace, counter))
         paths.append(out.trace.path_id.cpu())
         for c in single:
-            taken[c.plural].append(out.trace.columns[c.column.name].cpu())
+            taken[c.key].append(out.trace.columns[c.column.name].cpu())
     logits, macs = torch.cat(logits), torch.cat(macs)
     path = torch.cat(paths)
     full = model.static_macs(counter)
@@ -39,8 +39,10 @@ def evaluate(model, data: Data, batch_size: int = 512, counter: str = "fvcore") 
         "per_input_macs": macs,
         "logits": logits,
     }
-    for name, values in taken.items():
-        res[name] = dict(sorted(Counter(torch.cat(values).tolist()).items()))
+    if taken:  # {construct: {value: inputs}}: {"exit": {0: 412, 3: 88}}
+        res["taken"] = {
+            k: dict(sorted(Counter(torch.cat(v).tolist()).items())) for k, v in taken.items()
+        }
     if data.y is not None:
         res["quality"] = quality(model, logits, data.y)
     res["by_meta"] = by_meta(
