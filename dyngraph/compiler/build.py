@@ -147,10 +147,12 @@ def build(r: Resolver) -> Plan | None:
     for name in spec.modules:
         if name not in r._referenced:
             r.problem(("modules", name), f"module '{name}' is never used", key=True)
-    out_shape = None  # set by a construct whose nodes write the output (exits)
+    out_shape = out_column = None  # a construct whose nodes write the output (exits)
     for key, c in CONSTRUCTS.items():
         if c.finish is not None and r.runtimes.get(key):
-            out_shape = c.finish(r.runtimes[key], r) or out_shape
+            shape = c.finish(r.runtimes[key], r)
+            if shape is not None:
+                out_shape, out_column = shape, c.column.name
     for ctl in r.controllers.values():
         if hasattr(ctl, "finalize"):
             ctl.finalize()
@@ -167,6 +169,7 @@ def build(r: Resolver) -> Plan | None:
         output_id=last_id,
         out_shape=out_shape if out_shape is not None else shapes[last_id],
         writes_output=out_shape is not None,
+        out_column=out_column,
         trace_sizes=dict(r.trace_sizes),
         blocks=r.blocks,
         legacy_names=dict(r.names.legacy),

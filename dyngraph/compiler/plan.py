@@ -23,7 +23,8 @@ class Plan:
     Attributes:
         steps: segments and construct runtimes, in order.
         output_id: the id whose value is the output (when no node writes the output itself).
-        writes_output: some construct's nodes write the model's output (exits).
+        writes_output: some construct's nodes write the model's output (exits); `out_column`
+            is its trace column, where `ctx.leave` records which node each row left at.
         trace_sizes: columns of each per-node trace group.
         runtimes: each construct's runtimes, by construct key.
     """
@@ -34,6 +35,7 @@ class Plan:
     output_id: str
     out_shape: Shape
     writes_output: bool
+    out_column: str | None  # the trace column recording where rows took their output
     trace_sizes: dict[str, int]
     blocks: nn.ModuleDict
     legacy_names: dict[str, str]  # old flat block names -> dotted ones (old checkpoints)

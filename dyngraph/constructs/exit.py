@@ -175,10 +175,10 @@ class ExitRuntime:
         x = g.var(self.reads[0])
         g.line(f"z = {g.call(self.head, [x])}")
         if self.last:
-            g.leave_all("z", "exit", self.index)
+            g.leave_all("z", self.index)
         else:
             split = f"{g.bind(self, f'exit{self.index}')}.split(ctx, z, {x})"
-            g.part(split, "z", "exit", self.index, self.live_after)
+            g.part(split, "z", self.index, self.live_after)
 
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]
@@ -191,14 +191,12 @@ class ExitRuntime:
             if staying is None and ctx.rows > 1:
                 staying = positions(self.stays(logits, ctx, x))
             if staying is not None:
-                if staying.shape[0] != ctx.rows:  # some rows leave: theirs is this exit
-                    ctx.record("exit", None, self.index)
-                    ctx.part(staying, logits, self.live_after)
+                if staying.shape[0] != ctx.rows:  # some rows leave, here
+                    ctx.part(staying, logits, self.index, self.live_after)
                 return
             if bool(self.stays(logits, ctx, x)):  # one sample: one host sync, no indices
                 return
-        ctx.record("exit", None, self.index)
-        ctx.leave(logits, everyone=True)
+        ctx.leave(logits, self.index, everyone=True)
         ctx.finish()
 
     def _run_dense(self, ctx, x: torch.Tensor, logits: torch.Tensor) -> None:

@@ -84,22 +84,20 @@ class Emitter:
         """Those of `keys` that exist here, in a fixed order."""
         return sorted(k for k in keys if k in self.defined)
 
-    def leave_all(self, out: str, column: str, value: int) -> None:
-        """Infer code: every current row leaves with output `out`, recorded as `value` in
-        trace column `column`; the pass ends."""
-        self.line(f"ctx.record({column!r}, None, {value})")
-        self.line(f"ctx.leave({out}, True)")
+    def leave_all(self, out: str, where: int) -> None:
+        """Infer code: every current row leaves with output `out`, taken at `where` (as
+        `ctx.leave` records it); the pass ends."""
+        self.line(f"ctx.leave({out}, {where}, True)")
         self.line("ctx.rows = 0")
         self.line("return")
 
-    def part(self, stay: str, out: str, column: str, value: int, live_after) -> None:
+    def part(self, stay: str, out: str, where: int, live_after) -> None:
         """Infer code, as `ctx.part`: the rows at positions `stay` (an expression) go on, their
-        live values compacted; the others leave with output `out`, recorded as `value`."""
+        live values compacted; the others leave with output `out`, taken at `where`."""
         self.line(f"stay = {stay}")
         self.line("n = stay.shape[0]")
         with self.block("if n != ctx.rows:"):
-            self.line(f"ctx.record({column!r}, None, {value})")
-            self.line(f"ctx.leave({out}, n == 0)")
+            self.line(f"ctx.leave({out}, {where}, n == 0)")
             with self.block("if n == 0:"):
                 self.line("ctx.rows = 0")
                 self.line("return")

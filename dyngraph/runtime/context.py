@@ -68,7 +68,14 @@ def pseudo_uniform(x: torch.Tensor, salt: int) -> torch.Tensor:
 class RunContext:
     """Everything one forward pass reads and writes."""
 
-    def __init__(self, x: torch.Tensor, mode: str, trace_sizes: dict[str, int], width: int = 1):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        mode: str,
+        trace_sizes: dict[str, int],
+        width: int = 1,
+        out_column: str | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         b = x.shape[0]  # rows: samples x width
@@ -76,6 +83,8 @@ class RunContext:
             raise ValueError(f"{b} rows are not whole samples of {width} positions")
         self.mode, self.batch, self.device = mode, b, x.device
         self.width, self.samples = width, b // width
+        # the trace column that says where each row took its output (an exit's index)
+        self.out_column = out_column
         self.compacting = mode == "infer"
         # the fused decision kernels (infer on a CPU: no autograd), or None: ATen ops
         self.kernels = kernels.for_device(self.device) if self.compacting else None
@@ -129,10 +138,12 @@ class RunContext:
         rows = self.live if self.idx is None else self.idx
         self.decisions.append((field, col, rows, where, values))
 
-    def leave(self, out: torch.Tensor, everyone: bool) -> None:
-        """Infer: `out` is the output of every current row (the caller records why: an exit
-        records which). Rows that go on are written again where they leave (the last exit
-        takes all), so no index of the leaving rows is ever built. `everyone`: no row stays."""
+    def leave(self, out: torch.Tensor, where: int, everyone: bool) -> None:
+        """Infer: `out` is the output of every current row, taken at `where` (recorded in the
+        output column: an exit's index). Rows that go on are written again where they leave
+        (the last exit takes all), so no index of the leaving rows is ever built. `everyone`:
+        no row stays."""
+        self.record(self.out_column, None, where)
         if self.out is None and self.idx is None and everyone:
             self.out = out  # the whole batch leaves here, and nothing writes after it
             return
@@ -140,11 +151,11 @@ class RunContext:
             self.out = out.new_empty((self.batch, *out.shape[1:]))
         self.put(self.out, self.idx, out)
 
-    def part(self, staying: torch.Tensor, out: torch.Tensor, live_ids: set[str]) -> None:
+    def part(self, staying: torch.Tensor, out: torch.Tensor, where: int, live_ids: set[str]):
         """Infer: the rows at positions `staying` go on (their live values compacted); the
-        others leave with output `out`."""
+        others leave with output `out`, taken at `where`."""
         n = staying.shape[0]
-        self.leave(out, everyone=n == 0)
+        self.leave(out, where, everyone=n == 0)
         if n == 0:
             self.finish()
         else:

@@ -104,7 +104,7 @@ class DynamicModel(nn.Module):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         x = self._checked_input(x)
-        ctx = RunContext(x, mode, self._plan.trace_sizes)
+        ctx = RunContext(x, mode, self._plan.trace_sizes, out_column=self._plan.out_column)
         grad = torch.is_grad_enabled()
         if x.shape[0] == 0:  # an empty batch: nothing runs, the answer is empty
             ctx.out = x.new_empty((0, *self._plan.out_shape))

@@ -26,25 +26,23 @@ class Unit:
 
 def _paths() -> PathTable:
     column = SimpleNamespace(name="depth", empty=0, describe=lambda v, _: f"depth {v}")
-    return PathTable([Group(SimpleNamespace(column=column), 1, [])])
+    return PathTable([Group(SimpleNamespace(column=column), None, [])])  # one column, as exits
 
 
 def _pass(mode: str) -> tuple[RunContext, torch.Tensor]:
     """Every row runs unit 0; rows whose position is odd, or of sample 1, stop (depth 1);
     the others run unit 1 (depth 2)."""
     x = torch.arange(S * W * D, dtype=torch.float32).view(S * W, D)
-    ctx = RunContext(x, mode, {"depth": 1}, width=W)
+    ctx = RunContext(x, mode, {}, width=W, out_column="depth")
     h = ctx.call(Unit(0), x)
     rows = torch.arange(S * W)
     stop = (ctx.position_of(rows) % 2 == 1) | (ctx.sample_of(rows) == 1)
     if ctx.compacting:
-        ctx.record("depth", 0, 1)
-        ctx.leave(h, everyone=False)
+        ctx.leave(h, 1, everyone=False)  # recorded in the output column: where rows left
         (h,) = ctx.compact(positions(~stop), [h])
-        ctx.record("depth", 0, 2)
-        ctx.leave(ctx.call(Unit(1), h), everyone=True)
+        ctx.leave(ctx.call(Unit(1), h), 2, everyone=True)
     else:
-        ctx.record("depth", 0, torch.where(stop, 1, 2))
+        ctx.record("depth", None, torch.where(stop, 1, 2))
         ctx.emit(stop, h)
         ctx.live = ctx.live & ~stop
         y = ctx.call(Unit(1), h, count=~stop)
@@ -57,10 +55,10 @@ def test_a_pass_over_positions_folds_rows_back_to_samples(mode):
     ctx, x = _pass(mode)
     trace = Trace(ctx, 2, _paths())
     assert len(trace) == S and ctx.samples == S and ctx.width == W
-    depth = trace.depth  # [samples, width, nodes]
-    assert depth.shape == (S, W, 1)
+    depth = trace.depth  # [samples, width]: where each position took its output
+    assert depth.shape == (S, W)
     want = torch.tensor([[2, 1, 2, 1], [1, 1, 1, 1], [2, 1, 2, 1]])
-    assert torch.equal(depth[..., 0], want)
+    assert torch.equal(depth, want)
     # every position ran unit 0; unit 1 as often as the sample's positions that went on
     assert torch.equal(trace.unit_counts, torch.stack([torch.full((S,), W), (want == 2).sum(1)], 1))
     # outputs land at their rows: 2x for depth 1, 4x for depth 2

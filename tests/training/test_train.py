@@ -19,7 +19,7 @@ from dyngraph.training.batches import Batches
 from dyngraph.training.calibrate import calibrate_budget
 from dyngraph.training.evaluate import evaluate
 from dyngraph.training.loss import compute_loss
-from tests.conftest import ROOT, SPECS
+from tests.conftest import ROOT, SPECS, compiled
 
 TINY = ROOT / "tests" / "fixtures" / "tiny_train.yaml"
 TRAINABLE = [
@@ -195,3 +195,28 @@ graph:
     a = (norm(feats[0], (8,)) - norm(feats[1], (8,))).pow(2).mean()
     b = (norm(10 * feats[0], (8,)) - norm(10 * feats[1], (8,))).pow(2).mean()
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+#: architecture fingerprints of every spec's model as of 05b3349 (before #14's refactor)
+FINGERPRINTS = {
+    "act_parity": "2484eafff984",
+    "blockdrop": "4b9420ace9fd",
+    "composer_wide_digits": "7f2076b34582",
+    "design_constructs": "662536731b3b",
+    "digits_early_exit": "2594160c1501",
+    "l2s_lista": "16422c34b912",
+    "msdnet_early_exit": "cac0aab1f0d2",
+    "pondernet_parity": "b64ab7200ad3",
+    "scan_early_exit": "cac0aab1f0d2",
+    "skipnet_ff": "1019e6077ce8",
+    "skipnet_rnn": "28f36912cf24",
+}
+
+
+def test_checkpoints_written_before_keep_loading(spec_path):
+    """A checkpoint records its model's architecture fingerprint (the units and the generated
+    infer code): a change of code that changes it refuses every checkpoint users hold, so it
+    is a decision (with a mapping for the old ones), never a side effect of a refactor."""
+    from dyngraph.training.checkpoint import fingerprint
+
+    assert fingerprint(compiled(spec_path, "none")) == FINGERPRINTS[spec_path.stem]
