@@ -192,11 +192,7 @@ def _quality_text(model, res) -> str:
     if "quality" not in res:
         return "no labels"
     q = res["quality"]
-    return (
-        f"accuracy {100 * q:.2f}%"
-        if model.spec.task.type == "classification"
-        else f"NMSE {q:.2f} dB"
-    )
+    return f"accuracy {100 * q:.2f}%" if model.spec.task.classifies else f"NMSE {q:.2f} dB"
 
 
 def _eval(args: argparse.Namespace) -> int:

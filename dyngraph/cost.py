@@ -72,7 +72,48 @@ MAC_OPS = frozenset(
         "_thnn_fused_gru_cell",
     }
 )
-_TORCH_COUNTED = frozenset(k.__name__ for k in flop_registry)
+
+
+def attention_macs(q_shape, k_shape, v_shape, causal: bool) -> int:
+    """MACs of scaled dot-product attention, counted per query row over the keys it reads:
+    QK^T and the weighted sum of V, (d_q + d_v) per (query, key) pair read. Without a causal
+    mask every query reads every key: FlopCounterMode's SDPA formula (halved). With one
+    (top-left aligned, as SDPA's `is_causal`), query i reads keys 0..i."""
+    b, h, sq, dq = q_shape[0], q_shape[1], q_shape[-2], q_shape[-1]
+    sk, dv = k_shape[-2], v_shape[-1]
+    if causal:
+        m = min(sq, sk)
+        pairs = m * (m + 1) // 2 + (sq - m) * sk
+    else:
+        pairs = sq * sk
+    return b * h * pairs * (dq + dv)
+
+
+def _sdpa_cpu_flops(query, key, value, dropout_p=0.0, is_causal=False, *a, out_shape=None, **kw):
+    # FlopCounterMode hands shapes; it counts flops (2 x MACs)
+    return 2 * attention_macs(query, key, value, bool(is_causal))
+
+
+def _sdpa_fvcore(inputs, outputs) -> int:
+    from fvcore.nn.jit_handles import get_shape
+
+    causal = inputs[5].toIValue() if len(inputs) > 5 else False
+    q, k, v = (get_shape(inputs[i]) for i in range(3))
+    return attention_macs(q, k, v, bool(causal))
+
+
+#: Cost handles the counters lack (fvcore's op handles; FlopCounterMode's custom mapping):
+#: attention on the CPU, where FlopCounterMode counts 0 for the kernel SDPA runs.
+FVCORE_HANDLES = {"aten::scaled_dot_product_attention": _sdpa_fvcore}
+TORCH_HANDLES = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode with dyngraph's handles (it counts 2 x MACs)."""
+    return FlopCounterMode(display=False, custom_mapping=TORCH_HANDLES)
+
+
+_TORCH_COUNTED = frozenset(k.__name__ for k in flop_registry) | {k.__name__ for k in TORCH_HANDLES}
 
 
 @dataclass
@@ -96,7 +137,7 @@ class _OpRecorder(TorchDispatchMode):
 
 def torch_macs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
     """MACs by FlopCounterMode (matmul, conv, attention only) / 2."""
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    with torch.no_grad(), flop_counter() as fc:
         module(*inputs)
     return fc.get_total_flops() // 2
 
@@ -113,24 +154,25 @@ def _fvcore(module, inputs):
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fca = FlopCountAnalysis(module, inputs)
+        fca = FlopCountAnalysis(module, inputs).set_op_handle(**FVCORE_HANDLES)
         fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         total = int(fca.total())
         by_module = {k: int(v) for k, v in fca.by_module().items() if k and "." not in k}
         return total, dict(fca.unsupported_ops()), by_module
 
 
-def count_unit(unit, counter: str = "fvcore") -> UnitCost:
-    """Static cost of `unit` for one sample (inputs of its recorded shapes at batch 1), by
-    submodule under readable names where the unit has them (a segment's `labels`)."""
-    cost = _count(unit, counter)
+def count_unit(unit, counter: str = "fvcore", inputs: tuple | None = None) -> UnitCost:
+    """Static cost of `unit` for one sample (`inputs` at batch 1, by default random ones of
+    its recorded shapes), by submodule under readable names where the unit has them (a
+    segment's `labels`)."""
+    cost = _count(unit, counter, inputs)
     labels = getattr(unit.module, "labels", None)
     if labels:
         cost.by_module = {labels.get(k, k): v for k, v in cost.by_module.items()}
     return cost
 
 
-def _count(unit, counter: str) -> UnitCost:
+def _count(unit, counter: str, inputs: tuple | None = None) -> UnitCost:
     if counter not in COUNTERS:
         raise ValueError(f"unknown counter {counter!r}; expected one of {COUNTERS}")
     module = unit.module
@@ -138,7 +180,8 @@ def _count(unit, counter: str) -> UnitCost:
     module.eval()
     try:
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        inputs = unit.example_inputs(1, device)
+        if inputs is None:
+            inputs = unit.example_inputs(1, device)
         if counter == "fvcore":
             total, unsupported, by_module = _fvcore(module, inputs)
             missed = sorted(
@@ -148,7 +191,7 @@ def _count(unit, counter: str) -> UnitCost:
             )
             return UnitCost(total, by_module, missed)
         rec = _OpRecorder()
-        with torch.no_grad(), FlopCounterMode(display=False) as fc, rec:
+        with torch.no_grad(), flop_counter() as fc, rec:
             module(*inputs)
         root = type(module).__name__
         by_module = {

@@ -1,6 +1,6 @@
 """Blocks: the registry and the built-ins (importing this module registers them)."""
 
-from . import basic, custom, decision, steps  # noqa: F401  (registration side effects)
+from . import basic, custom, decision, sequence, steps  # noqa: F401  (registration side effects)
 from .registry import (
     BLOCKS,
     ROLES,

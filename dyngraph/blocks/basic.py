@@ -9,7 +9,14 @@ import torch
 from pydantic import Field, StrictInt
 from torch import nn
 
-from .registry import BlockParams, Shape, ShapeError, in_features, register_block
+from .registry import (
+    BlockParams,
+    Shape,
+    ShapeError,
+    in_features,
+    is_sequence,
+    register_block,
+)
 
 _ACTS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -226,24 +233,52 @@ def resnet_block(p: ResnetBlockParams, shapes: list[Shape]) -> nn.Module:
 
 
 class Classifier(nn.Module):
-    def __init__(self, dim: int, classes: int, norm: bool):
+    def __init__(self, dim: int, classes: int, norm: bool, pool: str | None = None):
         super().__init__()
+        self.pool = TokenPool(pool) if pool else nn.Flatten(1)
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
         self.fc = nn.Linear(dim, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(x.flatten(1)))
+        return self.fc(self.norm(self.pool(x)))
+
+
+class TokenPool(nn.Module):
+    """One vector per sequence [B, L, D] -> [B, D]: the mean over its tokens, the first or the
+    last. A batch holds sequences of one length (the runtime groups them by length), so every
+    token is valid."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "mean":
+            return x.mean(1)
+        return x[:, 0] if self.how == "first" else x[:, -1]
+
+
+PoolHow = Literal["mean", "first", "last"]
 
 
 class ClassifierParams(BlockParams):
     dim: int | None = Field(None, gt=0)
     classes: int = Field(gt=0)
     norm: bool = False
+    pool: PoolHow | None = Field(
+        None, description="a sequence's tokens pooled first (default mean in a sequence model)"
+    )
 
 
 @register_block("classifier", ClassifierParams)
 def classifier(p: ClassifierParams, shapes: list[Shape]) -> nn.Module:
-    """A classification head: flatten, optional LayerNorm, linear to `classes` logits."""
+    """A classification head: flatten (a sequence: pool its tokens), optional LayerNorm,
+    linear to `classes` logits."""
+    if is_sequence(shapes[0]):
+        d = in_features(shapes, p.dim, "dim")
+        return Classifier(d, p.classes, p.norm, p.pool or "mean")
+    if p.pool is not None:
+        raise ShapeError(f"pool: {p.pool} needs a sequence input [L, D], got {list(shapes[0])}")
     d = math.prod(shapes[0])
     if p.dim is not None and p.dim != d:
         raise ShapeError(f"dim={p.dim} but its input has shape {list(shapes[0])} ({d} values)")

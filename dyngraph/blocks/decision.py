@@ -20,15 +20,20 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from ..core.types import SPEC_CONFIG
-from .registry import BlockParams, Shape, ShapeError, register_block
+from .registry import BlockParams, Shape, ShapeError, in_sequence_model, is_sequence, register_block
 
 
-def _pool_flat(x: torch.Tensor) -> torch.Tensor:
-    """Images are average-pooled to their channels (as SkipNet's gates do); others flattened."""
-    return x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1)
+def _pool_flat(x: torch.Tensor, seq: bool = False) -> torch.Tensor:
+    """Images are average-pooled to their channels (as SkipNet's gates do), sequences to the
+    mean of their tokens (`seq`: built in a sequence model); others flattened."""
+    if x.dim() == 4:
+        return x.mean(dim=(2, 3))
+    return x.mean(1) if seq and x.dim() == 3 else x.flatten(1)
 
 
 def _pooled_dim(shape: Shape) -> int:
+    if is_sequence(shape):
+        return shape[-1]
     return shape[0] if len(shape) == 3 else math.prod(shape)
 
 
@@ -64,6 +69,7 @@ class FFGate(nn.Module):
 
     def __init__(self, dim: int, hidden: int, bias: float):
         super().__init__()
+        self.seq = in_sequence_model()  # pools a sequence's tokens
         self.dim = dim
         layers: list[nn.Module] = [nn.Linear(dim, hidden), nn.ReLU()] if hidden else []
         layers.append(nn.Linear(hidden or dim, 1))
@@ -78,7 +84,7 @@ class FFGate(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(_pool_flat(x))).squeeze(1)
+        return torch.sigmoid(self.net(_pool_flat(x, self.seq))).squeeze(1)
 
 
 class FFGateParams(BlockParams):
@@ -100,6 +106,7 @@ class RNNGate(nn.Module):
 
     def __init__(self, dim: int, hidden: int, bias: float):
         super().__init__()
+        self.seq = in_sequence_model()  # pools a sequence's tokens
         self.dim, self.state_shape = dim, (hidden,)
         self.proj = nn.Linear(dim, hidden)
         self.cell = LinearGRU(hidden, hidden)
@@ -111,7 +118,7 @@ class RNNGate(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.cell(torch.relu(self.proj(_pool_flat(x))), h)
+        h = self.cell(torch.relu(self.proj(_pool_flat(x, self.seq))), h)
         return torch.sigmoid(self.out(h)).squeeze(1), h
 
 
@@ -134,6 +141,7 @@ class BlockDropPolicy(nn.Module):
 
     def __init__(self, reads: str, read_shape: Shape, hidden: int, bias: float):
         super().__init__()
+        self.seq = in_sequence_model()  # pools a sequence's tokens
         self.reads, self.read_shape, self.hidden, self.bias = reads, read_shape, hidden, bias
         self.sites = 0
         self.net: nn.Module | None = None
@@ -153,7 +161,7 @@ class BlockDropPolicy(nn.Module):
         nn.init.constant_(self.net[-1].bias, self.bias)
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(_pool_flat(r)))
+        return torch.sigmoid(self.net(_pool_flat(r, self.seq)))
 
 
 class BlockDropParams(BlockParams):
@@ -211,6 +219,7 @@ class ComposerRNN(nn.Module):
 
     def __init__(self, hidden: int, preferences: dict[str, Preference]):
         super().__init__()
+        self.seq = in_sequence_model()  # pools a sequence's tokens
         self.preferences = preferences
         self.n_pref = len(preferences)
         self.state_shape = (hidden,)
@@ -234,7 +243,7 @@ class ComposerSite(nn.Module):
     def forward(
         self, x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.relu(self.ctl.proj[self.site](_pool_flat(x)))
+        z = torch.relu(self.ctl.proj[self.site](_pool_flat(x, self.ctl.seq)))
         h = self.ctl.cell(torch.cat([z, gamma], dim=1), h)
         return self.ctl.heads[self.site](h), h
 
@@ -258,11 +267,18 @@ class HaltUnit(nn.Module):
 
     def __init__(self, dim: int, bias: float):
         super().__init__()
+        self.seq = in_sequence_model()  # pools a sequence's tokens
         self.fc = nn.Linear(dim, 1)
         nn.init.constant_(self.fc.bias, bias)
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.fc(state.flatten(1))).squeeze(1)
+        return torch.sigmoid(
+            self.fc(state.mean(1) if self.seq and state.dim() == 3 else state.flatten(1))
+        ).squeeze(1)
+
+
+def _state_dim(shape: Shape) -> int:
+    return shape[-1] if is_sequence(shape) else math.prod(shape)
 
 
 class HaltUnitParams(BlockParams):
@@ -276,13 +292,13 @@ class LambdaUnitParams(BlockParams):
 @register_block("act_unit", HaltUnitParams, role="halting_unit")
 def act_unit(p: HaltUnitParams, shapes: list[Shape]) -> nn.Module:
     """ACT halting unit: h_n = sigmoid(W s_n + b), bias +1 by default (Graves)."""
-    return HaltUnit(math.prod(shapes[0]), p.bias)
+    return HaltUnit(_state_dim(shapes[0]), p.bias)
 
 
 @register_block("lambda_unit", LambdaUnitParams, role="halting_unit")
 def lambda_unit(p: LambdaUnitParams, shapes: list[Shape]) -> nn.Module:
     """PonderNet's lambda_n = sigmoid(W s_n + b): the probability of halting at step n."""
-    return HaltUnit(math.prod(shapes[0]), p.bias)
+    return HaltUnit(_state_dim(shapes[0]), p.bias)
 
 
 class StopMLP(nn.Module):

@@ -7,7 +7,9 @@ input it cannot take; the compiler reports it at the line of the node.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +99,31 @@ def build_block(name: str, params: dict | BlockParams, in_shapes: list[Shape]) -
     bd = get_block(name)
     p = params if isinstance(params, BlockParams) else bd.params.model_validate(params)
     return bd.build(p, [tuple(s) for s in in_shapes])
+
+
+_SEQUENCE: ContextVar[bool] = ContextVar("sequence_model", default=False)
+
+
+@contextlib.contextmanager
+def sequence_model(on: bool) -> Iterator[None]:
+    """Blocks built inside read per-sample [L, D] inputs as sequences of variable length
+    (a sequence spec's graph): heads and decision makers pool over the tokens instead of
+    flattening them."""
+    token = _SEQUENCE.set(on)
+    try:
+        yield
+    finally:
+        _SEQUENCE.reset(token)
+
+
+def in_sequence_model() -> bool:
+    """Whether the blocks being built belong to a sequence model (see sequence_model)."""
+    return _SEQUENCE.get()
+
+
+def is_sequence(shape: Shape) -> bool:
+    """Whether a per-sample `shape` is a sequence [L, D] of a sequence model being built."""
+    return _SEQUENCE.get() and len(shape) == 2
 
 
 def in_features(shapes: list[Shape], given: int | None, what: str = "in") -> int:

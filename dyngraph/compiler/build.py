@@ -17,6 +17,7 @@ import torch
 
 from ..blocks import BLOCKS
 from ..blocks.custom import importable_beside
+from ..blocks.registry import sequence_model
 from ..constructs import CONSTRUCTS, Site
 from ..core.errors import SpecError, did_you_mean
 from .fx_segments import StaticNode
@@ -24,7 +25,7 @@ from .graph import MAX_GRAPH_NODES, check_order, construct_key, unroll
 from .memory import memory_problems
 from .plan import Plan, live_steps
 from .resolve import Resolver
-from .units import Shape
+from .units import IdsShape, Shape
 
 __all__ = ["MAX_GRAPH_NODES", "Plan", "build_plan"]
 
@@ -91,7 +92,10 @@ def build(r: Resolver) -> Plan | None:
     flat = unroll(r, spec.graph, ("graph",))
     if r._unrolled > MAX_GRAPH_NODES:
         return None  # reported at the repeat that crossed the bound; nothing else is built
-    shapes: dict[str, Shape | None] = {"input": tuple(spec.input.shape)}
+    shape = tuple(spec.input.shape)
+    shapes: dict[str, Shape | None] = {
+        "input": IdsShape(shape) if spec.input.dtype == "int64" else shape
+    }
     r.shapes = shapes
     items = _wire(r, flat)
     steps: list[Any] = []
@@ -181,10 +185,13 @@ def build(r: Resolver) -> Plan | None:
 
 def _check_task(r: Resolver, shape: Shape | None, path: tuple) -> None:
     task = r.spec.task
-    if task.type == "classification" and shape is not None and shape != (task.classes,):
+    if not task.classifies or shape is None:
+        return
+    want = (task.classes,) if task.per == "sample" else (r.spec.input.shape[0], task.classes)
+    if shape != want:
+        what = "(classes)" if task.per == "sample" else "(a label per position)"
         r.problem(
-            path,
-            f"the graph's output has shape {list(shape)}; the task needs [{task.classes}] (classes)",
+            path, f"the graph's output has shape {list(shape)}; the task needs {list(want)} {what}"
         )
 
 
@@ -206,7 +213,11 @@ def build_plan(
             check that the real model would fit in memory.
     """
     r = Resolver(spec, raw, file, trust_imports)
-    with importable_beside(file), torch.device("meta" if meta else "cpu"):
+    with (
+        importable_beside(file),
+        torch.device("meta" if meta else "cpu"),
+        sequence_model(spec.input.is_sequence),
+    ):
         plan = build(r)
     if plan is not None and meta:
         r.problems += memory_problems(r, file)

@@ -20,6 +20,7 @@ from ..core.types import InlineModule
 from ..core.yaml_loader import locate
 from ..spec.load import problem_text
 from .fx_segments import StaticNode, segment_module
+from .init import initialize
 from .names import BlockNames
 from .shapes import fake_shapes, structure_key
 from .units import Shape, Unit
@@ -123,6 +124,12 @@ class Resolver:
             return None
         self.labels[id(module)] = self.names.add(module, path)
         self.block_paths[id(module)] = path
+        if m.init is not None:
+            try:
+                initialize(module, m.init, self.labels[id(module)], self.file)
+            except ValueError as e:
+                self.problem(path + ("init",), str(e))
+                return None
         return module
 
     def _pydantic_problem(self, prefix: tuple, err: dict) -> None:
@@ -248,7 +255,13 @@ class Resolver:
     ) -> Unit:
         """A unit of the plan (`head`: a decision unit that predicts the task)."""
         u = Unit(
-            len(self.units), name, kind, module, [tuple(s) for s in in_shapes], construct, head
+            len(self.units),
+            name,
+            kind,
+            module,
+            [s if isinstance(s, tuple) else tuple(s) for s in in_shapes],
+            construct,
+            head,
         )
         u.order = (self._cur_step, len(self.units))
         self.units.append(u)

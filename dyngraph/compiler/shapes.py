@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .units import Shape
+from .units import Shape, example
 
 
 @contextlib.contextmanager
@@ -40,10 +40,10 @@ def fake_shapes(fn, in_shapes: list[Shape]) -> Any:
     out = None
     if torch.empty(0).is_meta:
         with contextlib.suppress(Exception):  # FakeTensorMode below says what is wrong
-            out = fn(*[torch.empty(2, *s, device="meta") for s in in_shapes])
+            out = fn(*[example(s, 2, device="meta") for s in in_shapes])
     if out is None:
         with _quiet_fake_tensor(), FakeTensorMode(allow_non_fake_inputs=True):
-            out = fn(*[torch.empty(2, *s, device="cpu") for s in in_shapes])  # batch 2: BatchNorm
+            out = fn(*[example(s, 2) for s in in_shapes])  # batch 2: BatchNorm
 
     def shape(t):
         if isinstance(t, torch.Tensor):
@@ -59,7 +59,7 @@ def structure_key(fn: Any, in_shapes: list[Shape]) -> tuple | None:
     user's block may compute its shapes in ways these do not show)."""
     if not isinstance(fn, nn.Module):
         return None
-    parts: list = [tuple(map(tuple, in_shapes))]
+    parts: list = [tuple((type(s).__name__, *s) for s in in_shapes)]
     for name, sub in fn.named_modules():
         if not type(sub).__module__.startswith(("dyngraph.", "torch.")):
             return None

@@ -15,6 +15,18 @@ from torch import nn
 Shape = tuple[int, ...]
 
 
+class IdsShape(tuple):
+    """The per-sample shape of token ids (int64): a Shape that fake and example inputs fill
+    with ids instead of floats."""
+
+
+def example(shape: Shape, batch: int, generator=None, device="cpu") -> torch.Tensor:
+    """An input of per-sample `shape` at `batch`: random floats, or token id 1 for ids."""
+    if isinstance(shape, IdsShape):
+        return torch.ones(batch, *shape, dtype=torch.long, device=device)
+    return torch.randn(batch, *shape, generator=generator).to(device)
+
+
 @dataclass(eq=False)
 class Unit:
     """A static piece of the model: a segment of layers or a decision unit.
@@ -47,4 +59,4 @@ class Unit:
     ) -> tuple[torch.Tensor, ...]:
         """Random inputs of the unit's shapes, for counting and timing."""
         g = torch.Generator().manual_seed(0)
-        return tuple(torch.randn(batch, *s, generator=g).to(device) for s in self.in_shapes)
+        return tuple(example(s, batch, g, device) for s in self.in_shapes)

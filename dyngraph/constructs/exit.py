@@ -216,10 +216,11 @@ def build_exit(spec: ExitSpec, b, site: Site) -> tuple[ExitRuntime, tuple] | Non
     """Check and build one exit node."""
     index = b.next_index("exit")
     task = b.spec.task
-    if spec.criterion is not None and task.type != "classification":
+    if spec.criterion is not None and (task.type != "classification" or task.per == "token"):
         b.problem(
             site.path + ("criterion",),
-            f"criterion '{spec.criterion.type}' needs a classification task",
+            f"criterion '{spec.criterion.type}' needs a classification task per sample "
+            "(a per-token task's exits decide per token: `per: token`, not yet supported)",
         )
         return None
     head = b.module(spec.head, site.path + ("head",), [site.in_shape])

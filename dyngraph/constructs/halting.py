@@ -127,7 +127,11 @@ class HaltingRuntime:
         return 1 - carry >= const(self.threshold, carry), carry, lam
 
     def _init(self, ctx, x):
-        return ctx.call(self.init, x) if self.init else x.new_zeros((len(x), *self.state_shape))
+        if self.init:
+            return ctx.call(self.init, x)
+        shape = self.state_shape  # a sequence's state [L, D] has the batch's length
+        shape = (x.shape[1], *shape[1:]) if x.dim() == 3 == len(shape) + 1 else shape
+        return x.new_zeros((len(x), *shape))
 
     def _weigh(self, acc, halt, carry, p, h):
         """ACT: add step output `h` to the running mean, weighted by its halting probability

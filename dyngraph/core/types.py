@@ -24,6 +24,14 @@ class Strict(BaseModel):
     model_config = SPEC_CONFIG
 
 
+class InitSpec(Strict):
+    """A block's weights from a checkpoint: the tensors under `prefix` (`{name}`: the block's
+    own dotted name, e.g. `blocks.{name}`)."""
+
+    checkpoint: str
+    prefix: str = ""
+
+
 class InlineModule(BaseModel):
     """An inline block: `{type: NAME, ...params}`; the params are checked by the block's model."""
 
@@ -31,6 +39,7 @@ class InlineModule(BaseModel):
     type: str
     id: Ident | None = None
     inputs: list[str] | None = None
+    init: InitSpec | None = None
 
     @property
     def params(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ seed: the same call gives the same samples on every machine.
 
 from __future__ import annotations
 
+from . import sequences  # noqa: F401  (registers the sequence sets)
 from .sets import DATASETS, Data, DataError, load_data, load_file
 from .splits import GENERATED, load_split
 

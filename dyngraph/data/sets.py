@@ -182,8 +182,10 @@ def is_file_name(name: str | None) -> bool:
     return name is not None and str(name).endswith((".npz", ".pt"))
 
 
-def load_file(path: str | Path) -> Data:
+def load_file(path: str | Path, ids: bool = False) -> Data:
     """A user's data: an .npz with arrays `x` (and `y`), or a .pt holding a dict {x, y, ...}.
+    `x` is read as floats, or (`ids`: a model of token ids) as int64 ids [N, L] padded at the
+    end with the spec's pad_id.
 
     Every other array with one entry per sample (first dimension N) becomes a meta column
     (e.g. a difficulty `k`): profiles and evaluations report accuracy and MACs by it.
@@ -210,7 +212,11 @@ def load_file(path: str | Path) -> Data:
     x, y = arrays.pop("x"), arrays.pop("y", None)
     if x.dim() < 1:
         raise DataError(f"{path}: 'x' must hold one row per sample")
-    x = x.float()
+    if ids and (x.is_floating_point() or x.dim() != 2):
+        raise DataError(
+            f"{path}: token ids 'x' must be integers [N, L], got {x.dtype} {list(x.shape)}"
+        )
+    x = x.long() if ids else x.float()
     n = x.shape[0]
     if y is not None:
         if y.shape[:1] != (n,):
@@ -221,13 +227,13 @@ def load_file(path: str | Path) -> Data:
 
 
 def load_data(
-    name: str, split: str = "test", seed: int = 0, n: int | None = None, **params
+    name: str, split: str = "test", seed: int = 0, n: int | None = None, ids: bool = False, **params
 ) -> Data:
-    """A built-in data set by name (see DATASETS), or a .npz/.pt file."""
+    """A built-in data set by name (see DATASETS), or a .npz/.pt file (`ids`: of token ids)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
     if is_file_name(name):
-        return load_file(name).subset(n)
+        return load_file(name, ids).subset(n)
     if name not in DATASETS:
         from ..core.errors import did_you_mean
 

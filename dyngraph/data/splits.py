@@ -14,7 +14,14 @@ from .sets import DATASETS, SPLITS, Data, DataError, is_file_name, load_data, lo
 
 #: Built-in sets generated from a seed: their sizes (`n_train`, `n_val`, `n_test`) and
 #: `fresh` mean something; a fixed set or a file has the size it has.
-GENERATED = ("parity", "state_tracking", "sparse_recovery")
+GENERATED = (
+    "parity",
+    "state_tracking",
+    "sparse_recovery",
+    "state_sequence",
+    "state_tokens",
+    "addition",
+)
 
 
 def sharing(dspec, split: str) -> list[str]:
@@ -59,7 +66,7 @@ def load_split(dspec, split: str, n: int | None = None) -> Data:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     src = dspec.source(split)
     if is_file_name(src):
-        data, desc = _file_part(dspec, split, load_file(src))
+        data, desc = _file_part(dspec, split, load_file(src, dspec._ids))
         data.origin = f"{split}: {desc}"
         return data
     if src not in DATASETS:

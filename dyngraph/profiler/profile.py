@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .. import tasks
 from ..data.inputs import as_data
 from ..progress import Progress
 from .latency import measure
@@ -159,7 +160,7 @@ def profile(
     q_all = None
     if d.y is not None:
         q_all = quality(model, logits_all, d.y)
-        if model.spec.task.type == "classification":
+        if model.spec.task.classifies and not tasks.per_token(model.spec.task):
             correct = logits_all.argmax(1).cpu() == d.y.cpu()
 
     # paths
@@ -264,7 +265,7 @@ def profile(
         device=str(device),
         threads=threads,
         batch_size=batch_size,
-        metric="accuracy" if model.spec.task.type == "classification" else "NMSE (dB)",
+        metric=tasks.metric(model.spec.task),
         per_input_macs=per_macs,
         per_input_path=per_path,
         paths=paths,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import tasks
 from ..data import Data
 from ..training.measure import quality, run_infer, sweep_setting
 
@@ -39,4 +40,4 @@ def sweep(model, data: Data, batch_size: int, counter: str) -> dict | None:
 
 
 def _metric(model) -> str:
-    return "accuracy" if model.spec.task.type == "classification" else "NMSE (dB)"
+    return tasks.metric(model.spec.task)

@@ -191,13 +191,16 @@ class RunContext:
         if max(counts) == x.shape[0]:  # one unit takes every row
             return self.call(units[counts.index(x.shape[0])], x)
         # (each unit gathers its own rows: slices of one gathered batch would reach a compiled
-        # unit at a storage offset, which inductor recompiles for)
-        y = x.new_empty((x.shape[0], *out_shape))
-        start = 0
+        # unit at a storage offset, which inductor recompiles for). `out_shape` is the declared
+        # one: a shorter sequence's outputs are shorter, so the first output gives the shape.
+        y, start = None, 0
         for j, unit in enumerate(units):
             if counts[j]:
                 rows = order[start : start + counts[j]]
-                self.put(y, rows, self.call(unit, x.index_select(0, rows), count=rows))
+                out = self.call(unit, x.index_select(0, rows), count=rows)
+                if y is None:
+                    y = out.new_empty((x.shape[0], *out.shape[1:]))
+                self.put(y, rows, out)
                 start += counts[j]
         return y
 

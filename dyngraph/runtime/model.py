@@ -13,6 +13,7 @@ from torch import nn
 
 from .codegen import generate
 from .context import MODES, RunContext
+from .lengths import LengthCosts, groups, lengths_of, merge
 from .trace import Group, PathTable, Trace
 
 
@@ -61,9 +62,14 @@ class DynamicModel(nn.Module):
                     self.nodes[c.key],
                 )
                 for c in plan.constructs
-            ]
+            ],
+            lengths=plan.spec.input.is_sequence,
         )
         self._in_shape = torch.Size(plan.spec.input.shape)
+        inp = plan.spec.input
+        # a sequence model: (pad id, vocab (None: float vectors)); else None
+        self._seq = (inp.pad_id, inp.vocab) if inp.is_sequence else None
+        self._length_costs: dict[str, LengthCosts] = {}
         self._costs: dict[str, list] = {}
         # infer mode runs a function generated from the plan (runtime/codegen.py); False: the
         # interpreter, as dense and train mode (tests compare the two)
@@ -88,14 +94,21 @@ class DynamicModel(nn.Module):
         self._infer, self._source = generate(self._plan)
 
     # ------------------------------------------------------------------ running
-    def forward(self, x: torch.Tensor, mode: str | None = None) -> DynamicOutput:
+    def forward(
+        self, x: torch.Tensor, mode: str | None = None, lengths: Any = None
+    ) -> DynamicOutput:
         """Run a batch; `mode` defaults to train when `self.training`, else infer.
+
+        A sequence model runs each length of the batch as its own group (runtime/lengths.py):
+        token ids are padded at the end with the spec's `pad_id`; float sequences take their
+        `lengths` [B] here (default: all full).
 
         The input contract (each breach is a one-line TypeError or ValueError):
         - `x` is a tensor [B, *input.shape]; a numpy array or a (nested) list is converted with
           `torch.as_tensor`; anything else is refused.
         - Floating inputs (float16, bfloat16, float64, ...) are cast to the model's dtype;
-          integer and boolean tensors are refused (a list of numbers is read as floats).
+          integer and boolean tensors are refused (a list of numbers is read as floats), except
+          by a model of token ids, which takes integer ids in [0, vocab) only.
         - `x` must be on the model's device; a mismatch names both.
         - Rows holding NaN or inf are refused, naming them (`model.nonfinite = "propagate"`
           runs them anyway: their outputs are then NaN and their decisions meaningless).
@@ -104,16 +117,37 @@ class DynamicModel(nn.Module):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         x = self._checked_input(x)
+        if self._seq is None:
+            if lengths is not None:
+                raise ValueError(f"{self.name}: lengths are for sequence inputs")
+            return self._forward(x, mode, None)
+        n = lengths_of(x, self._seq[0], lengths, self.name)
+        if x.shape[0] == 0 or bool((n == x.shape[1]).all()):
+            return self._forward(x, mode, n)
+        parts, where = [], []
+        for length, rows in groups(n):
+            parts.append(self._forward(x.index_select(0, rows)[:, :length], mode, n[rows]))
+            where.append(rows)
+        order = torch.argsort(torch.cat(where))
+        return DynamicOutput(
+            merge([p.logits for p in parts], order, x.shape[1]),
+            Trace.merged([p.trace for p in parts], order, n),
+            merge([p.extras for p in parts], order, x.shape[1]),
+        )
+
+    def _forward(self, x: torch.Tensor, mode: str, lengths) -> DynamicOutput:
+        """One pass over a batch (of sequences: of one length)."""
         ctx = RunContext(x, mode, self._plan.trace_sizes, out_column=self._plan.out_column)
         grad = torch.is_grad_enabled()
         if x.shape[0] == 0:  # an empty batch: nothing runs, the answer is empty
-            ctx.out = x.new_empty((0, *self._plan.out_shape))
+            dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+            ctx.out = torch.empty((0, *self._plan.out_shape), device=x.device, dtype=dtype)
         elif grad and mode != "train":
             with torch.no_grad():
                 self._run(ctx)
         else:
             self._run(ctx)
-        trace = Trace(ctx, len(self.units), self.paths)
+        trace = Trace(ctx, len(self.units), self.paths, lengths)
         return DynamicOutput(ctx.out, trace, dict(ctx.extras))
 
     def _checked_input(self, x: Any) -> torch.Tensor:
@@ -135,6 +169,8 @@ class DynamicModel(nn.Module):
                     f"{self.name}: expected a tensor [B, {', '.join(map(str, self._in_shape))}], "
                     f"got {type(x).__name__}"
                 )
+        if self._seq is not None and self._seq[1] is not None:
+            return self._checked_ids(x)
         if not x.is_floating_point():
             raise TypeError(
                 f"{self.name}: expected a floating-point input, got {x.dtype} (cast it: x.float())"
@@ -162,6 +198,25 @@ class DynamicModel(nn.Module):
                 f"{self.name}: {len(bad)} input row(s) hold NaN or inf (rows {shown}); clean them, "
                 "or set model.nonfinite = 'propagate' to run them anyway"
             )
+        return x
+
+    def _checked_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, L] as int64 in [0, vocab), or a one-line error."""
+        vocab, ref = self._seq[1], self._ref[0] if self._ref else None
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{self.name}: expected token ids (an integer tensor), got {x.dtype}")
+        if ref is not None and x.device != ref.device:
+            raise ValueError(
+                f"{self.name}: the ids are on {x.device} and the model on {ref.device}"
+            )
+        if x.dim() != 2 or x.shape[1] != self._in_shape[0]:
+            raise ValueError(
+                f"{self.name}: expected ids [B, {self._in_shape[0]}], got {list(x.shape)}"
+            )
+        x = x.long()
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+            bad = ((x < 0) | (x >= vocab)).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"{self.name}: rows {bad[:8]} hold ids outside [0, {vocab})")
         return x
 
     def _run(self, ctx: RunContext) -> None:
@@ -256,20 +311,75 @@ class DynamicModel(nn.Module):
         return self.paths.describe(path_id)
 
     def unit_costs(self, counter: str = "fvcore") -> list:
-        """Static cost (MACs, by-module breakdown, uncounted ops) of every unit, for one sample."""
+        """Static cost (MACs, by-module breakdown, uncounted ops) of every unit, for one sample
+        (a sequence model: one of the longest length)."""
         if counter not in self._costs:
             from ..cost import count_unit
 
-            self._costs[counter] = [count_unit(u, counter) for u in self.units]
+            inputs = self.unit_inputs(self._in_shape[0]) if self._seq is not None else {}
+            self._costs[counter] = [count_unit(u, counter, inputs.get(u.index)) for u in self.units]
         return self._costs[counter]
 
-    def unit_macs(self, counter: str = "fvcore") -> torch.Tensor:
-        """[U] static MACs of every unit at batch 1 (fvcore, or `torch` = FlopCounterMode / 2)."""
-        return torch.tensor([c.macs for c in self.unit_costs(counter)], dtype=torch.long)
+    def unit_macs(self, counter: str = "fvcore", length: int | None = None) -> torch.Tensor:
+        """[U] static MACs of every unit at batch 1 (fvcore, or `torch` = FlopCounterMode / 2);
+        a sequence model: for a sequence of `length` (default the longest)."""
+        if length is None or self._seq is None or length == self._in_shape[0]:
+            return torch.tensor([c.macs for c in self.unit_costs(counter)], dtype=torch.long)
+        if counter not in self._length_costs:
+            from ..cost import count_unit
+
+            def count(inputs: dict) -> list[int]:
+                return [count_unit(u, counter, inputs.get(u.index)).macs for u in self.units]
+
+            self._length_costs[counter] = LengthCosts(
+                self.unit_inputs, count, len(self.units), self._in_shape[0]
+            )
+        return torch.tensor(self._length_costs[counter].macs(length), dtype=torch.long)
 
     def per_input_macs(self, trace: Trace, counter: str = "fvcore") -> torch.Tensor:
-        """[B] MACs each sample executed, read off its trace."""
-        return trace.unit_counts.cpu() @ self.unit_macs(counter)
+        """[B] MACs each sample executed, read off its trace (a sequence: at its length)."""
+        counts = trace.unit_counts.cpu()
+        if trace.lengths is None:
+            return counts @ self.unit_macs(counter)
+        n = trace.lengths.cpu()
+        out = torch.zeros(counts.shape[0], dtype=torch.long)
+        for length in n.unique().tolist():
+            rows = n == length
+            out[rows] = counts[rows] @ self.unit_macs(counter, int(length))
+        return out
+
+    @torch.no_grad()
+    def unit_inputs(self, length: int) -> dict[int, tuple]:
+        """Each unit's inputs in a dense pass of one sequence of `length` (its cost's inputs)."""
+        pad, vocab = self._seq
+        if vocab is not None:
+            x = torch.full((1, length), 2 if pad == 1 else 1, dtype=torch.long)
+        else:
+            x = torch.zeros(1, length, *self._in_shape[1:])
+        ref = self._ref[0] if self._ref else None
+        if ref is not None:
+            x = x.to(ref.device) if vocab is not None else x.to(ref)
+        seen: dict[int, tuple] = {}
+        saved = [u.fn for u in self.units]
+
+        def recorder(u):
+            def run(*args):
+                seen.setdefault(u.index, tuple(a.clone() for a in args))
+                return u.module(*args)
+
+            return run
+
+        was = self.training
+        for u in self.units:
+            u.fn = recorder(u)
+        try:
+            self.eval()
+            self._forward(x, "dense", None)
+        finally:
+            self.train(was)
+            for u, fn in zip(self.units, saved, strict=True):
+                u.fn = fn
+        return seen
 
     def max_path_counts(self, decisions: bool = True) -> torch.Tensor:
         """[U] unit runs of the longest path: every unit once, except where a construct says

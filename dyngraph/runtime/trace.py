@@ -37,9 +37,10 @@ class Trace:
         path_id: [B] the id of the sample's path (a tuple of all its decisions) in the model's
             PathTable; a path's cost is static.
         unit_counts: [B, U] how many times each sample executed each unit of the model.
+        lengths: [B] each sequence's length (a sequence model), else None; part of the path.
     """
 
-    def __init__(self, ctx, n_units: int, paths: PathTable):
+    def __init__(self, ctx, n_units: int, paths: PathTable, lengths: torch.Tensor | None = None):
         self._batch, self._device, self._compacting = ctx.batch, ctx.device, ctx.compacting
         self._width, self._samples = ctx.width, ctx.samples
         self._decisions, self._events = ctx.decisions, ctx.events
@@ -47,6 +48,26 @@ class Trace:
         self._fields: dict[str, torch.Tensor] | None = None
         self._path_id: torch.Tensor | None = None
         self._unit_counts: torch.Tensor | None = None
+        self._calls: list[tuple[int, int]] | None = None
+        self.lengths = lengths
+
+    @classmethod
+    def merged(cls, parts: list[Trace], order: torch.Tensor, lengths: torch.Tensor) -> Trace:
+        """One trace from the traces of a batch's length groups (runtime/lengths.py); `order`
+        puts the concatenated groups back in the batch's order."""
+        from .lengths import merge
+
+        t = object.__new__(cls)
+        first = parts[0]
+        t._batch, t._device, t._compacting = len(order), first._device, first._compacting
+        t._width, t._samples = first._width, len(order)
+        t._n_units, t._paths = first._n_units, first._paths
+        t._fields = merge([p.columns for p in parts], order, 0)
+        t._unit_counts = merge([p.unit_counts for p in parts], order, 0)
+        t._path_id = None
+        t._calls = [c for p in parts for c in p.unit_calls()]
+        t.lengths = lengths
+        return t
 
     def _build(self) -> dict[str, torch.Tensor]:
         b, dev = self._batch, self._device
@@ -94,6 +115,8 @@ class Trace:
     def decisions(self) -> torch.Tensor:
         """[B, D]: every decision of each sample in one row (what defines its path)."""
         cols = [c.flatten(1) if c.dim() > 1 else c[:, None] for c in self.columns.values()]
+        if self._paths.lengths:  # a sequence's length is part of its path (and of its cost)
+            cols.insert(0, self.lengths.to(self._device)[:, None])
         return torch.cat(cols, dim=1)
 
     @property
@@ -122,6 +145,8 @@ class Trace:
 
     def unit_calls(self) -> list[tuple[int, int]]:
         """(unit index, rows) of every unit call the pass made, in order (infer mode)."""
+        if self._calls is not None:
+            return self._calls
         out = []
         for u, rows, where in self._events:
             sel = _rows(self._batch, rows, where, self._compacting, self._device)
@@ -161,6 +186,7 @@ class PathTable:
     """Distinct paths seen by a model, each with a stable id."""
 
     groups: list[Group]
+    lengths: bool = False  # each path starts with the sequence's length
     ids: dict[tuple[int, ...], int] = field(default_factory=dict)
     rows: list[tuple[int, ...]] = field(default_factory=list)
 
@@ -181,6 +207,9 @@ class PathTable:
     def describe(self, path_id: int) -> str:
         """A sentence a person reads: "exit 2", "gates run 1,3 of 4", "steps 7"."""
         row, start, parts = self.rows[path_id], 0, []
+        if self.lengths:
+            parts.append(f"length {row[0]}")
+            start = 1
         for g in self.groups:
             n = 1 if g.width is None else g.width
             values = list(row[start : start + n])

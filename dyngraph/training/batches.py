@@ -35,10 +35,11 @@ class Batches:
         if self.bs % world:
             raise ValueError(f"batch_size {self.bs} is not divisible by {world} processes")
         self.loader = data if isinstance(data, torch.utils.data.DataLoader) else None
+        self._ids = d._ids  # token ids stay integers
         self._iter, self._pos = None, 0
         if data is not None:
             self.source, self.generated, self.fresh = "given", False, False
-            self._train = None if self.loader is not None else as_training_data(data)
+            self._train = None if self.loader is not None else as_training_data(data, ids=self._ids)
             return
         self.source = d.source("train")
         self.generated = self.source in GENERATED
@@ -93,7 +94,7 @@ class Batches:
             self._pos += 1
             if self._pos > step:
                 x, y = _pair(item, "a batch of the DataLoader")
-                return (x.float() if not x.is_floating_point() else x), y
+                return (x.float() if not (x.is_floating_point() or self._ids) else x), y
 
     def split(self, name: str) -> Data:
         """The `val` or `test` (or `train`) split of the spec's data; `origin` says which."""
@@ -106,7 +107,7 @@ def _pair(item, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(item[0]), torch.as_tensor(item[1])
 
 
-def as_training_data(data, what: str = "the training data") -> Data:
+def as_training_data(data, what: str = "the training data", ids: bool = False) -> Data:
     """Samples with labels from (x, y) tensors or arrays, a Data, a Dataset of (x, y) items or
     a DataLoader (its batches concatenated), with `origin` saying where they came from."""
     if isinstance(data, str):
@@ -119,6 +120,6 @@ def as_training_data(data, what: str = "the training data") -> Data:
         ) from None
     if d.y is None or len(d.y) != len(d):
         raise DataError(f"{what}: {len(d)} inputs need as many labels")
-    x = d.x if d.x.is_floating_point() else d.x.float()
+    x = d.x if d.x.is_floating_point() or ids else d.x.float()
     y = d.y if d.y.is_floating_point() else d.y.long()
     return Data(x, y, d.meta, d.name, d.origin or f"{what} given ({len(d):,} samples)")

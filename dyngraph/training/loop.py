@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import tasks
 from ..compiler.compile import compile as compile_spec
 from ..compiler.load import LoadedSpec, load_spec
 from ..data import Data, load_split
@@ -313,7 +314,7 @@ def train(
 def _val_data(tr, val_data, own: bool) -> Data | None:
     """The validation split: given, else the spec's when its data are trained on."""
     if val_data is not None:
-        return as_training_data(val_data, "the validation data")
+        return as_training_data(val_data, "the validation data", ids=tr.data._ids)
     if not own or tr.data.source("val") == "(given)":
         return None
     return load_split(tr.data, "val")
@@ -335,8 +336,8 @@ def _row(model, out, y, si, name, step, global_step, loss, terms) -> dict[str, A
         "loss": loss,
     }
     row.update({f"loss_{k}": v for k, v in terms.items()})
-    if model.spec.task.type == "classification":
-        row["acc"] = float((out.logits.argmax(1) == y).float().mean())
+    if model.spec.task.classifies:
+        row["acc"] = tasks.quality(model.spec.task, out.logits, y)
     row["mean_macs"] = float(model.per_input_macs(out.trace).double().mean())
     return row
 

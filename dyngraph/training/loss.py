@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import tasks
+
 
 @dataclass
 class LossContext:
@@ -21,12 +23,12 @@ class LossContext:
 
     def task_loss(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-sample task loss [B]: cross-entropy, or MSE averaged over the target's values."""
-        if self.model.spec.task.type == "classification":
-            return torch.nn.functional.cross_entropy(logits, self.y, reduction="none")
-        return (logits - self.y).pow(2).flatten(1).mean(1)
+        return tasks.loss(self.model.spec.task, logits, self.y)
 
     def correct(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(1) == self.y
+        """Per sample [B]; per token: whether every labelled position is right."""
+        hit = tasks.correct(self.model.spec.task, logits, self.y)
+        return hit if hit.dim() == 1 else (hit | (self.y == tasks.IGNORE)).all(1)
 
     def tail(self, node, value: torch.Tensor) -> torch.Tensor:
         return self.model.tail(node, value)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import tasks
 from ..constructs.api import Sweep
-from ..data.sets import nmse_db
 
 
 def sweep_setting(model) -> Sweep | None:
@@ -32,10 +32,8 @@ def run_infer(model, x: torch.Tensor, batch_size: int, counter: str):
 
 
 def quality(model, logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Accuracy (classification) or NMSE in dB (regression)."""
-    if model.spec.task.type == "classification":
-        return float((logits.argmax(1).cpu() == y.cpu()).float().mean())
-    return nmse_db(logits.cpu(), y.cpu())
+    """Accuracy (classification; per token: over labelled positions) or NMSE in dB."""
+    return tasks.quality(model.spec.task, logits, y)
 
 
 def by_meta(meta: dict[str, torch.Tensor], macs: torch.Tensor, quality_of=None) -> dict[str, list]:

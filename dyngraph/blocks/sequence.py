@@ -1,0 +1,170 @@
+"""Sequence blocks: token embedding, attention, the pre-LN transformer block, pooling and
+per-token heads.
+
+Every block takes a batch of sequences of one length [B, L, D] (token ids [B, L] for the
+embedding): the runtime groups a batch by length, so no block sees padding and a padded
+position executes nothing. Attention runs `scaled_dot_product_attention`; its MACs are
+counted per query row over the keys it reads (cost.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from .basic import PoolHow, TokenPool
+from .registry import BlockParams, Shape, ShapeError, in_features, register_block
+
+
+def _sequence(shapes: list[Shape], what: str) -> tuple[int, int]:
+    """(L, D) of a sequence input, or a ShapeError."""
+    if len(shapes[0]) != 2:
+        raise ShapeError(f"{what} takes a sequence [L, D], got {list(shapes[0])}")
+    return shapes[0][0], shapes[0][1]
+
+
+def sinusoidal(length: int, dim: int) -> torch.Tensor:
+    """The fixed position table of Vaswani et al. [length, dim]."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return table
+
+
+class Embedding(nn.Module):
+    """Token ids [B, L] -> vectors [B, L, D]: a token table plus a position table."""
+
+    def __init__(self, vocab: int, dim: int, max_len: int, positions: str):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        nn.init.normal_(self.tokens.weight, std=0.02)
+        self.positions = positions
+        if positions == "learned":
+            self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        elif positions == "sinusoidal":
+            self.register_buffer("pos", sinusoidal(max_len, dim), persistent=False)
+        else:
+            self.pos = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(ids)
+        return h if self.pos is None else h + self.pos[: ids.shape[1]]
+
+
+class EmbeddingParams(BlockParams):
+    vocab: int = Field(gt=1)
+    dim: int = Field(gt=0)
+    positions: Literal["learned", "sinusoidal", "none"] = "learned"
+
+
+@register_block("embedding", EmbeddingParams)
+def embedding(p: EmbeddingParams, shapes: list[Shape]) -> nn.Module:
+    """Token ids [L] -> [L, dim]: a learned token table plus learned or sinusoidal positions."""
+    if len(shapes[0]) != 1:
+        raise ShapeError(f"takes token ids [L], got {list(shapes[0])}")
+    return Embedding(p.vocab, p.dim, shapes[0][0], p.positions)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: one QKV projection, SDPA, an output projection."""
+
+    def __init__(self, dim: int, heads: int, causal: bool):
+        super().__init__()
+        if dim % heads:
+            raise ShapeError(f"dim {dim} is not divisible by heads={heads}")
+        self.heads, self.causal = heads, causal
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class AttentionParams(BlockParams):
+    dim: int | None = Field(None, gt=0)
+    heads: int = Field(1, gt=0)
+    causal: bool = False
+
+
+@register_block("attention", AttentionParams)
+def attention(p: AttentionParams, shapes: list[Shape]) -> nn.Module:
+    """Multi-head self-attention over [L, D] (SDPA; `causal`: each position reads those up to it)."""
+    _sequence(shapes, "attention")
+    return Attention(in_features(shapes, p.dim, "dim"), p.heads, p.causal)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer layer: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, causal: bool, act: str):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, causal)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.act = nn.GELU() if act == "gelu" else nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class TransformerBlockParams(BlockParams):
+    dim: int | None = Field(None, gt=0)
+    heads: int = Field(4, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    causal: bool = False
+    act: Literal["gelu", "relu"] = "gelu"
+
+
+@register_block("transformer_block", TransformerBlockParams)
+def transformer_block(p: TransformerBlockParams, shapes: list[Shape]) -> nn.Module:
+    """A pre-LN transformer layer over [L, D]: attention (`heads`, `causal`) and an MLP of
+    `mlp_ratio` x D, each with a residual."""
+    _sequence(shapes, "transformer_block")
+    return TransformerBlock(
+        in_features(shapes, p.dim, "dim"), p.heads, p.mlp_ratio, p.causal, p.act
+    )
+
+
+class PoolParams(BlockParams):
+    how: PoolHow = "mean"
+
+
+@register_block("pool", PoolParams)
+def pool(p: PoolParams, shapes: list[Shape]) -> nn.Module:
+    """A sequence [L, D] -> [D]: the mean over its tokens, the first or the last."""
+    _sequence(shapes, "pool")
+    return TokenPool(p.how)
+
+
+class TokenClassifier(nn.Module):
+    def __init__(self, dim: int, classes: int, norm: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x))
+
+
+class TokenClassifierParams(BlockParams):
+    dim: int | None = Field(None, gt=0)
+    classes: int = Field(gt=0)
+    norm: bool = True
+
+
+@register_block("token_classifier", TokenClassifierParams)
+def token_classifier(p: TokenClassifierParams, shapes: list[Shape]) -> nn.Module:
+    """A per-token head [L, D] -> [L, classes] (token labels, next-token logits)."""
+    _sequence(shapes, "token_classifier")
+    return TokenClassifier(in_features(shapes, p.dim, "dim"), p.classes, p.norm)

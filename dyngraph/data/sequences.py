@@ -1,0 +1,86 @@
+"""Generated sequence data sets: token ids [N, L] padded at the end with id 0.
+
+- `state_sequence`: state tracking as a sequence classification of varying difficulty: the
+  symbols of a walk of k steps (k uniform in 1..L) as ids, the label the final state.
+- `state_tokens`: the same walks with a label at every position: the state after it.
+- `addition`: Graves' ACT addition, with numbers as ids: a label at every position, the sum of
+  the numbers so far.
+
+Labels of padded positions are `IGNORE` (-100). meta: `k`, the length (the difficulty).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sets import PERMS, Data, _gen, _register
+
+IGNORE = -100  # (tasks.IGNORE: the data layer does not import the model's tasks)
+
+
+def _walks(n: int, steps: int, g: torch.Generator):
+    """Ids [n, steps] (symbol + 1, 0 after step k), the state after each step [n, steps] and k."""
+    perms = torch.tensor(PERMS)
+    k = torch.randint(1, steps + 1, (n,), generator=g)
+    sym = torch.randint(0, len(PERMS), (n, steps), generator=g)
+    active = torch.arange(steps)[None, :] < k[:, None]
+    state = torch.zeros(n, dtype=torch.long)
+    states = torch.full((n, steps), IGNORE, dtype=torch.long)
+    for j in range(steps):
+        state = torch.where(active[:, j], perms[sym[:, j], state], state)
+        states[:, j] = torch.where(active[:, j], state, states[:, j])
+    return (sym + 1) * active, states, k
+
+
+@_register("state_sequence")
+def state_sequence(
+    split: str = "test", seed: int = 0, n: int | None = None, steps: int = 6
+) -> Data:
+    """A walk of k steps (k uniform in 1..`steps`) over 6 fixed permutations of 5 states, from
+    state 0, as token ids [steps] (symbol + 1; 0 pads after step k); the label is the final
+    state (5 classes). meta: `k`. Longer walks need more layers: a task of varying
+    difficulty whose difficulty is the sequence's length."""
+    n = n or 4096
+    ids, states, k = _walks(n, steps, _gen(seed, split))
+    final = states.gather(1, (k - 1)[:, None]).squeeze(1)
+    return Data(ids, final, {"k": k}, name="state_sequence")
+
+
+@_register("state_tokens")
+def state_tokens(split: str = "test", seed: int = 0, n: int | None = None, steps: int = 6) -> Data:
+    """The walks of `state_sequence` with a label at every position: the state after that
+    step (padding: -100). meta: `k`."""
+    n = n or 4096
+    ids, states, k = _walks(n, steps, _gen(seed, split))
+    return Data(ids, states, {"k": k}, name="state_tokens")
+
+
+@_register("addition")
+def addition(
+    split: str = "test",
+    seed: int = 0,
+    n: int | None = None,
+    steps: int = 5,
+    digits: int = 1,
+    target: str = "sum",
+) -> Data:
+    """Graves' ACT addition with each number as one id: k numbers (k uniform in 1..`steps`) of
+    up to `digits` decimal digits (id = number + 1; 0 pads); the label at each position is the
+    sum so far (classes: steps x (10^digits - 1) + 1), or with `target: next` the next id (a
+    language model's labels). meta: `k`."""
+    if target not in ("sum", "next"):
+        raise ValueError(f"addition: target is 'sum' or 'next', not {target!r}")
+    n = n or 4096
+    g = _gen(seed, split)
+    top = 10**digits
+    k = torch.randint(1, steps + 1, (n,), generator=g)
+    nums = torch.randint(0, top, (n, steps), generator=g)
+    active = torch.arange(steps)[None, :] < k[:, None]
+    nums = nums * active
+    ids = (nums + 1) * active
+    if target == "next":
+        y = torch.full_like(ids, IGNORE)
+        y[:, :-1] = torch.where(active[:, 1:], ids[:, 1:], IGNORE)
+    else:
+        y = torch.where(active, nums.cumsum(1), torch.full_like(nums, IGNORE))
+    return Data(ids, y, {"k": k}, name="addition")

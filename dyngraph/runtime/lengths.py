@@ -1,0 +1,121 @@
+"""Sequences of different lengths in one batch: each length runs as its own group.
+
+A padded position executes nothing: the batch is split into groups of one length, each group
+runs at its own length (no padding, no mask), and the outputs, traces and extras are put back
+in the batch's order. A sequence's decisions and outputs are therefore those it gets alone,
+and its MACs are those of its own length (per-length unit costs, `LengthCosts`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def lengths_of(x: torch.Tensor, pad_id: int | None, given: Any, name: str) -> torch.Tensor:
+    """[B] the length of each sequence of a batch `x` [B, L, ...]: `given` (a tensor or list),
+    else for token ids the positions before the trailing `pad_id`s, else L. One-line errors
+    for padding inside a sequence, an empty sequence or lengths out of range."""
+    b, full = x.shape[0], x.shape[1]
+    if given is not None:
+        lengths = torch.as_tensor(given, device=x.device)
+        if lengths.shape != (b,) or lengths.is_floating_point():
+            raise ValueError(f"{name}: lengths must be {b} integers, got {list(lengths.shape)}")
+        lengths = lengths.long()
+        bad = ((lengths < 1) | (lengths > full)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"{name}: lengths must lie in [1, {full}]; rows {bad[:8]} have "
+                f"{lengths[bad[:8]].tolist()}"
+            )
+        return lengths
+    if pad_id is None:
+        return torch.full((b,), full, dtype=torch.long, device=x.device)
+    real = x != pad_id
+    lengths = real.sum(1)
+    # padding only at the end: every real token lies before the first pad
+    inside = (real & (torch.arange(full, device=x.device) >= lengths[:, None])).any(1)
+    bad = inside.nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"{name}: rows {bad[:8]} hold pad_id {pad_id} before a token; pad at the end only"
+        )
+    empty = (lengths == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{name}: rows {empty[:8]} are all padding (a sequence needs a token)")
+    return lengths
+
+
+def groups(lengths: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(length, row indices) of each distinct length, shortest first."""
+    return [(int(n), (lengths == n).nonzero().flatten()) for n in lengths.unique().tolist()]
+
+
+def merge(parts: list[Any], order: torch.Tensor, full: int) -> Any:
+    """One value from the values of each group (in group order): tensors with a batch
+    dimension are concatenated and put back in row order (`order`: each row's place in the
+    concatenation); per-token tensors [b, l, ...] (their groups differ in dimension 1) are
+    padded with zeros to length `full` first. Lists and dicts are merged item by item;
+    anything else is taken from the first group."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {k: merge([p[k] for p in parts], order, full) for k in first}
+    if isinstance(first, list | tuple):
+        if any(len(p) != len(first) for p in parts):
+            raise ValueError(
+                "sequences of different lengths took different numbers of steps in train "
+                "mode; train on batches of one length"
+            )
+        return type(first)(merge(list(p), order, full) for p in zip(*parts, strict=True))
+    if not torch.is_tensor(first) or first.dim() == 0:
+        return first
+    if first.dim() >= 2 and any(p.shape[1:] != first.shape[1:] for p in parts):
+        parts = [F.pad(p, (0, 0) * (p.dim() - 2) + (0, full - p.shape[1])) for p in parts]
+    return torch.cat(parts).index_select(0, order)
+
+
+class LengthCosts:
+    """Per-unit MACs as a function of the sequence length.
+
+    A unit's cost at length l is counted on the inputs it gets in a dense pass of one sample of
+    length l (`inputs_at(l)`). Built-in blocks cost a + b·l + c·l² (attention is quadratic), so
+    three counts fix the polynomial; a fourth, at the longest length, checks it, and a unit
+    that fails the check is counted at every length it meets.
+    """
+
+    def __init__(self, inputs_at, count, n_units: int, longest: int):
+        self._inputs_at, self._count, self._n, self._longest = inputs_at, count, n_units, longest
+        self._exact: dict[int, list[int]] = {}
+        self._poly: list[tuple[int, int, int] | None] | None = None
+
+    def _at(self, n: int) -> list[int]:
+        if n not in self._exact:
+            self._exact[n] = self._count(self._inputs_at(n))
+        return self._exact[n]
+
+    def macs(self, n: int) -> list[int]:
+        """[U] MACs of every unit for one sequence of length `n`."""
+        if n in self._exact or self._longest <= 4:
+            return self._at(n)
+        if self._poly is None:
+            c1, c2, c3, top = self._at(1), self._at(2), self._at(3), self._at(self._longest)
+            self._poly = []
+            for u in range(self._n):
+                # Newton's form through l = 1, 2, 3: exact in integers for integer quadratics
+                d1, d2 = c2[u] - c1[u], c3[u] - 2 * c2[u] + c1[u]
+                fits = (
+                    c1[u]
+                    + (self._longest - 1) * d1
+                    + (self._longest - 1) * (self._longest - 2) // 2 * d2
+                    == top[u]
+                )
+                self._poly.append((c1[u], d1, d2) if fits else None)
+        out = []
+        for u, p in enumerate(self._poly):
+            if p is None:
+                out.append(self._at(n)[u])
+            else:
+                out.append(p[0] + (n - 1) * p[1] + (n - 1) * (n - 2) // 2 * p[2])
+        return out
