@@ -38,8 +38,18 @@ def compiled(path: Path, backend: str) -> dg.DynamicModel:
 
 
 def random_batch(model: dg.DynamicModel, n: int = 64, seed: int = 1) -> torch.Tensor:
+    """Random inputs; for token ids, random ids of random lengths padded at the end."""
     g = torch.Generator().manual_seed(seed)
-    return 2 * torch.randn(n, *model.spec.input.shape, generator=g)
+    inp = model.spec.input
+    if inp.dtype == "int64":
+        length = inp.shape[0]
+        ids = torch.randint(1, inp.vocab, (n, length), generator=g)
+        ids[ids == inp.pad_id] = 1 if inp.pad_id != 1 else 2
+        if inp.pad_id is not None:
+            lengths = torch.randint(1, length + 1, (n,), generator=g)
+            ids[torch.arange(length)[None, :] >= lengths[:, None]] = inp.pad_id
+        return ids
+    return 2 * torch.randn(n, *inp.shape, generator=g)
 
 
 @torch.no_grad()

@@ -76,6 +76,41 @@ def merge(parts: list[Any], order: torch.Tensor, full: int) -> Any:
     return torch.cat(parts).index_select(0, order)
 
 
+@torch.no_grad()
+def unit_inputs(model, length: int) -> dict[int, tuple]:
+    """Each unit's inputs (by unit index) in a dense pass of `model` over one sequence of
+    `length`: what its cost at that length is counted on. Dense mode runs every unit."""
+    pad, vocab = model._seq
+    if vocab is not None:
+        x = torch.full((1, length), 2 if pad == 1 else 1, dtype=torch.long)
+    else:
+        x = torch.zeros(1, length, *model._in_shape[1:])
+    ref = model._ref[0] if model._ref else None
+    if ref is not None:
+        x = x.to(ref.device) if vocab is not None else x.to(ref)
+    seen: dict[int, tuple] = {}
+    saved = [u.fn for u in model.units]
+
+    def recorder(u):
+        def run(*args):
+            seen.setdefault(u.index, tuple(a.clone() for a in args))
+            return u.module(*args)
+
+        return run
+
+    was = model.training
+    for u in model.units:
+        u.fn = recorder(u)
+    try:
+        model.eval()
+        model._forward(x, "dense", None)
+    finally:
+        model.train(was)
+        for u, fn in zip(model.units, saved, strict=True):
+            u.fn = fn
+    return seen
+
+
 class LengthCosts:
     """Per-unit MACs as a function of the sequence length.
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .codegen import generate
 from .context import MODES, RunContext
-from .lengths import LengthCosts, groups, lengths_of, merge
+from .lengths import LengthCosts, groups, lengths_of, merge, unit_inputs
 from .trace import Group, PathTable, Trace
 
 
@@ -348,38 +348,9 @@ class DynamicModel(nn.Module):
             out[rows] = counts[rows] @ self.unit_macs(counter, int(length))
         return out
 
-    @torch.no_grad()
     def unit_inputs(self, length: int) -> dict[int, tuple]:
         """Each unit's inputs in a dense pass of one sequence of `length` (its cost's inputs)."""
-        pad, vocab = self._seq
-        if vocab is not None:
-            x = torch.full((1, length), 2 if pad == 1 else 1, dtype=torch.long)
-        else:
-            x = torch.zeros(1, length, *self._in_shape[1:])
-        ref = self._ref[0] if self._ref else None
-        if ref is not None:
-            x = x.to(ref.device) if vocab is not None else x.to(ref)
-        seen: dict[int, tuple] = {}
-        saved = [u.fn for u in self.units]
-
-        def recorder(u):
-            def run(*args):
-                seen.setdefault(u.index, tuple(a.clone() for a in args))
-                return u.module(*args)
-
-            return run
-
-        was = self.training
-        for u in self.units:
-            u.fn = recorder(u)
-        try:
-            self.eval()
-            self._forward(x, "dense", None)
-        finally:
-            self.train(was)
-            for u, fn in zip(self.units, saved, strict=True):
-                u.fn = fn
-        return seen
+        return unit_inputs(self, length)
 
     def max_path_counts(self, decisions: bool = True) -> torch.Tensor:
         """[U] unit runs of the longest path: every unit once, except where a construct says

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dyngraph.blocks import BLOCKS, build_block
+from dyngraph.compiler.units import IdsShape, example
 from dyngraph.cost import fvcore_macs, torch_macs
 
 # One example per block: params and per-sample input shapes. A new block needs an entry here,
@@ -43,6 +44,11 @@ EXAMPLES: dict[str, tuple[dict, list[tuple]]] = {
     "act_unit": ({}, [(16,)]),
     "lambda_unit": ({}, [(16,)]),
     "stop_mlp": ({"hidden": 8}, [(16,)]),
+    "embedding": ({"vocab": 10, "dim": 8}, [IdsShape((6,))]),
+    "attention": ({"heads": 2}, [(6, 8)]),
+    "transformer_block": ({"heads": 2, "mlp_ratio": 2}, [(6, 8)]),
+    "pool": ({"how": "last"}, [(6, 8)]),
+    "token_classifier": ({"classes": 5}, [(6, 8)]),
 }
 
 
@@ -73,7 +79,7 @@ def _instance(name: str):
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_block_builds_and_runs(name):
     m, shapes = _instance(name)
-    xs = tuple(torch.randn(3, *s) for s in shapes)
+    xs = tuple(example(s, 3) for s in shapes)
     out = m(*xs)
     outs = out if isinstance(out, tuple) else (out,)
     assert all(o.shape[0] == 3 and torch.isfinite(o).all() for o in outs)
@@ -85,7 +91,7 @@ def test_block_builds_and_runs(name):
 def test_block_counters_agree(name):
     """fvcore and FlopCounterMode/2 agree on every block whose MACs are matmuls and convs."""
     m, shapes = _instance(name)
-    xs = tuple(torch.randn(1, *s) for s in shapes)
+    xs = tuple(example(s, 1) for s in shapes)
     fv, unsupported = fvcore_macs(m, xs)
     th = torch_macs(m, xs)
     norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.AvgPool2d)
