@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
-from torch.utils.flop_counter import FlopCounterMode
+from dyngraph.cost import flop_counter
 
 import dyngraph as dg
 from dyngraph import forcing
@@ -221,7 +221,7 @@ def measure_case(
         recompiles = counters["stats"]["unique_graphs"] - before
         macs = torch.cat([model.per_input_macs(model(x).trace) for x in xs]).double().mean().item()
         model.unit_macs("torch")  # counted before, not inside, the FlopCounterMode below
-        with model.eager(), FlopCounterMode(display=False) as fc:
+        with model.eager(), flop_counter() as fc:
             ideal = sum(int(model.per_input_macs(model(x).trace, "torch").sum()) for x in xs)
         waste = fc.get_total_flops() / 2 / ideal
         f = macs / static_macs

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from .. import tasks
+from ..cost import flop_counter
 from ..data.inputs import as_data
 from ..progress import Progress
 from .latency import measure
@@ -136,7 +136,6 @@ def profile(
     x = d.x.to(device)
     N = x.shape[0]
     costs = model.unit_costs(counter)
-    macs_u = torch.tensor([c.macs for c in costs], dtype=torch.long)
     warnings = [
         f"unit '{u.name}': op {op} carries multiply-adds that the {counter} counter does not count"
         + (" (try counter: torch)" if counter == "fvcore" else "")
@@ -150,7 +149,7 @@ def profile(
         for i in range(0, N, batch_size):
             out = model(x[i : i + batch_size])
             path_ids.append(out.trace.path_id.cpu())
-            macs.append(out.trace.unit_counts.cpu() @ macs_u)
+            macs.append(model.per_input_macs(out.trace, counter))
             logits.append(out.logits)
             bar.update(out.logits.shape[0])
     per_path = torch.cat(path_ids)
@@ -176,9 +175,9 @@ def profile(
             )
         out = model(x[rep[p] : rep[p] + 1])
         uc = out.trace.unit_counts[0].cpu()
-        units = {
-            model.units[u].name: int(uc[u] * macs_u[u]) for u in range(len(model.units)) if uc[u]
-        }
+        n = None if out.trace.lengths is None else int(out.trace.lengths[0])
+        mu = model.unit_macs(counter, n)
+        units = {model.units[u].name: int(uc[u] * mu[u]) for u in range(len(model.units)) if uc[u]}
         qp = None
         if d.y is not None:
             qp = (
@@ -194,15 +193,14 @@ def profile(
         summary["quality"] = q_all
 
     if check_waste:
-        macs_t = model.unit_macs("torch")
         executed = ideal = 0
         with (
             model.eager(),
-            FlopCounterMode(display=False) as fc,
+            flop_counter() as fc,
         ):  # compiled graphs can't run under it
             for i in range(0, N, batch_size):
                 out = model(x[i : i + batch_size])
-                ideal += int((out.trace.unit_counts.cpu() @ macs_t).sum())
+                ideal += int(model.per_input_macs(out.trace, "torch").sum())
         executed = fc.get_total_flops() // 2
         summary.update(
             executed_macs=executed, ideal_macs=ideal, dispatch_waste=executed / max(ideal, 1)

@@ -35,9 +35,11 @@ def static_encoder(depth: int) -> dict:
     d = copy.deepcopy(spec_dict(SPEC))
     stem, layer = d["graph"][0], d["graph"][1]["nodes"][0]
     d["name"] = f"static_encoder{depth}"
-    d["graph"] = [stem] + [dict(layer) for _ in range(depth)] + [
-        {"type": "classifier", "classes": 5, "norm": True}
-    ]
+    d["graph"] = (
+        [stem]
+        + [dict(layer) for _ in range(depth)]
+        + [{"type": "classifier", "classes": 5, "norm": True}]
+    )
     d["train"]["stages"][0]["name"] = "static"
     d["train"].pop("calibrate", None)
     return d
@@ -97,8 +99,10 @@ def summarize(runs: dict[int, dict], quick: bool = False) -> dict:
     for i, b in enumerate(BUDGETS):
         rows.append(
             {"budget": b}
-            | {k: stats([r["budgets"][i][k] for r in rs])
-               for k in ("macs_fraction", "accuracy", "static_same_macs", "gain_points")}  # fmt: skip
+            | {
+                k: stats([r["budgets"][i][k] for r in rs])
+                for k in ("macs_fraction", "accuracy", "static_same_macs", "gain_points")
+            }  # fmt: skip
         )
     gains = {r["budget"]: r["gain_points"] for r in rows}
     fracs = {r["budget"]: r["macs_fraction"] for r in rows}
@@ -112,8 +116,11 @@ def summarize(runs: dict[int, dict], quick: bool = False) -> dict:
             f"{pm(fracs[0.5], 100, '.1f', '%')}",
         ),
         "budget_met": claim(
-            all(abs(r["budgets"][i]["macs_fraction"] - b) <= 0.05 * b
-                for r in rs for i, b in enumerate(BUDGETS)),  # fmt: skip
+            all(
+                abs(r["budgets"][i]["macs_fraction"] - b) <= 0.05 * b
+                for r in rs
+                for i, b in enumerate(BUDGETS)
+            ),  # fmt: skip
             "calibrated on val, test MACs within 5% of each budget, every seed",
             ", ".join(f"{b:.0%}: {pm(fracs[b], 100, '.1f', '%')}" for b in BUDGETS),
         ),

@@ -129,8 +129,11 @@ class DynamicModel(nn.Module):
             parts.append(self._forward(x.index_select(0, rows)[:, :length], mode, n[rows]))
             where.append(rows)
         order = torch.argsort(torch.cat(where))
+        logits = merge([p.logits for p in parts], order, x.shape[1])
+        if self.spec.task.per == "token" and logits.shape[1] < x.shape[1]:  # one short length
+            logits = torch.nn.functional.pad(logits, (0, 0, 0, x.shape[1] - logits.shape[1]))
         return DynamicOutput(
-            merge([p.logits for p in parts], order, x.shape[1]),
+            logits,
             Trace.merged([p.trace for p in parts], order, n),
             merge([p.extras for p in parts], order, x.shape[1]),
         )

@@ -10,6 +10,8 @@ from tests.conftest import compiled, random_batch
 
 def _out_shape(model):
     t = model.spec.task
+    if t.per == "token":
+        return (model.spec.input.shape[0], t.classes)
     return (t.classes,) if t.type == "classification" else tuple(model._plan.out_shape)
 
 
