@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
-from dyngraph.cost import flop_counter
 
 import dyngraph as dg
 from dyngraph import forcing
+from dyngraph.cost import flop_counter
 
 D = 512
 HERE = Path(__file__).resolve().parent
@@ -220,9 +220,10 @@ def measure_case(
         t_dyn, t_mask, t_orc, t_static = med["dyn"], med["mask"], med["oracle"], med["static"]
         recompiles = counters["stats"]["unique_graphs"] - before
         macs = torch.cat([model.per_input_macs(model(x).trace) for x in xs]).double().mean().item()
-        model.unit_macs("torch")  # counted before, not inside, the FlopCounterMode below
         with model.eager(), flop_counter() as fc:
-            ideal = sum(int(model.per_input_macs(model(x).trace, "torch").sum()) for x in xs)
+            traces = [model(x).trace for x in xs]
+        # counted after, not inside, the counter (a unit's first count would be counted too)
+        ideal = sum(int(model.per_input_macs(t, "torch").sum()) for t in traces)
         waste = fc.get_total_flops() / 2 / ideal
         f = macs / static_macs
         t, t_o = t_dyn / t_static, t_orc / t_static

@@ -193,15 +193,16 @@ def profile(
         summary["quality"] = q_all
 
     if check_waste:
-        executed = ideal = 0
+        traces = []
         with (
             model.eager(),
             flop_counter() as fc,
         ):  # compiled graphs can't run under it
             for i in range(0, N, batch_size):
-                out = model(x[i : i + batch_size])
-                ideal += int(model.per_input_macs(out.trace, "torch").sum())
+                traces.append(model(x[i : i + batch_size]).trace)
         executed = fc.get_total_flops() // 2
+        # (after, not inside: a unit's cost counted for the first time would be counted too)
+        ideal = sum(int(model.per_input_macs(t, "torch").sum()) for t in traces)
         summary.update(
             executed_macs=executed, ideal_macs=ideal, dispatch_waste=executed / max(ideal, 1)
         )
