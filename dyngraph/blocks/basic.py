@@ -324,8 +324,16 @@ class Add(nn.Module):
 
 
 class Concat(nn.Module):
+    def __init__(self, dim: int = -1):
+        super().__init__()
+        self.dim = dim  # of the batched tensor
+
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        return torch.cat(xs, dim=-1)
+        return torch.cat(xs, dim=self.dim)
+
+
+class ConcatParams(BlockParams):
+    dim: int = Field(-1, description="the per-sample dimension (0: an image's channels)")
 
 
 @register_block("add", NoParams, arity=(2, None))
@@ -336,11 +344,14 @@ def add(p: NoParams, shapes: list[Shape]) -> nn.Module:
     return Add()
 
 
-@register_block("concat", NoParams, arity=(2, None))
-def concat(p: NoParams, shapes: list[Shape]) -> nn.Module:
-    """Concatenates its inputs along the last dimension."""
-    if any(s[:-1] != shapes[0][:-1] for s in shapes):
-        raise ShapeError(
-            f"inputs differ in more than the last dimension: {[list(s) for s in shapes]}"
-        )
-    return Concat()
+@register_block("concat", ConcatParams, arity=(2, None))
+def concat(p: ConcatParams, shapes: list[Shape]) -> nn.Module:
+    """Concatenates its inputs along per-sample dimension `dim` (default the last; 0 stacks an
+    image's channels, as MSDNet's dense connections do)."""
+    n = len(shapes[0])
+    if not -n <= p.dim < n:
+        raise ShapeError(f"dim={p.dim} is out of range for inputs of shape {list(shapes[0])}")
+    d = p.dim % n
+    if any(len(s) != n or s[:d] + s[d + 1 :] != shapes[0][:d] + shapes[0][d + 1 :] for s in shapes):
+        raise ShapeError(f"inputs differ in more than dimension {p.dim}: {[list(s) for s in shapes]}")
+    return Concat(d + 1)

@@ -80,10 +80,13 @@ def _digits_split(split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @_register("digits")
-def digits(split: str = "test", seed: int = 0, n: int | None = None) -> Data:
-    """scikit-learn's 8x8 digits (1,797 images), flattened to [64] in [0, 1]; 60/20/20 splits."""
+def digits(split: str = "test", seed: int = 0, n: int | None = None, image: bool = False) -> Data:
+    """scikit-learn's 8x8 digits (1,797 images), flattened to [64] in [0, 1] (`image`: as
+    [1, 8, 8]); 60/20/20 splits."""
     x, y = _digits_split(split, seed)
-    return Data(torch.from_numpy(x), torch.from_numpy(y).long(), name="digits").subset(n)
+    x = torch.from_numpy(x)
+    x = x.view(-1, 1, 8, 8) if image else x
+    return Data(x, torch.from_numpy(y).long(), name="digits").subset(n)
 
 
 @_register("wide_digits")
