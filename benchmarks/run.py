@@ -90,14 +90,51 @@ def case_specs(kind: str) -> tuple[dict, dict | None]:
             HEAD,
         ]
         return _spec(kind, g), None
+    if kind == "conv_gates":  # SkipNet on a ResNet: 6 gated basic blocks, 32 channels, 16 x 16
+        stem = [{"type": "conv2d", "out": 32, "kernel": 3, "padding": 1}, {"type": "relu"}]
+        tail = [{"type": "global_avgpool"}, HEAD]
+        block = {"type": "resnet_block"}
+        gate = {"gate": {"body": block, "policy": {"type": "ff_gate", "hidden": 16}}}
+        image = {"shape": list(IMAGE)}
+        return (
+            _spec(kind, [*stem, {"repeat": 6, "nodes": [gate]}, *tail]) | {"input": image},
+            _spec("conv_static", [*stem, *[dict(block) for _ in range(6)], *tail])
+            | {"input": image},
+        )
+    if kind == "transformer_exits":  # DeeBERT: 6 layers, d = 128, L = 64, an exit after each
+        emb = {"type": "embedding", "vocab": VOCAB, "dim": 128, "positions": "sinusoidal"}
+        layer = {"type": "transformer_block", "heads": 4, "mlp_ratio": 4}
+        ids = {"shape": [SEQ], "dtype": "int64", "vocab": VOCAB, "pad_id": 0}
+        crit = {"type": "max_prob", "threshold": 0.9}
+        g = [emb, {"repeat": 5, "nodes": [layer, {"exit": {"head": HEAD, "criterion": crit}}]}]
+        g += [layer, {"exit": {"head": HEAD}}]
+        return (
+            _spec(kind, g) | {"input": ids},
+            _spec("transformer_static", [emb, *[dict(layer) for _ in range(6)], HEAD])
+            | {"input": ids},
+        )
     raise ValueError(kind)
+
+
+IMAGE, SEQ, VOCAB = (3, 16, 16), 64, 1000
+
+
+def case_inputs(kind: str, b: int, g: torch.Generator) -> torch.Tensor:
+    """One batch of `b` inputs of the case's shape (token ids of full length: the sequence
+    case measures exits, not length groups)."""
+    if kind == "transformer_exits":
+        return torch.randint(1, VOCAB, (b, SEQ), generator=g)
+    if kind == "conv_gates":
+        return torch.randn(b, *IMAGE, generator=g)
+    return torch.randn(b, D, generator=g)
 
 
 def force(model, kind: str, setting) -> None:
     """Force the case's decisions: `setting` is the fraction continuing past each exit, running
     each gated block, the routing probabilities, or the range of steps."""
-    key = {"early_exit": "exit", "gates": "gate"}.get(kind, kind)
-    forcing.force(model, key, 1 - setting if kind == "early_exit" else setting)
+    key = {"early_exit": "exit", "gates": "gate", "conv_gates": "gate"}.get(kind, kind)
+    key = "exit" if kind == "transformer_exits" else key
+    forcing.force(model, key, 1 - setting if key == "exit" else setting)
 
 
 def case_model(kind: str, setting, backend: str = "none"):
@@ -185,9 +222,7 @@ def measure_case(
     model = case_model(kind, setting, backend)
     g = torch.Generator().manual_seed(0)
     xs_all = {
-        b: [torch.randn(b, D, generator=g)]
-        if b > 1
-        else [torch.randn(1, D, generator=g) for _ in range(64)]
+        b: [case_inputs(kind, b, g)] if b > 1 else [case_inputs(kind, 1, g) for _ in range(64)]
         for b in batches
     }
     for b in batches:  # warm: compile every unit at the sizes it will see
@@ -266,6 +301,8 @@ CASES = (
         ("halting", (1, 20)),
     ]
 )
+#: The papers' own architectures (issue 15): run with --cases (B = 64 and 1).
+EXTRA = [("conv_gates", r) for r in (0.6, 0.3)] + [("transformer_exits", c) for c in (0.6, 0.3)]
 QUICK = [
     ("early_exit", 0.6),
     ("gates", 0.6),
@@ -325,7 +362,7 @@ def targets(rows: list[dict], profiler: dict | None) -> list[str]:
     worst_m = min(rows, key=lambda r: r["speedup_vs_mask"] / r["oracle_speedup_vs_mask"])
     faster = {}
     for r in rows:
-        if r["B"] == 256:
+        if r["B"] == max(x["B"] for x in rows):
             faster.setdefault((r["case"], r["setting"]), {})[r["backend"]] = r["ms_dyn"]
 
     def spread(rs: list[dict], key: str = "overhead") -> str:
@@ -390,6 +427,12 @@ def main() -> None:
     ap.add_argument(
         "--out", type=Path, default=None, help="default RESULTS.md (quick: RESULTS-quick.md)"
     )
+    ap.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated case kinds (early_exit, gates, metalayer, halting, conv_gates, "
+        "transformer_exits) at their default settings, B = 64 and 1, no profiler run",
+    )
     args = ap.parse_args()
     # a quick run must not replace the full run's recorded results
     args.out = args.out or HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
@@ -398,10 +441,17 @@ def main() -> None:
     cases = QUICK if args.quick else CASES
     batches = [256, 1] if args.quick else [256, 64, 1]
     mrt = 0.1 if args.quick else 0.4
+    if args.cases:
+        kinds = args.cases.split(",")
+        cases = [c for c in CASES + EXTRA if c[0] in kinds]
+        batches = [64, 1]
     rows = []
     for backend in backends:
         for kind, setting in cases:
             rows += measure_case(kind, setting, backend, batches, mrt)
+    if args.cases:
+        print(write_results(rows, None, args.out, args.quick))
+        return
     from profiler_speed import run as profiler_run
 
     prof = profiler_run(

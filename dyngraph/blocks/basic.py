@@ -232,30 +232,38 @@ def resnet_block(p: ResnetBlockParams, shapes: list[Shape]) -> nn.Module:
     return BasicBlock(c, p.out or c, p.stride)
 
 
-class Classifier(nn.Module):
-    def __init__(self, dim: int, classes: int, norm: bool, pool: str | None = None):
-        super().__init__()
-        self.pool = TokenPool(pool) if pool else nn.Flatten(1)
-        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
-        self.fc = nn.Linear(dim, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(self.pool(x)))
-
-
-class TokenPool(nn.Module):
+def pool_tokens(x: torch.Tensor, how: str) -> torch.Tensor:
     """One vector per sequence [B, L, D] -> [B, D]: the mean over its tokens, the first or the
     last. A batch holds sequences of one length (the runtime groups them by length), so every
     token is valid."""
+    if how == "mean":
+        return x.mean(1)
+    return x[:, 0] if how == "first" else x[:, -1]
+
+
+class Classifier(nn.Module):
+    def __init__(self, dim: int, classes: int, norm: bool, pool: str | None = None):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.fc = nn.Linear(dim, classes)
+        # a plain attribute, not a module: the repr (part of checkpoints' architecture
+        # fingerprint) of a vector classifier stays what it was
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1) if self.pool is None else pool_tokens(x, self.pool)
+        return self.fc(self.norm(x))
+
+
+class TokenPool(nn.Module):
+    """The `pool` block: see pool_tokens."""
 
     def __init__(self, how: str):
         super().__init__()
         self.how = how
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.how == "mean":
-            return x.mean(1)
-        return x[:, 0] if self.how == "first" else x[:, -1]
+        return pool_tokens(x, self.how)
 
 
 PoolHow = Literal["mean", "first", "last"]
@@ -353,5 +361,7 @@ def concat(p: ConcatParams, shapes: list[Shape]) -> nn.Module:
         raise ShapeError(f"dim={p.dim} is out of range for inputs of shape {list(shapes[0])}")
     d = p.dim % n
     if any(len(s) != n or s[:d] + s[d + 1 :] != shapes[0][:d] + shapes[0][d + 1 :] for s in shapes):
-        raise ShapeError(f"inputs differ in more than dimension {p.dim}: {[list(s) for s in shapes]}")
+        raise ShapeError(
+            f"inputs differ in more than dimension {p.dim}: {[list(s) for s in shapes]}"
+        )
     return Concat(d + 1)

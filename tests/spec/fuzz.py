@@ -271,7 +271,12 @@ def run_one(path: Path, kind: str, trust: bool = False) -> Outcome:
             status = "error" if lines and not bad else f"FAIL no position: {bad[:1] or 'empty'}"
         elif rc == 0:
             model = dg.compile(str(path), backend="none", trust_imports=trust).eval()
-            x = torch.randn(3, *model.spec.input.shape)
+            inp = model.spec.input
+            x = (
+                torch.full((3, *inp.shape), 1 if inp.pad_id != 1 else 0)
+                if inp.dtype == "int64"
+                else torch.randn(3, *inp.shape)
+            )
             out = model(x)
             assert out.logits.shape[0] == 3
             status = "ok"

@@ -36,6 +36,15 @@ EXPECTED_TERMS = {
     "pondernet_parity": {"ponder_reconstruction", "ponder_kl"},
     "l2s_lista": {"l2s_oracle"},
     "composer_wide_digits": {"task"},
+    "deebert_transformer": {"task"},
+    "pabee_transformer": {"task"},
+    "layerdrop_transformer": {"task", "gate_penalty"},
+    "composer_transformer": {"task"},
+    "state_tagger": {"task", "gate_penalty"},
+    "addition_lm": {"task", "gate_penalty"},
+    "skipnet_resnet": {"task", "gate_penalty"},
+    "blockdrop_resnet": {"task"},
+    "msdnet_multiscale": {"task"},
 }
 
 
@@ -210,6 +219,16 @@ FINGERPRINTS = {
     "scan_early_exit": "cac0aab1f0d2",
     "skipnet_ff": "1019e6077ce8",
     "skipnet_rnn": "28f36912cf24",
+    # issue 15's specs, as they were first written
+    "addition_lm": "cf3e71b53bdf",
+    "blockdrop_resnet": "bc31abe432de",
+    "composer_transformer": "263c9d172e29",
+    "deebert_transformer": "0d12f3f3c329",
+    "layerdrop_transformer": "aa57b23094f7",
+    "msdnet_multiscale": "da085fc5937d",
+    "pabee_transformer": "0d12f3f3c329",
+    "skipnet_resnet": "71727a9ba1e3",
+    "state_tagger": "9e0fc0ac1702",
 }
 
 
