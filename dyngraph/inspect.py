@@ -32,6 +32,14 @@ def inspect_text(model: DynamicModel, counter: str = "fvcore") -> str:
     for p in points:
         lines.append(f"  {p.name}")
     lines.append(f"distinct paths: {count_paths(model):,}")
+    if model.spec.input.is_sequence:
+        n = model.spec.input.shape[0]
+        lines.append(
+            f"a sequence model: MACs above are for a sequence of the longest length ({n}); a "
+            f"shorter one costs its own length's (one sequence of 1 token: "
+            f"{int(model.max_path_counts() @ model.unit_macs(counter, 1)):,} on the longest path), "
+            "and each length is part of the path"
+        )
     lines.append(
         f"static MACs of the longest path (every gate on, costliest choices, max steps): {model.static_macs(counter):,}"
     )

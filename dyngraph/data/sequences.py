@@ -18,8 +18,9 @@ from .sets import PERMS, Data, _gen, _register
 IGNORE = -100  # (tasks.IGNORE: the data layer does not import the model's tasks)
 
 
-def _walks(n: int, steps: int, g: torch.Generator):
-    """Ids [n, steps] (symbol + 1, 0 after step k), the state after each step [n, steps] and k."""
+def _walks(n: int, steps: int, g: torch.Generator, noop: bool = False):
+    """Ids [n, steps] (symbol + 1; after step k, 0 = padding, or with `noop` the id 7 = a step
+    that changes nothing), the state after each step [n, steps] and k."""
     perms = torch.tensor(PERMS)
     k = torch.randint(1, steps + 1, (n,), generator=g)
     sym = torch.randint(0, len(PERMS), (n, steps), generator=g)
@@ -29,19 +30,23 @@ def _walks(n: int, steps: int, g: torch.Generator):
     for j in range(steps):
         state = torch.where(active[:, j], perms[sym[:, j], state], state)
         states[:, j] = torch.where(active[:, j], state, states[:, j])
-    return (sym + 1) * active, states, k
+    ids = (sym + 1) * active
+    if noop:
+        ids[~active] = len(PERMS) + 1
+    return ids, states, k
 
 
 @_register("state_sequence")
 def state_sequence(
-    split: str = "test", seed: int = 0, n: int | None = None, steps: int = 6
+    split: str = "test", seed: int = 0, n: int | None = None, steps: int = 6, noop: bool = False
 ) -> Data:
     """A walk of k steps (k uniform in 1..`steps`) over 6 fixed permutations of 5 states, from
-    state 0, as token ids [steps] (symbol + 1; 0 pads after step k); the label is the final
-    state (5 classes). meta: `k`. Longer walks need more layers: a task of varying
-    difficulty whose difficulty is the sequence's length."""
+    state 0, as token ids [steps] (symbol + 1; 0 pads after step k, or with `noop` id 7 fills
+    the sequence: every sequence has the full length, vocab 8); the label is the final state
+    (5 classes). meta: `k`. Longer walks need more layers: a task of varying difficulty
+    (without `noop`, the difficulty is the sequence's length, and so is its cost)."""
     n = n or 4096
-    ids, states, k = _walks(n, steps, _gen(seed, split))
+    ids, states, k = _walks(n, steps, _gen(seed, split), noop)
     final = states.gather(1, (k - 1)[:, None]).squeeze(1)
     return Data(ids, final, {"k": k}, name="state_sequence")
 

@@ -171,5 +171,8 @@ def test_generated_sequence_sets_label_every_real_position():
     s = load_data("state_sequence", n=256)
     final = d.y.gather(1, (d.meta["k"] - 1)[:, None]).squeeze(1)
     assert torch.equal(s.y, final)  # the same walks, labelled at the end
+    full = load_data("state_sequence", n=256, noop=True)  # no-op steps instead of padding
+    assert torch.equal(full.y, s.y) and (full.x != 0).all()
+    assert torch.equal(full.x[s.x != 0], s.x[s.x != 0]) and (full.x[s.x == 0] == 7).all()
     a = load_data("addition", n=64, target="next")
     assert torch.equal(a.y[:, :-1][a.x[:, 1:] != 0], a.x[:, 1:][a.x[:, 1:] != 0])
