@@ -15,7 +15,8 @@ def as_data(data, labels=None, spec=None, n: int | None = None, split: str = "te
         if spec is not None and spec.train is not None and spec.train.data.name == data:
             params, seed = dict(spec.train.data.params), spec.train.data.seed
         ids = spec is not None and spec.input.dtype == "int64"
-        return load_data(data, split=split, seed=seed, n=n, ids=ids, **params)
+        pad = spec.input.pad_id if spec is not None else None
+        return load_data(data, split=split, seed=seed, n=n, ids=ids, pad=pad, **params)
     if isinstance(data, Data):
         d = data
     elif isinstance(data, list | tuple) and len(data) == 2 and hasattr(data[0], "shape"):

@@ -185,10 +185,11 @@ def is_file_name(name: str | None) -> bool:
     return name is not None and str(name).endswith((".npz", ".pt"))
 
 
-def load_file(path: str | Path, ids: bool = False) -> Data:
+def load_file(path: str | Path, ids: bool = False, pad: int | None = None) -> Data:
     """A user's data: an .npz with arrays `x` (and `y`), or a .pt holding a dict {x, y, ...}.
     `x` is read as floats, or (`ids`: a model of token ids) as int64 ids [N, L] padded at the
-    end with the spec's pad_id.
+    end with the spec's pad_id `pad`; an array `lengths` [N] then says where each sequence
+    ends, and what lies past it is set to `pad`.
 
     Every other array with one entry per sample (first dimension N) becomes a meta column
     (e.g. a difficulty `k`): profiles and evaluations report accuracy and MACs by it.
@@ -221,6 +222,8 @@ def load_file(path: str | Path, ids: bool = False) -> Data:
         )
     x = x.long() if ids else x.float()
     n = x.shape[0]
+    if ids and "lengths" in arrays:
+        x = _padded(x, arrays.pop("lengths"), pad, path)
     if y is not None:
         if y.shape[:1] != (n,):
             raise DataError(f"{path}: 'y' has {y.shape[0] if y.dim() else 0} rows, 'x' has {n}")
@@ -229,14 +232,34 @@ def load_file(path: str | Path, ids: bool = False) -> Data:
     return Data(x, y, meta, name=p.name)
 
 
+def _padded(x: torch.Tensor, lengths: torch.Tensor, pad: int | None, path) -> torch.Tensor:
+    """Token ids with every position past its row's length set to `pad`."""
+    if pad is None:
+        raise DataError(f"{path}: 'lengths' needs the input's pad_id in the spec")
+    if lengths.shape != (x.shape[0],) or lengths.is_floating_point():
+        raise DataError(f"{path}: 'lengths' must hold one integer per row of 'x'")
+    if bool(((lengths < 1) | (lengths > x.shape[1])).any()):
+        raise DataError(f"{path}: 'lengths' must lie in [1, {x.shape[1]}]")
+    x = x.clone()
+    x[torch.arange(x.shape[1])[None, :] >= lengths[:, None]] = pad
+    return x
+
+
 def load_data(
-    name: str, split: str = "test", seed: int = 0, n: int | None = None, ids: bool = False, **params
+    name: str,
+    split: str = "test",
+    seed: int = 0,
+    n: int | None = None,
+    ids: bool = False,
+    pad: int | None = None,
+    **params,
 ) -> Data:
-    """A built-in data set by name (see DATASETS), or a .npz/.pt file (`ids`: of token ids)."""
+    """A built-in data set by name (see DATASETS), or a .npz/.pt file (`ids`: of token ids,
+    padded with `pad`)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
     if is_file_name(name):
-        return load_file(name, ids).subset(n)
+        return load_file(name, ids, pad).subset(n)
     if name not in DATASETS:
         from ..core.errors import did_you_mean
 

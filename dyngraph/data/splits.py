@@ -66,7 +66,7 @@ def load_split(dspec, split: str, n: int | None = None) -> Data:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     src = dspec.source(split)
     if is_file_name(src):
-        data, desc = _file_part(dspec, split, load_file(src, dspec._ids))
+        data, desc = _file_part(dspec, split, load_file(src, dspec._ids, dspec._pad))
         data.origin = f"{split}: {desc}"
         return data
     if src not in DATASETS:

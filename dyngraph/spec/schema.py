@@ -82,6 +82,7 @@ class DataSpec(Strict):
 
     #: the spec's input is token ids: files keep integer x (set by the spec's validator)
     _ids: bool = PrivateAttr(False)
+    _pad: int | None = PrivateAttr(None)  # and its pad id (a file's `lengths` pad with it)
 
     def source(self, split: str) -> str | None:
         """The built-in name or file that serves `split`."""
@@ -327,6 +328,7 @@ class _Spec(Strict):
         task, inp = self.task, self.input
         if self.train is not None:
             self.train.data._ids = inp.dtype == "int64"
+            self.train.data._pad = inp.pad_id
         if task.per == "token" and not inp.is_sequence:
             raise ValueError(
                 "a task `per: token` needs a sequence input (dtype: int64 or sequence: true)"

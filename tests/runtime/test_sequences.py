@@ -176,3 +176,40 @@ def test_generated_sequence_sets_label_every_real_position():
     assert torch.equal(full.x[s.x != 0], s.x[s.x != 0]) and (full.x[s.x == 0] == 7).all()
     a = load_data("addition", n=64, target="next")
     assert torch.equal(a.y[:, :-1][a.x[:, 1:] != 0], a.x[:, 1:][a.x[:, 1:] != 0])
+
+
+def test_a_file_of_ids_with_lengths_trains_and_profiles(tmp_path):
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    x = g.integers(1, 7, size=(300, 6))
+    lengths = g.integers(1, 7, size=300)
+    y = (x * (np.arange(6)[None, :] < lengths[:, None])).sum(1) % 5
+    np.savez(tmp_path / "ids.npz", x=x, y=y, lengths=lengths)
+    spec = {
+        "dyngraph": 1,
+        "name": "ids_file",
+        "input": {"shape": [6], "dtype": "int64", "vocab": 7, "pad_id": 0},
+        "task": {"type": "classification", "classes": 5},
+        "graph": [
+            {"type": "embedding", "vocab": 7, "dim": 16},
+            {"type": "transformer_block", "heads": 2},
+            {"type": "classifier", "classes": 5},
+        ],
+        "train": {
+            "data": {"name": str(tmp_path / "ids.npz")},
+            "batch_size": 32,
+            "stages": [{"name": "s", "steps": 3}],
+        },
+    }
+    from dyngraph.data import load_file
+    from dyngraph.data.splits import load_split
+    from dyngraph.training import train
+
+    d = load_file(tmp_path / "ids.npz", ids=True, pad=0)  # what lies past a length is padding
+    assert d.x.dtype == torch.long
+    assert torch.equal((d.x != 0).sum(1), torch.from_numpy(lengths))
+    loaded = dg.load_spec(spec)
+    model = train(spec, out=tmp_path / "run", log=lambda *a: None).model
+    prof = dg.profile(model, load_split(loaded.spec.train.data, "test"), latency=False, curve=False)
+    assert prof.summary["dispatch_waste"] == 1.0
