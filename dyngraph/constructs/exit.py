@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Union
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -18,84 +18,18 @@ from ..core.types import ModuleRef, Strict
 from ..runtime import kernels
 from ..runtime.context import const, draw_scale, positions, pseudo_uniform
 from .api import Column, ConstructDef, Site, Sweep, attr_sweep
+from .exit_criteria import CRITERIA, RULES, Criterion, confidence, criterion  # noqa: F401
 from .registry import register_construct
 
-#: The criteria, one class each (schema and `stays`); a new one is a class marked @criterion:
-#: `kernel`, the fused kernels' rule of the same decision (optional: `stays` is the reference),
-#: `lowest`, the lowest threshold a model takes, `grid`, what a sweep tries (None: not swept).
-CRITERIA: list[type] = []
 
+class ExitOptions(Strict):
+    """A stage's options for exits (`exit: {only_last: true}`)."""
 
-def criterion(kernel: int | None, lowest: float, grid: list[float] | None):
-    def register(cls: type) -> type:
-        cls.kernel, cls.lowest, cls.grid = kernel, lowest, grid
-        return CRITERIA.append(cls) or cls
-
-    return register
-
-
-GRID_P = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1.01]  # 1.01: never leave
-GRID_H = [10.0, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001, -1.0]  # -1: never leave
-
-
-@criterion(kernel=kernels.MAX_PROB_BELOW, lowest=0.0, grid=GRID_P)
-class MaxProb(Strict):
-    """Leave when the top probability of softmax(logits / temperature) >= threshold."""
-
-    type: Literal["max_prob"]
-    threshold: float = Field(ge=0.0, le=1.0)
-    temperature: float = Field(1.0, gt=0.0)
-
-    @staticmethod
-    def score(z: torch.Tensor) -> torch.Tensor:
-        # 1 / sum(exp(z - max z)), without softmax: its CPU kernel is slow on short rows
-        # (256 x 10 logits: 52 us, against 15 us for these four ops)
-        return (z - z.amax(dim=1, keepdim=True)).exp_().sum(dim=1).reciprocal_()
-
-    @staticmethod
-    def stays(e: ExitRuntime, logits: torch.Tensor, ctx) -> torch.Tensor:
-        score = confidence(logits, "max_prob", e.temperature)
-        return score < const(e.threshold, score)
-
-
-@criterion(kernel=kernels.ENTROPY_ABOVE, lowest=-math.inf, grid=GRID_H)
-class Entropy(Strict):
-    """Leave when the entropy (nats) of softmax(logits / temperature) <= threshold."""
-
-    type: Literal["entropy"]
-    threshold: float = Field(ge=0.0)
-    temperature: float = Field(1.0, gt=0.0)
-
-    @staticmethod
-    def score(z: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(z, dim=1)
-        return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
-
-    @staticmethod
-    def stays(e: ExitRuntime, logits: torch.Tensor, ctx) -> torch.Tensor:
-        score = confidence(logits, "entropy", e.temperature)
-        return score > const(e.threshold, score)
-
-
-@criterion(kernel=None, lowest=-math.inf, grid=None)  # not swept: a count
-class Patience(Strict):
-    """PABEE: leave when the predicted class has stayed the same for `patience` consecutive
-    exits (counted from the previous exit on)."""
-
-    type: Literal["patience"]
-    patience: int = Field(ge=1)
-
-    @staticmethod
-    def stays(e: ExitRuntime, logits: torch.Tensor, ctx) -> torch.Tensor:
-        pred = logits.argmax(dim=1)
-        prev, count = ctx.states.get("exit/pred"), ctx.states.get("exit/count")
-        count = torch.zeros_like(pred) if prev is None else torch.where(pred == prev, count + 1, 0)
-        ctx.states["exit/pred"], ctx.states["exit/count"] = pred, count
-        return count < e.patience
-
-
-Criterion = Annotated[Union[tuple(CRITERIA)], Field(discriminator="type")]  # noqa: UP007
-RULES = {c.model_fields["type"].annotation.__args__[0]: c for c in CRITERIA}
+    only_last: bool = Field(
+        False,
+        description="train on the last exit's loss alone: DeeBERT's first stage (the backbone "
+        "and the last head); its second trains the other heads (`trainable: [heads]`)",
+    )
 
 
 class Distill(Strict):
@@ -113,18 +47,6 @@ class ExitSpec(Strict):
     criterion: Criterion | None = None
     weight: float = Field(1.0, ge=0.0, description="weight of this exit's loss in training")
     distill: Distill | None = None
-
-
-def confidence(logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-    """The score criterion `kind` thresholds (the top probability, the entropy): on the CPU the
-    fused kernel's number where it has a kernel rule, so that a threshold set on these scores
-    splits the samples as the infer runtime does."""
-    rule = RULES[kind]
-    d = logits.detach()
-    o = kernels.ops(d)
-    if rule.kernel is not None and o is not None and d.dim() == 2 and d.is_contiguous():
-        return o.confidence(d, rule.kernel, temperature)
-    return rule.score(logits if temperature == 1.0 else logits / temperature)
 
 
 @dataclass(eq=False)
@@ -256,6 +178,9 @@ def exit_objective(lc) -> dict[str, torch.Tensor]:
     if not logits:
         return {}
     feats = lc.out.extras["exit_features"]
+    if lc.options is not None and lc.options.only_last:
+        lc.task_replaced = True
+        return {"task": lc.task_loss(logits[-1]).mean()}
     weights = torch.tensor([e.weight for e in exits])
     task = (
         sum(w * lc.task_loss(z).mean() for w, z in zip(weights.tolist(), logits, strict=True))
@@ -383,6 +308,7 @@ EXIT = register_construct(
         plural="exits",
         column=Column("exit", False, -1, lambda v, _: f"exit {v[0]}" if v[0] >= 0 else None),
         objective=exit_objective,
+        options=ExitOptions,
         passes_input=True,
         finish=_finish,
         # a max_prob threshold above 1 (an entropy below 0) means "never leave here"

@@ -5,7 +5,8 @@ at a compute budget they beat a static encoder of the same MACs, because easy se
 early. Here: specs/deebert_transformer.yaml (four pre-LN layers, d = 32, an exit after each,
 entropy criterion) on state_sequence with no-op steps (walks of k = 1..6 steps, then no-op
 tokens: every sequence has the full length, so the difficulty k varies and the cost does not),
-trained on the mean of the exit losses; the entropy threshold calibrated on the validation
+trained as DeeBERT (the backbone and last head, then the other heads on the frozen backbone;
+the static encoder of depth 4 is its first stage); the entropy threshold calibrated on the validation
 split to 40% and 50% of the full encoder's mean MACs; compared on the test split with static
 encoders of depth 1..4 trained alike, at the same mean MACs (interpolated).
 """
@@ -51,7 +52,8 @@ def static_encoder(depth: int) -> dict:
         + [dict(layer) for _ in range(depth)]
         + [{"type": "classifier", "classes": 5, "norm": True}]
     )
-    d["train"]["stages"][0]["name"] = "static"
+    stage = {k: v for k, v in d["train"]["stages"][0].items() if k != "exit"}
+    d["train"]["stages"] = [stage | {"name": "static"}]  # DeeBERT's first stage, without exits
     d["train"].pop("calibrate", None)
     return d
 
