@@ -6,7 +6,7 @@ early. Here: specs/deebert_transformer.yaml (four pre-LN layers, d = 32, an exit
 entropy criterion) on state_sequence with no-op steps (walks of k = 1..6 steps, then no-op
 tokens: every sequence has the full length, so the difficulty k varies and the cost does not),
 trained as DeeBERT (the backbone and last head, then the other heads on the frozen backbone;
-the static encoder of depth 4 is its first stage); the entropy threshold calibrated on the validation
+its first stage is the recipe of the static encoder of depth 4); the entropy threshold calibrated on the validation
 split to 40% and 50% of the full encoder's mean MACs; compared on the test split with static
 encoders of depth 1..4 trained alike, at the same mean MACs (interpolated).
 """
