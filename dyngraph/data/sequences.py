@@ -89,3 +89,23 @@ def addition(
     else:
         y = torch.where(active, nums.cumsum(1), torch.full_like(nums, IGNORE))
     return Data(ids, y, {"k": k}, name="addition")
+
+
+@_register("pointer_chase")
+def pointer_chase(
+    split: str = "test", seed: int = 0, n: int | None = None, size: int = 8, hops: int = 6
+) -> Data:
+    """Follow k pointers (k uniform in 1..`hops`): `size` tokens each holding a position
+    (a random function of the positions), start at position 0, the label is the position
+    reached after k hops (`size` classes). Ids: the first token is k (id size + k), then the
+    pointers (id = position + 1); 0 is padding (unused: every sequence has the full length).
+    meta: `k`. A transformer layer can follow one pointer: depth matters up to `hops`."""
+    n = n or 4096
+    g = _gen(seed, split)
+    k = torch.randint(1, hops + 1, (n,), generator=g)
+    ptr = torch.randint(0, size, (n, size), generator=g)
+    at = torch.zeros(n, dtype=torch.long)
+    for j in range(hops):
+        at = torch.where(j < k, ptr.gather(1, at[:, None]).squeeze(1), at)
+    ids = torch.cat([(size + k)[:, None], ptr + 1], dim=1)
+    return Data(ids, at, {"k": k}, name="pointer_chase")

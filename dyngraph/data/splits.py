@@ -21,6 +21,7 @@ GENERATED = (
     "state_sequence",
     "state_tokens",
     "addition",
+    "pointer_chase",
 )
 
 
