@@ -139,20 +139,16 @@ def summarize(runs: dict[int, dict], quick: bool = False) -> dict:
         ),
     }
     depth = [r["exit_depth_by_k"] for r in rs]
+    # reported, not claimed (a claim of a >= 1 layer rise measured +0.85 on the recipe seeds,
+    # see the note of issue 15): with pointer doubling the depth k hops need grows as log2(k)
     tr = trend(depth, min_rise=1.0, tol=0.25)
-    claims["deeper_when_harder"] = claim(
-        tr["holds"],
-        "harder inputs (more hops) leave later: on the seed-mean exit depth by k at the 50% "
-        "budget, the upper half >= 1 layer above the lower half, no step down > 0.25",
-        f"rise {tr['rise']:+.2f} layers, largest step down {tr['largest_drop']:.2f}, "
-        f"{tr['seeds_rising']} of {len(rs)} seeds rising",
-    )
     return {
         "static": static,
         "budgets": rows,
         "full_accuracy": stats([r["full_accuracy"] for r in rs]),
         "k": rs[0]["k"],
         "exit_depth_by_k": curve_stats(depth),
+        "exit_depth_trend": tr,
         "claims": claims,
     }
 

@@ -213,3 +213,13 @@ def test_a_file_of_ids_with_lengths_trains_and_profiles(tmp_path):
     model = train(spec, out=tmp_path / "run", log=lambda *a: None).model
     prof = dg.profile(model, load_split(loaded.spec.train.data, "test"), latency=False, curve=False)
     assert prof.summary["dispatch_waste"] == 1.0
+
+
+def test_pointer_chase_labels_follow_k_pointers():
+    d = load_data("pointer_chase", n=64, size=8, hops=6)
+    for ids, y, k in zip(d.x.tolist(), d.y.tolist(), d.meta["k"].tolist(), strict=True):
+        assert ids[0] == 8 + k
+        at = 0
+        for _ in range(k):
+            at = ids[1 + at] - 1
+        assert y == at
