@@ -176,7 +176,10 @@ def _count(unit, counter: str, inputs: tuple | None = None) -> UnitCost:
     if counter not in COUNTERS:
         raise ValueError(f"unknown counter {counter!r}; expected one of {COUNTERS}")
     module = unit.module
-    was_training = module.training
+    # each submodule's own flag: a segment's GraphModule is not a child of the model, so its
+    # flag can differ from its blocks' (module.train(was) would put the model's BatchNorms in
+    # training mode)
+    flags = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -202,7 +205,8 @@ def _count(unit, counter: str, inputs: tuple | None = None) -> UnitCost:
         missed = sorted(op for op in rec.ops if op in MAC_OPS and op not in _TORCH_COUNTED)
         return UnitCost(fc.get_total_flops() // 2, by_module, missed)
     finally:
-        module.train(was_training)
+        for m, flag in flags:
+            m.training = flag
 
 
 def unit_macs(unit, counter: str = "fvcore") -> int:

@@ -85,8 +85,11 @@ def diversify(model: dg.DynamicModel) -> None:
         for e, logits in zip(model.exits[:-1], out.extras["exit_logits"], strict=False):
             if e.kind == "patience":
                 continue
-            c = confidence(logits, e.kind, e.temperature)
-            e.threshold = float(torch.quantile(c, 0.7 if e.kind == "max_prob" else 0.3))
+            c = confidence(logits, e.kind, e.temperature).unique()  # sorted
+            # halfway between two scores: an input seen here (short sequences repeat) must
+            # not sit exactly on the threshold, where float noise of another batch flips it
+            i = int((0.7 if e.kind == "max_prob" else 0.3) * (len(c) - 1))
+            e.threshold = float((c[i] + c[min(i + 1, len(c) - 1)]) / 2)
 
 
 @contextlib.contextmanager

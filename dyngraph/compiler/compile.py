@@ -18,6 +18,14 @@ def compile_units(model: DynamicModel, backend: str, dynamic: bool = True) -> No
     """Compile every unit with `torch.compile` (one compile per distinct module), or run eager."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend != "none":
+        # dynamo counts compilations per code object, and segments of the same layers share
+        # their generated code: in a process that compiles many models (a test session, a
+        # sweep), or one model meeting many sequence lengths, the default limit of 8 is met
+        # long before anything recompiles in a loop (fullgraph=True then fails)
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 64)
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
     cache: dict[int, object] = {}
     for u in model.units:
         if backend == "none":

@@ -223,7 +223,7 @@ FINGERPRINTS = {
     "addition_lm": "cf3e71b53bdf",
     "blockdrop_resnet": "bc31abe432de",
     "composer_transformer": "263c9d172e29",
-    "deebert_transformer": "b1a730f638bc",
+    "deebert_transformer": "c9ff2809e8b6",
     "layerdrop_transformer": "aa57b23094f7",
     "msdnet_multiscale": "da085fc5937d",
     "pabee_transformer": "0d12f3f3c329",
