@@ -176,6 +176,51 @@ def blockdrop_policy(p: BlockDropParams, shapes: list[Shape]) -> nn.Module:
     return BlockDropPolicy(p.reads, shapes[0], p.hidden, p.bias)
 
 
+class TokenRouter(nn.Module):
+    """Mixture-of-Depths router: a probability per token, sigmoid(MLP(x_t)), [B, L]."""
+
+    style = "token"
+
+    def __init__(self, dim: int, hidden: int, bias: float):
+        super().__init__()
+        self.dim = dim
+        layers: list[nn.Module] = [nn.Linear(dim, hidden), nn.ReLU()] if hidden else []
+        layers.append(nn.Linear(hidden or dim, 1))
+        self.net = nn.Sequential(*layers)
+        nn.init.constant_(self.net[-1].bias, bias)
+
+    def add_site(self, in_shape: Shape) -> nn.Module:
+        if len(in_shape) != 2 or in_shape[-1] != self.dim:
+            raise ShapeError(
+                f"token_router was built for tokens of dim={self.dim}, its input here is "
+                f"{list(in_shape)}"
+            )
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x)).squeeze(-1)
+
+
+class TokenRouterParams(BlockParams):
+    dim: int | None = Field(None, gt=0)
+    hidden: int = Field(0, ge=0)
+    bias: float = 0.0
+
+
+@register_block("token_router", TokenRouterParams, role="gate_policy")
+def token_router(p: TokenRouterParams, shapes: list[Shape]) -> nn.Module:
+    """Mixture-of-Depths router of a `per: token` gate: each token's probability of running
+    the body (`hidden` 0: one linear layer, as in the paper)."""
+    if len(shapes[0]) != 2:
+        raise ShapeError(f"token_router reads a sequence [L, D], got {list(shapes[0])}")
+    d = shapes[0][-1]
+    if p.dim is not None and p.dim != d:
+        raise ShapeError(
+            f"token_router has dim={p.dim}, but its input here has shape {list(shapes[0])}"
+        )
+    return TokenRouter(d, p.hidden, p.bias)
+
+
 # ----------------------------------------------------------------------------- routers
 
 

@@ -12,11 +12,13 @@ Infer: the body runs only on the rows whose probability >= threshold. Train, by 
 body and identity by the probability; seen to collapse when then tested hard — a documented
 negative result, not the default), `sample` (Bernoulli actions with log-probs, for
 REINFORCE), `hard`.
+
+`per: token` makes it a Mixture-of-Depths gate (token_gate.py): a `token_router` scores each
+token, the top `capacity` x L (or those over `threshold`) run the body as a shorter sequence.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,7 +28,9 @@ from pydantic import Field
 from ..core.types import ModuleRef, Strict
 from ..runtime import kernels
 from ..runtime.context import const, draw_scale, positions, pseudo_uniform
+from . import token_gate
 from .api import Column, ConstructDef, Site, attr_sweep
+from .gate_objective import gate_objective
 from .registry import register_construct
 
 TRAIN_MODES = ("straight_through", "soft", "sample", "hard")
@@ -39,6 +43,15 @@ class GateSpec(Strict):
     policy: ModuleRef
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     train: Literal["straight_through", "soft", "sample", "hard"] = "straight_through"
+    per: Literal["sample", "token"] = Field(
+        "sample", description="token: Mixture-of-Depths routing of each token (token_router)"
+    )
+    capacity: float | None = Field(
+        None, gt=0.0, le=1.0, description="per token: route the top ceil(c·L) tokens"
+    )
+    predictor: ModuleRef | None = Field(
+        None, description="per token: a causal token_router for decoding (set_decode)"
+    )
 
 
 class GateOptions(Strict):
@@ -95,6 +108,7 @@ class GateRuntime:
     reads: list[str]
     writes: str
     forced_on: bool = False  # training curriculum (BlockDrop): this gate always runs
+    per = "sample"  # (token_gate.py: per token)
     mode_override: str | None = None  # a training stage's `decisions:`
     live_after: set[str] = field(default_factory=set)
 
@@ -214,6 +228,12 @@ class GateRuntime:
 def build_gate(spec: GateSpec, b, site: Site) -> tuple[GateRuntime, tuple] | None:
     """Check and build one gate node."""
     index = b.next_index("gate", column="gates")
+    if spec.per == "token":
+        return token_gate.build_token_gate(spec, b, site, index)
+    for key in ("capacity", "predictor"):
+        if getattr(spec, key) is not None:
+            b.problem(site.path + (key,), f"{key} is for per: token gates")
+            return None
     name = f"gate {index}"
     got = b.controller(spec.policy, site.path + ("policy",), site.in_shape, ("gate_policy",))
     if got is None:
@@ -223,6 +243,9 @@ def build_gate(spec: GateSpec, b, site: Site) -> tuple[GateRuntime, tuple] | Non
         return None
     ctl, key = got
     style = ctl.style
+    if style == "token":
+        b.problem(site.path + ("policy",), "a token_router routes per: token gates only")
+        return None
     reads = [site.in_id]
     column, state_shape = 0, None
     try:
@@ -276,59 +299,6 @@ def build_gate(spec: GateSpec, b, site: Site) -> tuple[GateRuntime, tuple] | Non
     ), site.in_shape
 
 
-def gate_objective(lc) -> dict[str, torch.Tensor]:
-    """Compute penalty on the gates (straight-through or soft), and REINFORCE for sampled
-    gates: SkipNet's reward -CE - alpha x fraction run with a batch-mean baseline, or BlockDrop's
-    1 - (used/K)^2 if correct else -gamma with a self-critical (greedy) baseline."""
-    obj, gates = lc.options, lc.out.extras.get("gates")
-    terms: dict[str, torch.Tensor] = {}
-    free = [g for g in gates or [] if not g["forced"]]
-    if not free:
-        return terms
-    soft = [g for g in free if g["mode"] != "sample"]
-    if soft and obj.penalty:
-        terms["gate_penalty"] = (
-            lc.ramp * obj.penalty * torch.stack([g["gate"] for g in soft]).mean()
-        )
-    sampled = [g for g in free if g["mode"] == "sample"]
-    if sampled:
-        acts = torch.stack([g["action"] for g in gates])  # [G, B], forced gates count as run
-        frac = acts.mean(0)
-        logp = torch.stack([g["logp"] for g in sampled]).sum(0)
-        if obj.reward == "skipnet":
-            reward = -lc.task_loss(lc.out.logits).detach() - obj.skipnet_alpha * frac
-            baseline = reward.mean()
-        else:
-            reward = blockdrop_reward(lc, lc.out.logits, frac, obj)
-            with torch.no_grad():  # self-critical: the greedy decisions' reward
-                with _hard(lc.model.gates):
-                    greedy = lc.model(lc.x, mode="train")
-                gfrac = torch.stack([g["action"] for g in greedy.extras["gates"]]).mean(0)
-                baseline = blockdrop_reward(lc, greedy.logits, gfrac, obj)
-        terms["gate_reinforce"] = -obj.policy_weight * ((reward - baseline).detach() * logp).mean()
-    return terms
-
-
-def blockdrop_reward(lc, logits, frac, obj) -> torch.Tensor:
-    correct = lc.correct(logits)
-    return torch.where(
-        correct, 1 - frac.pow(2), torch.full_like(frac, -obj.blockdrop_gamma)
-    ).detach()
-
-
-@contextlib.contextmanager
-def _hard(gates: list[GateRuntime]):
-    """Every gate decides hard for a while (BlockDrop's self-critical baseline)."""
-    saved = [g.mode_override for g in gates]
-    for g in gates:
-        g.mode_override = "hard"
-    try:
-        yield
-    finally:
-        for g, m in zip(gates, saved, strict=True):
-            g.mode_override = m
-
-
 # ---------------------------------------------------------------- what generic code reads
 
 
@@ -347,11 +317,22 @@ def _before_step(gates: list[GateRuntime], options: GateOptions, step: int) -> N
 
 
 def _path_text(values: list[int], gates: list) -> str:
-    ran = [str(i) for i, g in enumerate(values) if g == 1]
-    return f"gates run {','.join(ran) or 'none'} of {sum(1 for g in values if g >= 0)}"
+    per = [getattr(g, "per", "sample") for g in gates]
+    ran = [str(i) for i, g in enumerate(values) if g == 1 and per[i] == "sample"]
+    seen = sum(1 for i, g in enumerate(values) if g >= 0 and per[i] == "sample")
+    routed = [f"gate {i} routes {v}" for i, v in enumerate(values) if per[i] == "token" and v >= 0]
+    return "; ".join(([f"gates run {','.join(ran) or 'none'} of {seen}"] if seen else []) + routed)
 
 
 GRID = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0]
+
+
+def _sweep(model, gates: list):
+    """Thresholds, or the capacities of Mixture-of-Depths gates where every gate has one."""
+    cap = token_gate.capacity_gates(gates)
+    if cap and len(cap) == len(gates):
+        return attr_sweep("gate capacity", token_gate.CAPACITIES, gates, "capacity")
+    return attr_sweep("gate threshold", GRID, gates, "threshold")
 
 
 def force(g: GateRuntime, run: float) -> dict:
@@ -383,7 +364,10 @@ GATE = register_construct(
         before_step=_before_step,
         thresholds=lambda gates: [(g, 0.0, 1.0) for g in gates],
         settings=("gates", ("threshold",)),
-        sweep=lambda model, gates: attr_sweep("gate threshold", GRID, gates, "threshold"),
+        methods={"set_decode": token_gate.set_decode},
+        save_settings=token_gate.save_settings,
+        load_settings=token_gate.load_settings,
+        sweep=_sweep,
         sweep_rank=2,
         paths=lambda g, done, going: (done, going * 2),
         force=force,

@@ -27,7 +27,9 @@ from pydantic import AliasChoices, Field
 from ..blocks.steps import FlagStep, StopFeatures
 from ..core.types import InlineModule, ModuleRef, Strict
 from ..runtime.context import const, pseudo_uniform
+from . import halting_time
 from .api import Column, ConstructDef, Site, attr_sweep
+from .halting_objective import halting_objective
 from .registry import register_construct
 
 _steps = Field(
@@ -59,6 +61,9 @@ class ActSpec(_Common):
     epsilon: float = Field(0.01, gt=0.0, lt=1.0)
     ponder_cost: float = Field(1e-3, ge=0.0)
     step_flag: bool = Field(False, description="append a first-step flag to the input (ACT)")
+    carry: bool = Field(
+        False, description="ponder at every step of a sequence, the state carried (Graves)"
+    )
 
 
 class L2SSpec(_Common):
@@ -126,7 +131,9 @@ class HaltingRuntime:
         carry = carry * (1 - lam)
         return 1 - carry >= const(self.threshold, carry), carry, lam
 
-    def _init(self, ctx, x):
+    def _init(self, ctx, x, h0=None):
+        if h0 is not None:  # through time (halting_time.py): the previous step's state
+            return h0
         if self.init:
             return ctx.call(self.init, x)
         shape = self.state_shape  # a sequence's state [L, D] has the batch's length
@@ -143,18 +150,18 @@ class HaltingRuntime:
         x = ctx.env[self.reads[0]]
         ctx.env[self.writes] = self.infer(ctx, x) if ctx.compacting else self._all_steps(ctx, x)
 
-    def infer(self, ctx, x: torch.Tensor) -> torch.Tensor:
-        """Infer: the node's output for the current rows."""
-        return self._infer_one(ctx, x) if x.shape[0] == 1 else self._infer(ctx, x)
+    def infer(self, ctx, x: torch.Tensor, h0=None) -> torch.Tensor:
+        """Infer: the node's output for the current rows (`h0`: the initial state)."""
+        return self._infer_one(ctx, x, h0) if x.shape[0] == 1 else self._infer(ctx, x, h0)
 
     def emit_infer(self, g) -> None:
         """Infer code (runtime/codegen.py): one call of `infer` on the local it reads."""
         x = g.var(self.reads[0])
         g.assign(self.writes, f"{g.bind(self, f'halting{self.index}')}.infer(ctx, {x})")
 
-    def _infer_one(self, ctx, x: torch.Tensor) -> torch.Tensor:
+    def _infer_one(self, ctx, x: torch.Tensor, h0=None) -> torch.Tensor:
         """Infer, one sample: one host sync per step, no index tensors."""
-        h = self._init(ctx, x)
+        h = self._init(ctx, x, h0)
         carry = x.new_ones(1) if self.rule == "pondernet" else x.new_zeros(1)
         acc = torch.zeros_like(h) if self.rule == "act" else None
         last = self.max_steps - 1
@@ -170,10 +177,10 @@ class HaltingRuntime:
         ctx.record("steps", self.index, t + 1)
         return acc if acc is not None else h
 
-    def _infer(self, ctx, x: torch.Tensor) -> torch.Tensor:
+    def _infer(self, ctx, x: torch.Tensor, h0=None) -> torch.Tensor:
         """Infer, a batch: halted rows leave the loop (compacted), their outputs written once."""
         n = x.shape[0]
-        h = self._init(ctx, x)
+        h = self._init(ctx, x, h0)
         out = torch.empty_like(h)
         steps = torch.empty(n, dtype=torch.long, device=x.device)  # all halt by max_steps
         pos = None  # positions of the rows still in the loop, among the context's (None: all)
@@ -196,10 +203,10 @@ class HaltingRuntime:
         ctx.record("steps", self.index, steps)
         return out
 
-    def _all_steps(self, ctx, x: torch.Tensor) -> torch.Tensor:
+    def _all_steps(self, ctx, x: torch.Tensor, h0=None) -> torch.Tensor:
         """Dense/train: every step for every row; outputs follow the infer rule exactly."""
         n = x.shape[0]
-        h = self._init(ctx, x)
+        h = self._init(ctx, x, h0)
         running = torch.ones(n, dtype=torch.bool, device=x.device)
         carry = x.new_ones(n) if self.rule == "pondernet" else x.new_zeros(n)
         out, acc, remainder = torch.zeros_like(h), torch.zeros_like(h), x.new_zeros(n)
@@ -237,6 +244,11 @@ def build_halting(spec, b, site: Site) -> tuple[HaltingRuntime, tuple] | None:
     """Check and build one halting node."""
     index = b.next_index("halting", column="steps")
     name, path, x_shape = f"halting {index}", site.path, site.in_shape
+    carry = getattr(spec, "carry", False)
+    if carry:  # the step reads one token of the sequence at a time
+        if not halting_time.check(spec, b, site):
+            return None
+        x_shape = x_shape[1:]
     flag = getattr(spec, "step_flag", False)
     step_in = (*x_shape[:-1], x_shape[-1] + 1) if flag else x_shape
     if not spec.shared and not isinstance(spec.step, InlineModule):
@@ -291,52 +303,9 @@ def build_halting(spec, b, site: Site) -> tuple[HaltingRuntime, tuple] | None:
     rt = HaltingRuntime(index, spec.rule, spec.max_steps, getattr(spec, "threshold", None),
                         getattr(spec, "epsilon", None), steps, unit, init_unit, state,
                         [site.in_id], site.node_id, flag, **own)  # fmt: skip
+    if carry:
+        return halting_time.CarryRuntime(rt, site.in_shape[0]), (site.in_shape[0], *state)
     return rt, state
-
-
-def _halting_distribution(probs: list[torch.Tensor], rule: str) -> torch.Tensor:
-    """[T, B] probability of stopping at each step, from per-step lambda (PonderNet) or pi (L2S);
-    the last step takes what is left."""
-    out, left = [], torch.ones_like(probs[0])
-    for t, p in enumerate(probs):
-        stop = left if t == len(probs) - 1 else left * p
-        out.append(stop)
-        left = left * (1 - p)
-    return torch.stack(out)
-
-
-def halting_objective(lc) -> dict[str, torch.Tensor]:
-    """ACT: task loss + tau x (N + R). PonderNet: sum_n p_n L(y_n) + kl_weight x KL(p || geometric
-    prior). L2S: stage I, sum_t q*_t L_t with q* = softmin_t(L_t / beta) (the oracle,
-    not back-propagated); stage II, KL(q* || q_phi) for the stop policy; `joint` adds both."""
-    terms: dict[str, torch.Tensor] = {}
-    for h, ex in zip(lc.model.haltings, lc.out.extras.get("halting") or [], strict=True):
-        if h.rule == "act":
-            terms[f"ponder_{h.index}"] = h.ponder_cost * ex["ponder"].mean()
-            continue
-        losses = torch.stack([lc.task_loss(lc.tail(h, s)) for s in ex["states"]])  # [T, B]
-        if h.rule == "pondernet":
-            p = _halting_distribution(ex["probs"], h.rule)
-            terms["ponder_reconstruction"] = (p * losses).sum(0).mean()
-            steps = torch.arange(len(ex["probs"]), dtype=p.dtype, device=p.device)
-            prior = h.prior * (1 - h.prior) ** steps
-            prior = (prior / prior.sum())[:, None]
-            kl = (p * (p.clamp_min(1e-10).log() - prior.log())).sum(0).mean()
-            terms["ponder_kl"] = h.kl_weight * kl
-            lc.task_replaced = True
-            continue
-        # q* ∝ p(y|t,x)^(1/beta), with log p = -(summed squared error) for regression
-        nll = losses.detach() * (lc.y[0].numel() if lc.model.spec.task.type == "regression" else 1)
-        q_star = torch.softmax(-nll / h.beta, dim=0)
-        stage = lc.options.l2s
-        if stage in ("likelihood", "joint"):
-            terms["l2s_oracle"] = (q_star * losses).sum(0).mean()
-        if stage in ("imitation", "joint"):
-            q_phi = _halting_distribution(ex["probs"], h.rule)
-            log_ratio = q_star.clamp_min(1e-10).log() - q_phi.clamp_min(1e-10).log()
-            terms["l2s_imitation"] = (q_star * log_ratio).sum(0).mean()
-        lc.task_replaced = True
-    return terms
 
 
 # ---------------------------------------------------------------- what generic code reads

@@ -18,11 +18,13 @@ from .sets import PERMS, Data, _gen, _register
 IGNORE = -100  # (tasks.IGNORE: the data layer does not import the model's tasks)
 
 
-def _walks(n: int, steps: int, g: torch.Generator, noop: bool = False):
+def _walks(n: int, steps: int, g: torch.Generator, noop: bool = False, full: bool = False):
     """Ids [n, steps] (symbol + 1; after step k, 0 = padding, or with `noop` the id 7 = a step
-    that changes nothing), the state after each step [n, steps] and k."""
+    that changes nothing), the state after each step [n, steps] and k (`full`: k = steps)."""
     perms = torch.tensor(PERMS)
     k = torch.randint(1, steps + 1, (n,), generator=g)
+    if full:
+        k = torch.full_like(k, steps)
     sym = torch.randint(0, len(PERMS), (n, steps), generator=g)
     active = torch.arange(steps)[None, :] < k[:, None]
     state = torch.zeros(n, dtype=torch.long)
@@ -52,11 +54,14 @@ def state_sequence(
 
 
 @_register("state_tokens")
-def state_tokens(split: str = "test", seed: int = 0, n: int | None = None, steps: int = 6) -> Data:
+def state_tokens(
+    split: str = "test", seed: int = 0, n: int | None = None, steps: int = 6, full: bool = False
+) -> Data:
     """The walks of `state_sequence` with a label at every position: the state after that
-    step (padding: -100). meta: `k`."""
+    step (padding: -100); `full`: every walk takes all `steps` steps (no padding; a
+    position's difficulty is its number of steps). meta: `k`."""
     n = n or 4096
-    ids, states, k = _walks(n, steps, _gen(seed, split))
+    ids, states, k = _walks(n, steps, _gen(seed, split), full=full)
     return Data(ids, states, {"k": k}, name="state_tokens")
 
 

@@ -17,6 +17,7 @@ from .. import tasks
 from ..cost import flop_counter
 from ..data.inputs import as_data
 from ..progress import Progress
+from . import tokens
 from .latency import measure
 from .sweep import quality, sweep
 
@@ -57,6 +58,8 @@ class Profile:
     per_input_latency_us: torch.Tensor | None = None
     correct: torch.Tensor | None = None
     meta: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_token_macs: torch.Tensor | None = None  # [N, L] a sequence model's (0: padding)
+    per_token_depth: torch.Tensor | None = None  # [N, L] routed bodies run (-1: padding)
 
     def to_json(self) -> dict[str, Any]:
         """The versioned, documented JSON form (docs/profile.md)."""
@@ -82,6 +85,14 @@ class Profile:
                 else self.per_input_latency_us.tolist(),
                 "correct": None if self.correct is None else self.correct.tolist(),
                 **{k: v.tolist() for k, v in self.meta.items()},
+                **{
+                    k: v.tolist()
+                    for k, v in (
+                        ("token_macs", self.per_token_macs),
+                        ("token_depth", self.per_token_depth),
+                    )
+                    if v is not None
+                },
             },
         }
 
@@ -144,13 +155,15 @@ def profile(
     ]
 
     # one batched infer pass: traces -> per-input MACs and paths
-    path_ids, macs, logits = [], [], []
+    path_ids, macs, logits, token = [], [], [], []
     with Progress(N, f"{model.name}: infer", progress) as bar:
         for i in range(0, N, batch_size):
             out = model(x[i : i + batch_size])
             path_ids.append(out.trace.path_id.cpu())
             macs.append(model.per_input_macs(out.trace, counter))
             logits.append(out.logits)
+            if out.trace.lengths is not None:  # a sequence model: its tokens' costs
+                token.append(tokens.per_token(model, out.trace, counter, x.shape[1]))
             bar.update(out.logits.shape[0])
     per_path = torch.cat(path_ids)
     per_macs = torch.cat(macs)
@@ -174,10 +187,10 @@ def profile(
                 f"path {p} has inputs of different MACs: the cost of a path must be static"
             )
         out = model(x[rep[p] : rep[p] + 1])
-        uc = out.trace.unit_counts[0].cpu()
-        n = None if out.trace.lengths is None else int(out.trace.lengths[0])
-        mu = model.unit_macs(counter, n)
-        units = {model.units[u].name: int(uc[u] * mu[u]) for u in range(len(model.units)) if uc[u]}
+        um = model.sample_unit_macs(out.trace, counter)[0].tolist()
+        units = {
+            model.units[u].name: int(v) for u, v in enumerate(um) if out.trace.unit_counts[0, u]
+        }
         qp = None
         if d.y is not None:
             qp = (
@@ -188,6 +201,9 @@ def profile(
         paths.append(PathStats(p, model.describe_path(p), int(m[0]), c, units, quality=qp))
 
     summary: dict[str, Any] = _macs_summary(model, per_macs, counter)
+    per_token = tokens.merged(token) if token else None
+    if per_token is not None:
+        summary["per_token"] = tokens.summary(*per_token)
     summary["paths_seen"] = len(paths)
     if q_all is not None:
         summary["quality"] = q_all
@@ -275,6 +291,8 @@ def profile(
         per_input_latency_us=per_lat,
         correct=correct,
         meta={k: v.cpu() for k, v in d.meta.items()},
+        per_token_macs=None if per_token is None else per_token[0],
+        per_token_depth=None if per_token is None else per_token[2],
     )
 
 

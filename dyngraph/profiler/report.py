@@ -270,7 +270,45 @@ def report_md(prof) -> str:
         lines += ["![latency by path](latency_by_path.png)", ""]
     if prof.curve:
         lines += ["![accuracy versus MACs](accuracy_vs_macs.png)", ""]
+    t = s.get("per_token")
+    if t:
+        pos = t["mean_macs_by_position"]
+        lines += [
+            "## Tokens",
+            "",
+            f"A token's MACs: {_si(t['mean_token_macs'])} on average; by position "
+            f"{_si(pos[0])} (first) to {_si(pos[-1])} (last). Each sequence's token MACs sum "
+            "to its MACs (attention counted per query row).",
+            "",
+        ]
+        if t.get("depth_histogram"):
+            h = ", ".join(f"{k}: {v}" for k, v in t["depth_histogram"].items())
+            lines += [f"Routed bodies run per token (depth: tokens): {h}.", ""]
+        lines += ["![tokens](tokens.png)", ""]
     return "\n".join(lines)
+
+
+def plot_tokens(prof, path: Path) -> None:
+    """A sequence model: mean MACs by position, and the depth-per-token histogram."""
+    t = prof.summary.get("per_token")
+    if t is None:
+        return
+    hist = t.get("depth_histogram")
+    fig, axes = plt.subplots(1, 2 if hist else 1, figsize=(10 if hist else 6, 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(range(len(t["mean_macs_by_position"])), t["mean_macs_by_position"], color="#4c72b0")
+    ax.set_xlabel("position")
+    ax.set_ylabel("mean MACs of a token")
+    ax.set_title(f"{prof.name}: MACs by position")
+    if hist:
+        ax = axes[0][1]
+        ax.bar([int(k) for k in hist], list(hist.values()), color="#55a868")
+        ax.set_xlabel("routed bodies a token ran (depth)")
+        ax.set_ylabel("tokens")
+        ax.set_title("depth per token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def save(prof, directory) -> Path:
@@ -281,4 +319,5 @@ def save(prof, directory) -> Path:
     plot_macs_histogram(prof, out / "macs_hist.png")
     plot_latency_by_path(prof, out / "latency_by_path.png")
     plot_curve(prof, out / "accuracy_vs_macs.png")
+    plot_tokens(prof, out / "tokens.png")
     return out

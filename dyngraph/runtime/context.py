@@ -101,6 +101,7 @@ class RunContext:
         # over the current rows, or None for all of them.
         self.events: list[tuple] = []
         self.decisions: list[tuple] = []
+        self.tokens: list[tuple] = []  # (unit index, name, rows, [rows, L] bool): per-token runs
         self.extras: dict[str, Any] = defaultdict(list)
         self.trace_sizes = trace_sizes
         self.rows = b  # the number of rows the values in `env` have now (0: every row left)
@@ -137,6 +138,12 @@ class RunContext:
         all of them) for the trace's `field` (column `col`)."""
         rows = self.live if self.idx is None else self.idx
         self.decisions.append((field, col, rows, where, values))
+
+    def record_tokens(self, unit: int, name: str, mask: torch.Tensor) -> None:
+        """Log which tokens of each current row ran `unit` (a per-token decision `name`):
+        `mask` [rows, L] bool. The unit ran on those tokens as a shorter sequence, so its cost
+        for a sample is its cost at that many tokens (Trace, per-input MACs)."""
+        self.tokens.append((unit, name, self.live if self.idx is None else self.idx, mask))
 
     def leave(self, out: torch.Tensor, where: int, everyone: bool) -> None:
         """Infer: `out` is the output of every current row, taken at `where` (recorded in the

@@ -99,13 +99,20 @@ def unit_inputs(model, length: int) -> dict[int, tuple]:
         return run
 
     was = model.training
+    # a per-token node (a Mixture-of-Depths gate) runs its body on every token here, so that
+    # the body is counted at `length` too (its cost at k routed tokens is read at length k)
+    routing = [s for s in model._plan.steps if hasattr(s, "route_all")]
     for u in model.units:
         u.fn = recorder(u)
+    for s in routing:
+        s.route_all = True
     try:
         model.eval()
         model._forward(x, "dense", None)
     finally:
         model.train(was)
+        for s in routing:
+            s.route_all = False
         for u, fn in zip(model.units, saved, strict=True):
             u.fn = fn
     return seen
@@ -154,3 +161,20 @@ class LengthCosts:
             else:
                 out.append(p[0] + (n - 1) * p[1] + (n - 1) * (n - 2) // 2 * p[2])
         return out
+
+
+def sample_unit_macs(model, trace, counter: str = "fvcore") -> torch.Tensor:
+    """[B, U] MACs each sample executed in each unit: its runs of the unit times the unit's
+    cost at the sample's length, or at the number of its tokens that ran the unit where a
+    per-token decision routed only some of them (`trace.unit_tokens`)."""
+    counts = trace.unit_counts.cpu()
+    if trace.lengths is None or counts.shape[0] == 0:
+        return counts * model.unit_macs(counter)[None]
+    n = trace.lengths.cpu()
+    k = n[:, None].repeat(1, counts.shape[1])  # the tokens each unit ran on, per sample
+    for u, tokens in trace.unit_tokens.items():
+        k[:, u] = (tokens.cpu() == 1).sum(1)
+    table = torch.zeros(int(k.max()) + 1, counts.shape[1], dtype=torch.long)  # length 0: 0
+    for m in set(k.unique().tolist()) - {0}:  # only the lengths met (each is a count)
+        table[m] = model.unit_macs(counter, int(m))
+    return counts * table.gather(0, k)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .codegen import generate
 from .context import MODES, RunContext
-from .lengths import LengthCosts, groups, lengths_of, merge, unit_inputs
+from .lengths import LengthCosts, groups, lengths_of, merge, sample_unit_macs, unit_inputs
 from .trace import Group, PathTable, Trace
 
 
@@ -134,7 +134,7 @@ class DynamicModel(nn.Module):
             logits = torch.nn.functional.pad(logits, (0, 0, 0, x.shape[1] - logits.shape[1]))
         return DynamicOutput(
             logits,
-            Trace.merged([p.trace for p in parts], order, n),
+            Trace.merged([p.trace for p in parts], order, n, x.shape[1]),
             merge([p.extras for p in parts], order, x.shape[1]),
         )
 
@@ -341,15 +341,11 @@ class DynamicModel(nn.Module):
 
     def per_input_macs(self, trace: Trace, counter: str = "fvcore") -> torch.Tensor:
         """[B] MACs each sample executed, read off its trace (a sequence: at its length)."""
-        counts = trace.unit_counts.cpu()
-        if trace.lengths is None:
-            return counts @ self.unit_macs(counter)
-        n = trace.lengths.cpu()
-        out = torch.zeros(counts.shape[0], dtype=torch.long)
-        for length in n.unique().tolist():
-            rows = n == length
-            out[rows] = counts[rows] @ self.unit_macs(counter, int(length))
-        return out
+        return self.sample_unit_macs(trace, counter).sum(1)
+
+    def sample_unit_macs(self, trace: Trace, counter: str = "fvcore") -> torch.Tensor:
+        """[B, U] MACs each sample executed in each unit (runtime/lengths.py)."""
+        return sample_unit_macs(self, trace, counter)
 
     def unit_inputs(self, length: int) -> dict[int, tuple]:
         """Each unit's inputs in a dense pass of one sequence of `length` (its cost's inputs)."""

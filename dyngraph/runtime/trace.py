@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 def _rows(batch: int, rows: torch.Tensor | None, where, compacting: bool, device):
@@ -38,6 +39,11 @@ class Trace:
             PathTable; a path's cost is static.
         unit_counts: [B, U] how many times each sample executed each unit of the model.
         lengths: [B] each sequence's length (a sequence model), else None; part of the path.
+        tokens: {decision name: [B, L]} for per-token decisions: a `per: token` gate's 1 where
+            the token ran the node's body, 0 where it did not; halting through time, the
+            ponder steps of each position; -1 for padding and samples that never reached it.
+        unit_tokens: {unit index: [B, L]} the same, by the unit the tokens ran (as a shorter
+            sequence: a sample's cost of that unit is its cost at that many tokens).
     """
 
     def __init__(self, ctx, n_units: int, paths: PathTable, lengths: torch.Tensor | None = None):
@@ -49,12 +55,20 @@ class Trace:
         self._path_id: torch.Tensor | None = None
         self._unit_counts: torch.Tensor | None = None
         self._calls: list[tuple[int, int]] | None = None
+        self._token_log = ctx.tokens
+        self._tokens: dict[str, torch.Tensor] | None = None
+        # per-token logs: a bool mask (the unit ran on those tokens as a shorter sequence) or
+        # counts (the unit ran that many times at each position, a row at a time)
+        self._token_units = {u: n for u, n, _, m in ctx.tokens if m.dtype == torch.bool}
+        self._token_counts = {u: n for u, n, _, m in ctx.tokens if m.dtype != torch.bool}
         self.lengths = lengths
 
     @classmethod
-    def merged(cls, parts: list[Trace], order: torch.Tensor, lengths: torch.Tensor) -> Trace:
+    def merged(
+        cls, parts: list[Trace], order: torch.Tensor, lengths: torch.Tensor, full: int
+    ) -> Trace:
         """One trace from the traces of a batch's length groups (runtime/lengths.py); `order`
-        puts the concatenated groups back in the batch's order."""
+        puts the concatenated groups back in the batch's order; `full`: the batch's length."""
         from .lengths import merge
 
         t = object.__new__(cls)
@@ -66,6 +80,13 @@ class Trace:
         t._unit_counts = merge([p.unit_counts for p in parts], order, 0)
         t._path_id = None
         t._calls = [c for p in parts for c in p.unit_calls()]
+        t._token_units, t._token_counts = first._token_units, first._token_counts
+        # per-token columns are padded with -1 to the batch's length
+        pad = [
+            {k: F.pad(v, (0, full - v.shape[1]), value=-1) for k, v in p.tokens.items()}
+            for p in parts
+        ]
+        t._tokens = merge(pad, order, full)
         t.lengths = lengths
         return t
 
@@ -92,6 +113,35 @@ class Trace:
             else:
                 target.copy_(values) if torch.is_tensor(values) else target.fill_(values)
         return t
+
+    @property
+    def tokens(self) -> dict[str, torch.Tensor]:
+        if self._tokens is None:
+            b, dev, out = self._batch, self._device, {}
+            for _, name, rows, mask in self._token_log:
+                t = out.get(name)
+                if t is None:
+                    t = torch.full((b, mask.shape[1]), -1, dtype=torch.long, device=dev)
+                sel, v = _rows(b, rows, None, self._compacting, dev), mask.long()
+                if sel is None:
+                    t = v
+                elif self._compacting:
+                    t[sel] = v
+                else:
+                    t = torch.where(sel[:, None], v, t)
+                out[name] = t
+            self._tokens = out
+        return self._tokens
+
+    @property
+    def unit_tokens(self) -> dict[int, torch.Tensor]:
+        return {u: self.tokens[name] for u, name in self._token_units.items()}
+
+    @property
+    def token_counts(self) -> dict[int, torch.Tensor]:
+        """{unit index: [B, L]} how many times each position ran the unit (halting through
+        time: its ponder steps), for units that run a token at a time."""
+        return {u: self.tokens[name] for u, name in self._token_counts.items()}
 
     def _fold(self, t: torch.Tensor) -> torch.Tensor:
         """Row-space values [rows, ...] as [samples, width, ...] (width 1: unchanged)."""

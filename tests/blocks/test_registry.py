@@ -44,6 +44,7 @@ EXAMPLES: dict[str, tuple[dict, list[tuple]]] = {
     "act_unit": ({}, [(16,)]),
     "lambda_unit": ({}, [(16,)]),
     "stop_mlp": ({"hidden": 8}, [(16,)]),
+    "token_router": ({"hidden": 8}, [(6, 16)]),
     "embedding": ({"vocab": 10, "dim": 8}, [IdsShape((6,))]),
     "attention": ({"heads": 2}, [(6, 8)]),
     "transformer_block": ({"heads": 2, "mlp_ratio": 2}, [(6, 8)]),

@@ -79,8 +79,11 @@ def test_train_mode_returns_what_objectives_need(spec_path):
         out = model(x)
         if model.exits:
             assert len(out.extras["exit_logits"]) == len(model.exits)
-        if model.gates:
+        if any(g.per == "sample" for g in model.gates):
             assert {"prob", "action", "logp"} <= set(out.extras["gates"][0])
+        if any(getattr(g, "predictor", None) is not None for g in model.gates):
+            # a Mixture-of-Depths predictor learns the top-k decisions of its gate
+            assert {"prob", "target"} <= set(out.extras["token_predictors"][0])
         if model.metalayers:
             assert {"logits", "action", "logp", "gamma"} <= set(out.extras["choices"][0])
         if model.haltings:

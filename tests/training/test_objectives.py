@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import dyngraph as dg
-from dyngraph.constructs.gate import GATE, _hard, gate_objective
+from dyngraph.constructs.gate import GATE
+from dyngraph.constructs.gate_objective import _hard, gate_objective
 from dyngraph.constructs.halting import halting_objective
 from dyngraph.spec import schema
 from dyngraph.training.batches import Batches

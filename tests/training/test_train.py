@@ -41,6 +41,7 @@ EXPECTED_TERMS = {
     "layerdrop_transformer": {"task", "gate_penalty"},
     "composer_transformer": {"task"},
     "state_tagger": {"task", "gate_penalty"},
+    "mod_tagger": {"task", "router_predictor"},
     "addition_lm": {"task", "gate_penalty"},
     "skipnet_resnet": {"task", "gate_penalty"},
     "blockdrop_resnet": {"task"},
@@ -229,6 +230,7 @@ FINGERPRINTS = {
     "pabee_transformer": "0d12f3f3c329",
     "skipnet_resnet": "71727a9ba1e3",
     "state_tagger": "9e0fc0ac1702",
+    "mod_tagger": "1cb274186414",
 }
 
 

@@ -1,0 +1,152 @@
+"""Per-token compaction: does a Mixture-of-Depths gate's MAC fraction become its time fraction?
+
+    python benchmarks/tokens.py            # writes benchmarks/RESULTS-tokens.md
+    python benchmarks/tokens.py --quick    # L = 64 only, shorter timing (not kept in git)
+
+One causal pre-LN transformer layer (d = 128, 4 heads, MLP 4x) over float sequences, B = 32,
+L = 64 and 256, one thread, eager units. A `per: token` gate with `capacity` c routes the top
+c·L tokens of each sequence through the layer. Timed in interleaved rounds, in the same run:
+  static   = the layer on every token (then the per-token head)
+  dyngraph = the MoD model's infer pass (router, gather, the layer on [B, c·L], scatter, head)
+  masking  = the router, the layer on every token, then the routed tokens selected
+  oracle   = the same units called directly: router and head on [B, L], the layer on
+             pre-gathered [B, c·L] tokens (no gather, no scatter, no decisions)
+Columns: f = MAC fraction (the model's MACs per input, router included, / the static
+model's), t = time fraction (dyngraph / static), and the oracle's and masking's fractions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+import dyngraph as dg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import time_interleaved  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+D, B = 128, 32
+LAYER = {"type": "transformer_block", "heads": 4, "mlp_ratio": 4, "causal": True}
+HEAD = {"type": "token_classifier", "classes": 8}
+
+
+def spec(length: int, capacity: float | None) -> dict:
+    """The static model (capacity None) or its MoD version."""
+    layer = (
+        dict(LAYER)
+        if capacity is None
+        else {
+            "gate": {
+                "per": "token",
+                "capacity": capacity,
+                "body": dict(LAYER),
+                "policy": {"type": "token_router"},
+            }
+        }
+    )
+    return {
+        "dyngraph": 1,
+        "name": "mod_bench" if capacity else "static_bench",
+        "input": {"shape": [length, D], "sequence": True},
+        "task": {"type": "classification", "classes": 8, "per": "token"},
+        "graph": [layer, dict(HEAD)],
+    }
+
+
+@torch.no_grad()
+def measure(length: int, capacity: float, min_run_time: float) -> dict:
+    torch.manual_seed(0)
+    static = dg.compile(spec(length, None), backend="none").eval()
+    torch.manual_seed(0)
+    mod = dg.compile(spec(length, capacity), backend="none").eval()
+    gate = mod.gates[0]
+    head = mod.units[-1]
+    x = torch.randn(B, length, D, generator=torch.Generator().manual_seed(1))
+    out = mod(x)
+    k = int(out.trace.gates[0, 0])
+    f = float(mod.per_input_macs(out.trace).double().mean()) / static.static_macs()
+    xk = x[:, :k].contiguous()
+
+    def masking():
+        p = gate.policy(x)
+        top = p.topk(k, dim=1).indices
+        on = torch.zeros_like(p, dtype=torch.bool).scatter_(1, top, True)
+        y = gate.body(x)
+        return head(torch.where(on[..., None], x + p[..., None] * (y - x), x))
+
+    def oracle():
+        gate.policy(x)
+        gate.body(xk)
+        return head(x)
+
+    t = time_interleaved(
+        {"static": lambda: static(x), "dyngraph": lambda: mod(x), "masking": masking,
+         "oracle": oracle},
+        min_run_time,
+    )  # fmt: skip
+    return {
+        "L": length,
+        "c": capacity,
+        "k": k,
+        "f": f,
+        "t": t["dyngraph"] / t["static"],
+        "oracle": t["oracle"] / t["static"],
+        "masking": t["masking"] / t["static"],
+        "static_ms": t["static"] * 1e3,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| L | c | k | f (MACs) | t (dyngraph) | oracle | masking | dyngraph / oracle | "
+        "t <= c + 0.05 | speedup vs masking / oracle's |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
+    ]
+    for r in rows:
+        # faster than masking by at least 0.9x the oracle's speedup over masking
+        ratio = (r["masking"] / r["t"]) / (r["masking"] / r["oracle"])
+        lines.append(
+            f"| {r['L']} | {r['c']} | {r['k']} | {r['f']:.3f} | {r['t']:.3f} | "
+            f"{r['oracle']:.3f} | {r['masking']:.3f} | {r['t'] / r['oracle']:.3f} | "
+            f"{'yes' if r['t'] <= r['c'] + 0.05 else 'NO'} | {ratio:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    lengths = [64] if args.quick else [64, 256]
+    rows = [measure(n, c, 0.5 if args.quick else 2.0) for n in lengths for c in (0.5, 0.25, 0.125)]
+    text = "\n".join(
+        [
+            "# Per-token compaction: Mixture-of-Depths (benchmarks/tokens.py)",
+            "",
+            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one "
+            f"thread, eager units, B = {B}, d = {D}, one causal transformer layer (4 heads, "
+            "MLP 4x) and a per-token head. Times are medians of interleaved rounds, every "
+            "ratio taken in the same run; fractions are of the static layer's time.",
+            "",
+            table(rows),
+            "",
+        ]
+    )
+    print(text)
+    out = (
+        Path(args.out)
+        if args.out
+        else HERE / ("RESULTS-tokens-quick.md" if args.quick else "RESULTS-tokens.md")
+    )
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Per-token gates (Mixture-of-Depths): the top c·L tokens of each sequence (or those over a
+threshold) run the body as a shorter sequence, scaled by the router's weight; the rest pass
+by; a batch equals its sequences alone; each sequence's MACs are exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dyngraph as dg
+from dyngraph.cost import flop_counter
+
+from ..conftest import ROOT, compiled, diversify, random_batch
+
+SPEC = ROOT / "specs" / "mod_tagger.yaml"
+C = 0.125  # its gates' capacity
+
+
+def _variant(**gate) -> str:
+    """mod_tagger's text with its gates' options replaced."""
+    text = SPEC.read_text()
+    old = "          capacity: 0.125\n"
+    new = "".join(f"          {k}: {v}\n" for k, v in gate.items())
+    return text.replace(old, new)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return compiled(SPEC, "none")
+
+
+@pytest.fixture(scope="module")
+def threshold_model():
+    torch.manual_seed(0)
+    m = dg.compile(_variant(threshold=0.5), backend="none").eval()
+    diversify(m)  # routers whose probabilities spread around 0.5
+    return m
+
+
+def _capture(unit):
+    """The shapes of the inputs `unit` is called on (a wrapper on its function)."""
+    seen, fn = [], unit.fn
+    call = fn if fn is not None else unit.module
+
+    def run(*args):
+        seen.append(tuple(args[0].shape))
+        return call(*args)
+
+    unit.fn = run
+    return seen, lambda: setattr(unit, "fn", fn)
+
+
+def test_capacity_routes_the_top_k_tokens_through_a_shorter_sequence(model):
+    x = random_batch(model, 16)
+    lengths = (x != 0).sum(1)
+    gate = model.gates[0]
+    seen, restore = _capture(gate.body)
+    probs, restore_p = _capture(gate.policy)
+    try:
+        out = model(x)
+    finally:
+        restore(), restore_p()
+    routed = out.trace.tokens["gate 0"]
+    for i, n in enumerate(lengths.tolist()):
+        k = math.ceil(C * n)
+        assert (routed[i, :n] == 1).sum() == k and (routed[i, n:] == -1).all()
+        assert out.trace.gates[i, 0] == k
+    # the body ran on sequences of k tokens, one call per length group: never on n tokens
+    assert sorted(s[1] for s in seen) == sorted(math.ceil(C * n) for n in lengths.unique())
+    assert sum(s[0] for s in seen) == x.shape[0]
+
+
+def test_output_is_the_scaled_body_on_routed_tokens_and_identity_elsewhere(model):
+    x = random_batch(model, 64)
+    seq = x[(x != 0).all(1)][:1]  # one full-length sequence
+    gate = model.gates[0]
+    seen = {}
+
+    def keep(unit, key):
+        def run(*args):
+            seen[key] = args[0]
+            return unit.module(*args)
+
+        return run
+
+    saved = gate.body.fn, gate.policy.fn
+    gate.body.fn, gate.policy.fn = keep(gate.body, "body"), keep(gate.policy, "h")
+    try:
+        out = model(seq, mode="dense")
+    finally:
+        gate.body.fn, gate.policy.fn = saved
+    h = seen["h"]  # what the gate read
+    p = gate.policy.module(h)
+    routed = out.trace.tokens["gate 0"][0] == 1
+    top = p[0].topk(int(routed.sum())).indices.sort().values
+    assert torch.equal(routed.nonzero().flatten(), top)  # the k most probable tokens
+    xk = h[:, top]
+    torch.testing.assert_close(seen["body"], xk)  # a shorter sequence in the original order
+    want = h.clone()
+    want[:, top] = xk + p[:, top, None] * (gate.body.module(xk) - xk)
+    got = gate.apply(_ctx(h), h)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got[:, ~routed], h[:, ~routed])  # unrouted tokens pass unchanged
+
+
+def _ctx(x):
+    from dyngraph.runtime.context import RunContext
+
+    return RunContext(x, "dense", {})
+
+
+def test_threshold_routing_varies_per_sequence_and_matches_alone(threshold_model):
+    m = threshold_model
+    x = random_batch(m, 24)
+    out = m(x)
+    counts = out.trace.gates[:, 0]
+    assert counts.unique().numel() > 2  # sequences route different numbers of tokens
+    for i in range(x.shape[0]):
+        alone = m(x[i : i + 1])
+        for name, t in out.trace.tokens.items():
+            assert torch.equal(alone.trace.tokens[name][0], t[i])
+        n = int((x[i] != 0).sum())
+        torch.testing.assert_close(alone.logits[0, :n], out.logits[i, :n], atol=1e-5, rtol=0)
+    with torch.no_grad(), m.eager(), flop_counter() as fc:
+        out = m(x)
+    assert fc.get_total_flops() // 2 == int(m.per_input_macs(out.trace, "torch").sum())
+
+
+def test_macs_follow_the_routed_counts(threshold_model):
+    m = threshold_model
+    x = random_batch(m, 32)
+    x[:, :] = x[0]  # one length; vary only the routing
+    out = m(x)
+    macs = m.per_input_macs(out.trace)
+    routed = out.trace.gates.sum(1)
+    order = routed.argsort()
+    assert (macs[order].diff() >= 0).all()
+    # a sequence routing no token through either body costs the static layers and routers only
+    body = [g.body.index for g in m.gates]
+    assert (out.trace.unit_counts[routed == 0][:, body] == 0).all()
+
+
+def test_predictor_decides_causally_and_top_k_does_not(model):
+    x = random_batch(model, 64)
+    x = x[(x != 0).all(1)][:16]  # full-length sequences
+    later = x.clone()
+    later[:, -1] = later[:, -1] % 6 + 1  # change only the last token
+    for decode in (False, True):
+        model.set_decode(decode)
+        try:
+            a, b = model(x).trace.tokens, model(later).trace.tokens
+        finally:
+            model.set_decode(False)
+        same = all(torch.equal(a[k][:, :-1], b[k][:, :-1]) for k in a)
+        assert same == decode  # the predictor never reads a later token; the top-k does
+
+
+def test_router_learns_through_the_scaled_output(model):
+    model.train()
+    try:
+        out = model(random_batch(model, 16), mode="train")
+        out.logits.pow(2).mean().backward()
+        router = model.gates[0].policy.module
+        assert router.net[-1].weight.grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("per: token\n", "per: sample\n", "capacity is for per: token gates"),
+        ("policy: {type: token_router}", "policy: {type: ff_gate}", "is a token_router"),
+        ("\n          per: token", "\n          per: tokens", "did you mean 'token'"),
+    ],
+)
+def test_bad_token_gates_are_one_line_errors(old, new, message):
+    with pytest.raises(dg.SpecError) as e:
+        dg.compile(SPEC.read_text().replace(old, new), backend="none")
+    assert message in str(e.value) and len(str(e.value).strip().splitlines()) <= 2
+
+
+def test_a_token_gate_needs_a_sequence():
+    text = """
+dyngraph: 1
+name: flat
+input: {shape: [8]}
+task: {type: classification, classes: 2}
+graph:
+  - gate: {per: token, capacity: 0.5, body: {type: linear, out: 8}, policy: {type: token_router}}
+  - {type: classifier, classes: 2}
+"""
+    with pytest.raises(dg.SpecError, match="token_router reads a sequence|needs a sequence"):
+        dg.compile(text, backend="none")
