@@ -62,6 +62,15 @@ class LinearGRU(nn.Module):
 # ----------------------------------------------------------------------------- gate policies
 
 
+def _score_mlp(dim: int, hidden: int, bias: float) -> nn.Sequential:
+    """dim -> (hidden, ReLU ->) 1: a gate's or router's logit, its bias set to `bias`."""
+    layers: list[nn.Module] = [nn.Linear(dim, hidden), nn.ReLU()] if hidden else []
+    layers.append(nn.Linear(hidden or dim, 1))
+    net = nn.Sequential(*layers)
+    nn.init.constant_(net[-1].bias, bias)
+    return net
+
+
 class FFGate(nn.Module):
     """SkipNet feed-forward gate: prob = sigmoid(MLP(pool(x)))."""
 
@@ -71,10 +80,7 @@ class FFGate(nn.Module):
         super().__init__()
         self.seq = in_sequence_model()  # pools a sequence's tokens
         self.dim = dim
-        layers: list[nn.Module] = [nn.Linear(dim, hidden), nn.ReLU()] if hidden else []
-        layers.append(nn.Linear(hidden or dim, 1))
-        self.net = nn.Sequential(*layers)
-        nn.init.constant_(self.net[-1].bias, bias)
+        self.net = _score_mlp(dim, hidden, bias)
 
     def add_site(self, in_shape: Shape) -> nn.Module:
         if _pooled_dim(in_shape) != self.dim:
@@ -184,10 +190,7 @@ class TokenRouter(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: float):
         super().__init__()
         self.dim = dim
-        layers: list[nn.Module] = [nn.Linear(dim, hidden), nn.ReLU()] if hidden else []
-        layers.append(nn.Linear(hidden or dim, 1))
-        self.net = nn.Sequential(*layers)
-        nn.init.constant_(self.net[-1].bias, bias)
+        self.net = _score_mlp(dim, hidden, bias)
 
     def add_site(self, in_shape: Shape) -> nn.Module:
         if len(in_shape) != 2 or in_shape[-1] != self.dim:

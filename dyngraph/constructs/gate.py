@@ -274,15 +274,8 @@ def build_gate(spec: GateSpec, b, site: Site) -> tuple[GateRuntime, tuple] | Non
             unit = b.unit(f"{key} policy", ctl, [read_shape], construct=name)
             b.shared[key] = unit
             reads = [site.in_id, ctl.reads]
-    body, out = b.program(spec.body, site.path + ("body",), site.in_shape, f"{name} body", name)
+    body = token_gate.shape_keeping_body(spec, b, site, name, "skipped samples pass through")
     if body is None:
-        return None
-    if out != site.in_shape:
-        b.problem(
-            site.path + ("body",),
-            f"shape mismatch: a gated body must keep its input's shape "
-            f"(skipped samples pass through): in {list(site.in_shape)}, out {list(out)}",
-        )
         return None
     return GateRuntime(
         index,
@@ -370,6 +363,7 @@ GATE = register_construct(
         sweep=_sweep,
         sweep_rank=2,
         paths=lambda g, done, going: (done, going * 2),
+        longest=token_gate.longest,
         force=force,
     )
 )

@@ -94,7 +94,8 @@ class CarryRuntime:
             ctx.record_tokens(unit.index, inner.name, per_token)
         if extras:
             ctx.extras["halting"].append(
-                {"rule": inner.rule, "steps": per_token,
+                {"rule": inner.rule, "steps": per_token, "states": [torch.stack(outs, 1)],
+                 "probs": [torch.stack([e["probs"][0] for e in extras], 1)],  # first steps
                  "remainder": torch.stack([e["remainder"] for e in extras], 1),
                  "ponder": torch.stack([e["ponder"] for e in extras], 1).sum(1)}
             )  # fmt: skip

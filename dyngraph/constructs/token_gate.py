@@ -161,20 +161,26 @@ def build_token_gate(spec, b, site: Site, index: int) -> tuple[TokenGateRuntime,
             b.problem(site.path + (key,), "a per: token gate's policy is a token_router")
             return None
         units.append(b.unit(f"{name} {key}", got[0], [site.in_shape], construct=name))
-    body, out = b.program(spec.body, site.path + ("body",), site.in_shape, f"{name} body", name)
+    body = shape_keeping_body(spec, b, site, name, "unrouted tokens pass through")
     if body is None:
-        return None
-    if out != site.in_shape:
-        b.problem(
-            site.path + ("body",),
-            f"shape mismatch: a per-token gate's body must keep its input's shape: in "
-            f"{list(site.in_shape)}, out {list(out)}",
-        )
         return None
     rt = TokenGateRuntime(
         index, spec.threshold, spec.capacity, body, units[0], units[1], [site.in_id], site.node_id
     )
     return rt, site.in_shape
+
+
+def shape_keeping_body(spec, b, site: Site, name: str, why: str) -> Any:
+    """A gate's body unit, or None after a problem: it must keep its input's shape (`why`)."""
+    body, out = b.program(spec.body, site.path + ("body",), site.in_shape, f"{name} body", name)
+    if body is not None and out != site.in_shape:
+        b.problem(
+            site.path + ("body",),
+            f"shape mismatch: a gated body must keep its input's shape ({why}): in "
+            f"{list(site.in_shape)}, out {list(out)}",
+        )
+        return None
+    return body
 
 
 def predictor_loss(lc) -> dict[str, torch.Tensor]:
@@ -223,3 +229,10 @@ def set_decode(gates: list, on: bool = True) -> None:
         raise ValueError("set_decode: no per-token gate of this model has a predictor")
     for g in with_predictor:
         g.decode = bool(on)
+
+
+def longest(g, counts: torch.Tensor, macs: torch.Tensor) -> None:
+    """The longest path runs every unit once, but a predictor only while decoding."""
+    predictor = getattr(g, "predictor", None)
+    if predictor is not None and not g.decode:
+        counts[predictor.index] = 0

@@ -10,6 +10,7 @@ import json
 
 from .common import DOCS, NAMES, SEEDS
 from .sections import SECTIONS, seed_sets, set_label
+from .sections_tokens import SECTIONS as TOKEN_SECTIONS
 
 
 def _load(stem: str, folder=DOCS):
@@ -67,7 +68,7 @@ def write(folder=DOCS):
         *(bad or ["None: every claim below holds on every seed set on file."]),
         "",
     ]
-    for name, fn in SECTIONS.items():
+    for name, fn in (SECTIONS | TOKEN_SECTIONS).items():
         r = results.get(name)
         lines += (
             fn(r)

@@ -42,6 +42,7 @@ EXPECTED_TERMS = {
     "composer_transformer": {"task"},
     "state_tagger": {"task", "gate_penalty"},
     "mod_tagger": {"task", "router_predictor"},
+    "act_addition": {"task", "ponder_0"},
     "addition_lm": {"task", "gate_penalty"},
     "skipnet_resnet": {"task", "gate_penalty"},
     "blockdrop_resnet": {"task"},
@@ -230,7 +231,8 @@ FINGERPRINTS = {
     "pabee_transformer": "0d12f3f3c329",
     "skipnet_resnet": "71727a9ba1e3",
     "state_tagger": "9e0fc0ac1702",
-    "mod_tagger": "1cb274186414",
+    "mod_tagger": "2c285e888fcc",
+    "act_addition": "370218cf997f",
 }
 
 
