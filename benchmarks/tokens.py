@@ -3,14 +3,15 @@
     python benchmarks/tokens.py            # writes benchmarks/RESULTS-tokens.md
     python benchmarks/tokens.py --quick    # L = 64 only, shorter timing (not kept in git)
 
-One causal pre-LN transformer layer (d = 128, 4 heads, MLP 4x) over float sequences, B = 32,
-L = 64 and 256, one thread, eager units. A `per: token` gate with `capacity` c routes the top
+One causal pre-LN transformer layer (d = 128, 4 heads, MLP 4x) between a token embedding and a
+per-token head, B = 32, L = 64 and 256, one thread, eager units. A `per: token` gate with `capacity` c routes the top
 c·L tokens of each sequence through the layer. Timed in interleaved rounds, in the same run:
-  static   = the layer on every token (then the per-token head)
-  dyngraph = the MoD model's infer pass (router, gather, the layer on [B, c·L], scatter, head)
-  masking  = the router, the layer on every token, then the routed tokens selected
-  oracle   = the same units called directly: router and head on [B, L], the layer on
-             pre-gathered [B, c·L] tokens (no gather, no scatter, no decisions)
+  static   = embedding, the layer on every token, the per-token head
+  dyngraph = the MoD model's infer pass (embedding, router, gather, the layer on [B, c·L],
+             scatter, head)
+  masking  = embedding, router, the layer on every token, the routed tokens selected, head
+  oracle   = the same units called directly: embedding, router and head on [B, L], the layer
+             on pre-gathered [B, c·L] tokens (no gather, no scatter, no decisions)
 Columns: f = MAC fraction (the model's MACs per input, router included, / the static
 model's), t = time fraction (dyngraph / static), and the oracle's and masking's fractions.
 """
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import time_interleaved  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-D, B = 128, 32
+D, B, VOCAB = 128, 32, 32
 LAYER = {"type": "transformer_block", "heads": 4, "mlp_ratio": 4, "causal": True}
 HEAD = {"type": "token_classifier", "classes": 8}
 
@@ -52,9 +53,9 @@ def spec(length: int, capacity: float | None) -> dict:
     return {
         "dyngraph": 1,
         "name": "mod_bench" if capacity else "static_bench",
-        "input": {"shape": [length, D], "sequence": True},
+        "input": {"shape": [length], "dtype": "int64", "vocab": VOCAB, "pad_id": 0},
         "task": {"type": "classification", "classes": 8, "per": "token"},
-        "graph": [layer, dict(HEAD)],
+        "graph": [{"type": "embedding", "vocab": VOCAB, "dim": D}, layer, dict(HEAD)],
     }
 
 
@@ -66,26 +67,30 @@ def measure(length: int, capacity: float, min_run_time: float) -> dict:
     mod = dg.compile(spec(length, capacity), backend="none").eval()
     gate = mod.gates[0]
     head = mod.units[-1]
-    x = torch.randn(B, length, D, generator=torch.Generator().manual_seed(1))
-    out = mod(x)
+    ids = torch.randint(1, VOCAB, (B, length), generator=torch.Generator().manual_seed(1))
+    out = mod(ids)
     k = int(out.trace.gates[0, 0])
     f = float(mod.per_input_macs(out.trace).double().mean()) / static.static_macs()
+    embed = mod.units[0]
+    x = embed(ids)[0]  # what the gate reads
     xk = x[:, :k].contiguous()
 
     def masking():
-        p = gate.policy(x)
+        h = embed(ids)[0]
+        p = gate.policy(h)
         top = p.topk(k, dim=1).indices
         on = torch.zeros_like(p, dtype=torch.bool).scatter_(1, top, True)
-        y = gate.body(x)
-        return head(torch.where(on[..., None], x + p[..., None] * (y - x), x))
+        y = gate.body(h)
+        return head(torch.where(on[..., None], h + p[..., None] * (y - h), h))
 
     def oracle():
+        embed(ids)
         gate.policy(x)
         gate.body(xk)
         return head(x)
 
     t = time_interleaved(
-        {"static": lambda: static(x), "dyngraph": lambda: mod(x), "masking": masking,
+        {"static": lambda: static(ids), "dyngraph": lambda: mod(ids), "masking": masking,
          "oracle": oracle},
         min_run_time,
     )  # fmt: skip

@@ -93,6 +93,22 @@ def measure(model, test) -> dict:
 
 
 @torch.no_grad()
+def decoding(model, test) -> dict:
+    """Routing by the causal predictors (`set_decode(True)`): accuracy, and how often a token's
+    decision agrees with the top-k's, over every gate."""
+    topk = model(test.x).trace.tokens
+    model.set_decode(True)
+    try:
+        out = measure(model, test)
+        pred = model(test.x).trace.tokens
+    finally:
+        model.set_decode(False)
+    same = torch.stack([(pred[k] == topk[k]).float().mean() for k in topk]).mean()
+    return {"decode_accuracy": out["accuracy"], "predictor_agreement": float(same),
+            "decode_macs": out["macs"]}  # fmt: skip
+
+
+@torch.no_grad()
 def infer_time(models: dict, x: torch.Tensor, rounds: int = 15) -> dict[str, float]:
     """Median seconds of each model's infer pass over `x`, one thread, interleaved rounds."""
     torch.set_num_threads(1)
@@ -119,7 +135,7 @@ def run_seed(seed: int, quick: bool = False) -> dict:
     b = measure(deep, test)
     same = float(np.interp(b["macs"], [s["macs"] for s in static], [s["accuracy"] for s in static]))
     paper = train_spec(SPEC, quick, seed=seed)
-    c = measure(paper, test)
+    c = measure(paper, test) | decoding(paper, test)
     t = infer_time({"mod": paper, "dense": dense}, test.x[:256])
     return {
         "static": static,
@@ -152,6 +168,13 @@ def summarize(runs: dict[int, dict], quick: bool = False) -> dict:
         "dense_loss": stats([r["dense"]["loss"] for r in rs], "lower"),
         "macs_fraction": stats([r["paper"]["macs"] / dense_macs for r in rs], "lower"),
         "time_fraction": stats([r["paper"]["time_fraction"] for r in rs], "lower"),
+        "decode_accuracy": stats([r["paper"].get("decode_accuracy", float("nan")) for r in rs]),
+        "predictor_agreement": stats(
+            [r["paper"].get("predictor_agreement", float("nan")) for r in rs]
+        ),
+        "decode_macs_fraction": stats(
+            [r["paper"].get("decode_macs", float("nan")) / dense_macs for r in rs], "lower"
+        ),
     }
     claims = {
         "beats_static": claim(

@@ -70,7 +70,11 @@ def section_mod(r) -> list[str]:
         f"- (c): test loss {pm(p['loss'], 1, '.3f')} against the dense model's "
         f"{pm(p['dense_loss'], 1, '.3f')}; accuracy {_pct(p['accuracy'])} against "
         f"{_pct(p['dense_accuracy'])}; MACs {pm(p['macs_fraction'], 100, '.1f', '%')}, infer "
-        f"time {pm(p['time_fraction'], 100, '.1f', '%')} of the dense model's.",
+        f"time {pm(p['time_fraction'], 100, '.1f', '%')} of the dense model's. Routed by its "
+        f"causal predictors instead (decoding, `set_decode(True)`): accuracy "
+        f"{_pct(p['decode_accuracy'])} at {pm(p['decode_macs_fraction'], 100, '.1f', '%')} of the "
+        f"MACs; a token's decision agrees with the top-k's "
+        f"{pm(p['predictor_agreement'], 100, '.1f', '%')} of the time.",
         "- static depth 1..8: " + ", ".join(_pct(s["accuracy"]) for s in r["static"]) + ".",
         "",
         *claims_table("mod", r),

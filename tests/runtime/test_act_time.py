@@ -27,6 +27,7 @@ def model():
     return m
 
 
+@torch.no_grad()
 def _reference(model, seq: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Graves' recurrence written out for one sequence: states [L, H] and steps per position."""
     node = model.haltings[0]

@@ -174,6 +174,8 @@ def test_generated_sequence_sets_label_every_real_position():
     full = load_data("state_sequence", n=256, noop=True)  # no-op steps instead of padding
     assert torch.equal(full.y, s.y) and (full.x != 0).all()
     assert torch.equal(full.x[s.x != 0], s.x[s.x != 0]) and (full.x[s.x == 0] == 7).all()
+    walks = load_data("state_tokens", n=64, steps=16, full=True)  # every walk takes 16 steps
+    assert (walks.x != 0).all() and (walks.y != -100).all() and (walks.meta["k"] == 16).all()
     a = load_data("addition", n=64, target="next")
     assert torch.equal(a.y[:, :-1][a.x[:, 1:] != 0], a.x[:, 1:][a.x[:, 1:] != 0])
 

@@ -195,3 +195,30 @@ graph:
 """
     with pytest.raises(dg.SpecError, match="token_router reads a sequence|needs a sequence"):
         dg.compile(text, backend="none")
+
+
+def test_decoding_needs_a_predictor(threshold_model):
+    text = _variant(capacity=0.25).replace(
+        "          predictor: {type: token_router, hidden: 32}\n", ""
+    )
+    m = dg.compile(text, backend="none")
+    with pytest.raises(ValueError, match="no per-token gate of this model has a predictor"):
+        m.set_decode(True)
+
+
+def test_threshold_gates_train_with_a_compute_penalty(threshold_model):
+    from dyngraph.training.loss import compute_loss
+
+    m = threshold_model
+    text = _variant(threshold=0.5).replace("schedule: {type: onecycle}}", "gate: {penalty: 0.5}}")
+    stage = dg.load_spec(text).spec.train.stages[0]
+    x = random_batch(m, 16)
+    y = torch.randint(0, 5, x.shape)
+    m.train()
+    try:
+        out = m(x, mode="train")
+        _, terms = compute_loss(m, out, x, y, stage, ramp=1.0)
+    finally:
+        m.eval()
+    # lambda x the mean router probability: fewer tokens routed, less compute
+    assert "gate_penalty" in terms and terms["gate_penalty"] > 0
