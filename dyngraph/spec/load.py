@@ -52,6 +52,11 @@ def problem_text(err: dict) -> tuple[str, bool]:
             return "missing required key 'dyngraph' (the schema version: add `dyngraph: 1`)", True
         return f"missing required key '{last}'", True
     if typ == "extra_forbidden":
+        if last in _known_keys():  # a real key, written where it does not belong
+            return (
+                f"unknown key '{last}' here (other entries take it; docs/spec.md lists each entry's keys)",
+                True,
+            )
         return f"unknown key '{last}'{did_you_mean(last, _known_keys())}", True
     if typ == "union_tag_invalid":
         tags = [t.strip("'") for t in str(ctx.get("expected_tags", "")).split(", ")]

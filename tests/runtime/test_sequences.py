@@ -13,6 +13,7 @@ from dyngraph.data import load_data
 from ..conftest import SPECS, compiled, random_batch, spec_id
 
 SEQUENCE_SPECS = [p for p in SPECS if dg.load_spec(p).spec.input.is_sequence]
+VECTOR_SPECS = [p for p in SPECS if p not in SEQUENCE_SPECS]
 
 
 def test_the_sequence_specs_are_found():
@@ -133,7 +134,7 @@ def test_bad_ids_are_one_line_errors():
         with pytest.raises(err, match=text) as e:
             model(x)
         assert "\n" not in str(e.value)
-    vector = compiled(SPECS[0], "none")
+    vector = compiled(VECTOR_SPECS[0], "none")
     with pytest.raises(ValueError, match="lengths are for sequence inputs"):
         vector(torch.randn(2, *vector.spec.input.shape), lengths=[1, 1])
 

@@ -144,6 +144,10 @@ graph:
             "  - halting: {rule: act, step: {type: gru_step, dim: 8}, max_steps: 3, policy: {type: stop_mlp}}\n  - {type: classifier, classes: 3}",
             "unknown key 'policy'",
         ),
+        (  # a key other entries take is not suggested as its own spelling
+            "  - halting: {rule: act, per: token, step: {type: gru_step, dim: 8}, max_steps: 3}\n  - {type: classifier, classes: 3}",
+            "unknown key 'per' here (other entries take it",
+        ),
         (
             "  - {type: linear, out: 16, inputs: [nope]}\n  - {type: classifier, classes: 3}",
             "unknown input 'nope'",
