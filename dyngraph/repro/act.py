@@ -26,11 +26,11 @@ from .common import (  # noqa: E402
     curve_stats,
     pm,
     save_figure,
-    spearman,
     spec_dict,
     splits,
     spread,
     stats,
+    steps_by,
     train_spec,
     trend,
 )
@@ -42,14 +42,9 @@ def ponder_on_parity(model) -> dict:
     on parity (ACT here, PonderNet too)."""
     test = splits(model)[1]
     steps = model(test.x).trace.steps[:, 0].float()
-    nz = test.meta["nonzero"]
-    ks = sorted(set(nz.tolist()))
     return {
         "accuracy": evaluate(model, test)["quality"],
-        "mean_steps": float(steps.mean()),
-        "nonzero": ks,
-        "steps_by_nonzero": [float(steps[nz == k].mean()) for k in ks],
-        "spearman": spearman(steps.numpy(), nz.numpy()),
+        **steps_by(steps, test.meta["nonzero"], "nonzero"),
     }
 
 

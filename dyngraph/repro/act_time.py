@@ -27,11 +27,11 @@ from .common import (  # noqa: E402
     label,
     pm,
     save_figure,
-    spearman,
     spec_dict,
     splits,
     spread,
     stats,
+    steps_by,
     train_spec,
 )
 
@@ -55,14 +55,9 @@ def ponder(model, test) -> dict:
     valid = test.x != 0
     nums = (test.x - 1).clamp_min(0) * valid
     carries = nums.cumsum(1) // 10
-    s, c = steps[valid].float(), carries[valid]
-    levels = sorted(set(c.tolist()))
     return {
         "accuracy": evaluate(model, test)["quality"],
-        "mean_steps": float(s.mean()),
-        "carries": levels,
-        "steps_by_carries": [float(s[c == v].mean()) for v in levels],
-        "spearman": spearman(c.numpy(), s.numpy()),
+        **steps_by(steps[valid], carries[valid], "carries"),
     }
 
 

@@ -177,6 +177,18 @@ def interpolate(rows: list[dict[str, float]], macs: float) -> float:
     return float(np.interp(macs, xs, ys))
 
 
+def steps_by(steps: torch.Tensor, level: torch.Tensor, name: str) -> dict:
+    """Mean steps, the mean steps at each difficulty `level` (`steps_by_<name>`) and their
+    Spearman correlation: how a halting model's pondering follows a task's difficulty."""
+    s, levels = steps.float(), sorted(set(level.tolist()))
+    return {
+        "mean_steps": float(s.mean()),
+        name: levels,
+        f"steps_by_{name}": [float(s[level == v].mean()) for v in levels],
+        "spearman": spearman(level.numpy(), s.numpy()),
+    }
+
+
 def spearman(a, b) -> float:
     """Spearman rank correlation (average ranks for ties)."""
 
