@@ -34,9 +34,14 @@ def loss(task, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return (logits - y).pow(2).flatten(1).mean(1)
     if not per_token(task):
         return F.cross_entropy(logits, y, reduction="none")
-    ce = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE, reduction="none")
+    ce = token_losses(logits, y)
     n = (y != IGNORE).sum(1).clamp_min(1)
     return ce.sum(1) / n
+
+
+def token_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [B, L] of a per-token task (0 where a position has no label)."""
+    return F.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE, reduction="none")
 
 
 def correct(task, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -274,11 +274,15 @@ class ComposerRNN(nn.Module):
         self.cell = LinearGRU(hidden + self.n_pref, hidden)
         self.proj, self.heads = nn.ModuleList(), nn.ModuleList()
 
-    def add_site(self, in_shape: Shape, choices: int) -> nn.Module:
+    def add_site(self, in_shape: Shape, choices: int, per_token: bool = False) -> nn.Module:
+        """The controller at one more metalayer; `per_token`: it scores each token of a
+        sequence [L, D] (its state then one per token, [L, hidden])."""
         hidden = self.state_shape[0]
-        self.proj.append(nn.Linear(_pooled_dim(in_shape), hidden))
+        width = in_shape[-1] if per_token else _pooled_dim(in_shape)
+        self.proj.append(nn.Linear(width, hidden))
         self.heads.append(nn.Linear(hidden, choices))
-        return ComposerSite(self, len(self.proj) - 1)
+        site = ComposerTokenSite if per_token else ComposerSite
+        return site(self, len(self.proj) - 1)
 
 
 class ComposerSite(nn.Module):
@@ -293,6 +297,25 @@ class ComposerSite(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.relu(self.ctl.proj[self.site](_pool_flat(x, self.ctl.seq)))
         h = self.ctl.cell(torch.cat([z, gamma], dim=1), h)
+        return self.ctl.heads[self.site](h), h
+
+
+class ComposerTokenSite(nn.Module):
+    """The controller as seen from one per-token metalayer: the same cell run on every token
+    (x [B, L, D], its state [B, L, hidden], gamma [B, P] shared by a sample's tokens)."""
+
+    def __init__(self, ctl: ComposerRNN, site: int):
+        super().__init__()
+        self.ctl, self.site = ctl, site
+
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        z = torch.relu(self.ctl.proj[self.site](x))
+        g = gamma[:, None, :].expand(b, n, gamma.shape[1])
+        inp = torch.cat([z, g], dim=2).reshape(b * n, -1)
+        h = self.ctl.cell(inp, h.reshape(b * n, -1)).view(b, n, -1)
         return self.ctl.heads[self.site](h), h
 
 

@@ -9,13 +9,16 @@ locking onto one rule), with its log-prob, for REINFORCE.
 gamma: per preference, sampled from its `train` distribution in training (one value per sample,
 the same at every metalayer of a forward pass); at test time the `test` value, which can be
 changed on a compiled model with `model.set_gamma(...)` without recompiling.
+
+`per: token` picks a choice for each token of a sequence instead, each choice run on the tokens
+that picked it as a shorter sequence (token_metalayer.py).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -24,7 +27,9 @@ from ..core.types import ModuleRef, Strict
 from ..runtime import kernels
 from ..runtime.context import draw_scale, pseudo_uniform
 from ..runtime.model import checked_setting
+from . import token_metalayer
 from .api import Column, ConstructDef, Site, Sweep
+from .metalayer_objective import metalayer_objective
 from .registry import register_construct
 
 
@@ -37,6 +42,11 @@ class MetalayerSpec(Strict):
     controller: ModuleRef
     explore: float = Field(
         0.0, ge=0.0, le=1.0, description="fraction of samples routed at random in training"
+    )
+    per: Literal["sample", "token"] = Field(
+        "sample",
+        description="token: a choice per token, each choice run on its tokens as a shorter "
+        "sequence",
     )
 
 
@@ -76,6 +86,9 @@ class MetalayerRuntime:
     writes: str
     out_shape: tuple
     explore_override: float | None = None  # a training stage's `explore:`
+    per: str = "sample"  # or "token" (token_metalayer.py)
+    length: int = 0  # per token: the longest sequence (its trace code's base, minus one)
+    route_all: bool = False  # per token: every choice runs on every token (costs counted)
     live_after: set[str] = field(default_factory=set)
     _gamma_cache: dict = field(default_factory=dict)
     _edges: tuple = (None, None)
@@ -111,6 +124,8 @@ class MetalayerRuntime:
 
     def scores(self, ctx, x: torch.Tensor) -> torch.Tensor:
         """The controller's scores [rows, choices] (its state carried to the next metalayer)."""
+        if self.per == "token":
+            return token_metalayer.scores(self, ctx, x)
         h = ctx.states.get(self.key)
         if h is None:
             h = x.new_zeros((x.shape[0], *self.state_shape))
@@ -119,6 +134,8 @@ class MetalayerRuntime:
 
     def pick(self, ctx, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The choice of each row: the top score (infer, dense) or sampled (train)."""
+        if self.per == "token":
+            return token_metalayer.pick(self, ctx, logits)
         if ctx.mode != "train":
             return logits.argmax(dim=1)
         c = torch.multinomial(torch.softmax(logits.detach(), dim=1), 1).squeeze(1)
@@ -174,6 +191,8 @@ class MetalayerRuntime:
 
     def apply(self, ctx, x: torch.Tensor) -> torch.Tensor:
         """The node's output for the current rows, in the context's mode."""
+        if self.per == "token":
+            return token_metalayer.apply(self, ctx, x)
         logits = self.scores(ctx, x)
         got = self.grouped(ctx, x, logits)
         if got is not None:
@@ -216,15 +235,23 @@ def build_metalayer(spec: MetalayerSpec, b, site: Site) -> tuple[MetalayerRuntim
     index = b.next_index("metalayer", column="choices")
     name = f"metalayer {index}"
     got = b.controller(spec.controller, site.path + ("controller",), site.in_shape, ("router",))
-    unit = None
+    unit, tokens = None, spec.per == "token"
     if got is not None:
         ctl, key = got
-        router = ctl.add_site(site.in_shape, len(spec.choices))
+        if tokens and not token_metalayer.check(b, site, ctl, len(spec.choices)):
+            return None
+        if not tokens and getattr(ctl, "per_token", False):
+            b.problem(
+                site.path + ("per",),
+                "a controller decides per sample or per token at every metalayer it serves, "
+                "not both",
+            )
+            return None
+        ctl.per_token = tokens
+        router = ctl.add_site(site.in_shape, len(spec.choices), per_token=tokens)
+        state = (site.in_shape[0], *ctl.state_shape) if tokens else ctl.state_shape
         unit = b.unit(
-            f"{name} controller",
-            router,
-            [site.in_shape, ctl.state_shape, (ctl.n_pref,)],
-            construct=name,
+            f"{name} controller", router, [site.in_shape, state, (ctl.n_pref,)], construct=name
         )
     units, shapes = [], []
     for j, choice in enumerate(spec.choices):
@@ -232,6 +259,9 @@ def build_metalayer(spec: MetalayerSpec, b, site: Site) -> tuple[MetalayerRuntim
         u, out = b.program(
             choice, site.path + ("choices", j), site.in_shape, f"{name} choice {j} ({label})", name
         )
+        if u is not None and tokens:
+            path = site.path + ("choices", j)
+            u = u if token_metalayer.check_choice(b, path, site.in_shape, out) else None
         units.append(u)
         shapes.append(out)
     if unit is None or any(u is None for u in units):
@@ -258,46 +288,10 @@ def build_metalayer(spec: MetalayerSpec, b, site: Site) -> tuple[MetalayerRuntim
         [site.in_id],
         site.node_id,
         shapes[0],
+        per=spec.per,
+        length=site.in_shape[0] if tokens else 0,
     )
     return rt, shapes[0]
-
-
-def metalayer_objective(lc) -> dict[str, torch.Tensor]:
-    """Composer: maximize log p(y|x,c) + C(p, c, gamma) over the controller's choices.
-
-    The log-likelihood part by REINFORCE with a batch-mean baseline. The cost part,
-    C = -sum over `params` preferences of gamma x (chosen module's parameters / the largest
-    choice's), is a known function of the choice, so its expectation under the policy,
-    sum_c pi(c | x, gamma) C(c), is differentiated exactly (no sampling variance): this is what
-    teaches the controller to follow gamma. A `batch_entropy` preference (or `entropy_cost`)
-    adds -weight x the entropy of the batch's mean routing, rewarding varied routing."""
-    obj, picks = lc.options, lc.out.extras.get("choices")
-    if not picks:
-        return {}
-    reward = -lc.task_loss(lc.out.logits).detach()  # log p(y|x,c) (classification)
-    terms: dict[str, torch.Tensor] = {}
-    cost = ent = logp = 0.0
-    for m, pick in zip(lc.model.metalayers, picks, strict=True):
-        gamma, probs = pick["gamma"], torch.softmax(pick["logits"], 1)
-        rel = (m.choice_params / m.choice_params.max()).to(probs)
-        batch = probs.mean(0)
-        h = -(batch * batch.clamp_min(1e-8).log()).sum()
-        for j, pref in enumerate(m.ctl.preferences.values()):
-            if pref.cost == "params":
-                cost = cost + (gamma[:, j] * (probs * rel).sum(1)).mean()
-            else:
-                ent = ent - gamma[:, j].mean() * h
-        if obj.entropy_cost:
-            ent = ent - obj.entropy_cost * h
-        logp = logp + pick["logp"]
-    terms["route_reinforce"] = (
-        -obj.policy_weight * ((reward - reward.mean()).detach() * logp).mean()
-    )
-    if torch.is_tensor(cost):
-        terms["route_cost"] = obj.policy_weight * cost
-    if torch.is_tensor(ent):
-        terms["batch_entropy"] = ent
-    return terms
 
 
 # ---------------------------------------------------------------- what generic code reads
@@ -350,8 +344,10 @@ def _start_stage(metalayers: list[MetalayerRuntime], options: MetalayerOptions) 
 
 
 def _path_text(values: list[int], metalayers: list) -> str:
-    names = [m.choice_names[c] if c >= 0 else "-" for m, c in zip(metalayers, values, strict=True)]
-    return "choices " + "→".join(names)
+    pairs = list(zip(metalayers, values, strict=True))
+    names = [m.choice_names[c] if c >= 0 else "-" for m, c in pairs if m.per == "sample"]
+    tokens = [token_metalayer.describe(m, c) for m, c in pairs if m.per == "token" and c >= 0]
+    return "; ".join((["choices " + "→".join(names)] if names else []) + tokens)
 
 
 def _longest(m: MetalayerRuntime, counts: torch.Tensor, macs: torch.Tensor) -> None:
@@ -368,6 +364,9 @@ def force(m: MetalayerRuntime, probs: list[float]) -> dict:
     def pick(ctx, x, logits):
         u = pseudo_uniform(x, 200 + m.index)
         return torch.bucketize(u, m.edges(u, probs), right=True)
+
+    if m.per == "token":
+        return {"pick": token_metalayer.forced_pick(m, probs)}
 
     def grouped(ctx, x, logits):
         k = ctx.kernels
