@@ -281,41 +281,30 @@ class ComposerRNN(nn.Module):
         width = in_shape[-1] if per_token else _pooled_dim(in_shape)
         self.proj.append(nn.Linear(width, hidden))
         self.heads.append(nn.Linear(hidden, choices))
-        site = ComposerTokenSite if per_token else ComposerSite
-        return site(self, len(self.proj) - 1)
+        return ComposerSite(self, len(self.proj) - 1, per_token)
 
 
 class ComposerSite(nn.Module):
-    """The controller as seen from one metalayer."""
+    """The controller as seen from one metalayer; `tokens`: a per-token metalayer's, the same
+    cell run on every token (x [B, L, D], its state [B, L, hidden], gamma [B, P] shared by a
+    sample's tokens)."""
 
-    def __init__(self, ctl: ComposerRNN, site: int):
+    def __init__(self, ctl: ComposerRNN, site: int, tokens: bool = False):
         super().__init__()
-        self.ctl, self.site = ctl, site
+        self.ctl, self.site, self.tokens = ctl, site, tokens
 
     def forward(
         self, x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.relu(self.ctl.proj[self.site](_pool_flat(x, self.ctl.seq)))
-        h = self.ctl.cell(torch.cat([z, gamma], dim=1), h)
-        return self.ctl.heads[self.site](h), h
-
-
-class ComposerTokenSite(nn.Module):
-    """The controller as seen from one per-token metalayer: the same cell run on every token
-    (x [B, L, D], its state [B, L, hidden], gamma [B, P] shared by a sample's tokens)."""
-
-    def __init__(self, ctl: ComposerRNN, site: int):
-        super().__init__()
-        self.ctl, self.site = ctl, site
-
-    def forward(
-        self, x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.tokens:
+            z = torch.relu(self.ctl.proj[self.site](_pool_flat(x, self.ctl.seq)))
+            h = self.ctl.cell(torch.cat([z, gamma], dim=1), h)
+            return self.ctl.heads[self.site](h), h
         b, n, _ = x.shape
         z = torch.relu(self.ctl.proj[self.site](x))
         g = gamma[:, None, :].expand(b, n, gamma.shape[1])
-        inp = torch.cat([z, g], dim=2).reshape(b * n, -1)
-        h = self.ctl.cell(inp, h.reshape(b * n, -1)).view(b, n, -1)
+        h = self.ctl.cell(torch.cat([z, g], dim=2).reshape(b * n, -1), h.reshape(b * n, -1))
+        h = h.view(b, n, -1)
         return self.ctl.heads[self.site](h), h
 
 

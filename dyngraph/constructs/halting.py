@@ -79,6 +79,9 @@ class PonderSpec(_Common):
     prior: float = Field(0.2, gt=0.0, lt=1.0, description="lambda_p of the geometric prior")
     kl_weight: float = Field(0.01, ge=0.0)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    carry: bool = Field(
+        False, description="ponder at every step of a sequence, the halting step's state carried"
+    )
 
 
 HaltingSpec = Annotated[Union[ActSpec, L2SSpec, PonderSpec], Field(discriminator="rule")]  # noqa: UP007

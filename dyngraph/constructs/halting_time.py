@@ -1,4 +1,5 @@
-"""`halting` with `carry: true`: Adaptive Computation Time through time (Graves, 2016).
+"""`halting` with `carry: true`: Adaptive Computation Time through time (Graves, 2016), and
+PonderNet through time.
 
 An RNN cell ponders at every step of a sequence: s_t^1 = S(s_{t-1}, x_t), s_t^n =
 S(s_t^{n-1}, x_t), and each (sample, t) halts on its own by ACT's rule; the halting-weighted
@@ -6,6 +7,14 @@ mean of its states is s_t, which goes on to t + 1 and is the node's output at t 
 The loop at each t is halting.py's own: in infer mode only the rows still pondering at step n
 run step n + 1 (compacted), in dense and train mode every row runs and is masked. The ponder
 cost is Graves' sequence cost, the sum over t of N_t + R_t.
+
+PonderNet (`rule: pondernet`) ponders the same way: each (sample, t) halts where its
+probability of having halted reaches the threshold, and the state of its halting step (the
+step PonderNet predicts from) goes on to t + 1, in training too, so that training and
+inference carry the same states. Its objective is PonderNet's at every position: the
+expected loss under the position's own halting distribution p_t,n, sum over n of p_t,n
+L_t(y_t,n), where y_t,n is read from the step-n states of every position through the rest of
+the model, plus the KL of p_t to the geometric prior, both averaged over labelled positions.
 
 The trace: `trace.steps` holds each sequence's total ponder steps (what its cost follows) and
 `trace.tokens["halting i"]` the steps of each position ([B, L]); a token's MACs are its own
@@ -30,6 +39,13 @@ def check(spec, b, site) -> bool:
         return False
     if spec.init is not None:
         b.problem(site.path + ("init",), "carry: true starts from zeros; init is not supported")
+        return False
+    if spec.rule == "pondernet" and b.spec.task.per != "token":
+        b.problem(
+            site.path + ("carry",),
+            "rule pondernet with carry: true needs labels per token (its loss weighs each "
+            "position's steps by that position's halting distribution)",
+        )
         return False
     return True
 
@@ -93,13 +109,24 @@ class CarryRuntime:
         for unit in (*inner.steps, inner.unit):  # each ran steps_t times at position t
             ctx.record_tokens(unit.index, inner.name, per_token)
         if extras:
-            ctx.extras["halting"].append(
-                {"rule": inner.rule, "steps": per_token, "states": [torch.stack(outs, 1)],
-                 "probs": [torch.stack([e["probs"][0] for e in extras], 1)],  # first steps
-                 "remainder": torch.stack([e["remainder"] for e in extras], 1),
-                 "ponder": torch.stack([e["ponder"] for e in extras], 1).sum(1)}
-            )  # fmt: skip
+            ctx.extras["halting"].append(self._extras(extras, per_token, outs))
         return torch.stack(outs, 1)
+
+    def _extras(self, extras: list[dict], per_token: torch.Tensor, outs: list) -> dict:
+        """What the objective reads of a train pass, from each position's loop: ACT's
+        sequence ponder cost; PonderNet's states and halting probabilities of every step, as
+        [B, L, ...] per step (every position runs every step in training)."""
+        out = {"rule": self.inner.rule, "steps": per_token,
+               "remainder": torch.stack([e["remainder"] for e in extras], 1),
+               "ponder": torch.stack([e["ponder"] for e in extras], 1).sum(1)}  # fmt: skip
+        if self.inner.rule == "pondernet":
+            steps = range(len(extras[0]["states"]))
+            out["states"] = [torch.stack([e["states"][n] for e in extras], 1) for n in steps]
+            out["probs"] = [torch.stack([e["probs"][n] for e in extras], 1) for n in steps]
+        else:
+            out["states"] = [torch.stack(outs, 1)]
+            out["probs"] = [torch.stack([e["probs"][0] for e in extras], 1)]  # first steps
+        return out
 
     def run(self, ctx) -> None:
         ctx.env[self.writes] = self.apply(ctx, ctx.env[self.reads[0]])

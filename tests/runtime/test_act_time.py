@@ -144,3 +144,129 @@ graph:
     with pytest.raises(dg.SpecError, match=message) as e:
         dg.compile(spec, backend="none")
     assert len(str(e.value).strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------- PonderNet through time
+
+PONDER = SPEC.read_text().replace(
+    "halting: {rule: act, carry: true, step: {type: gru_step, dim: 128}, max_steps: 8,\n"
+    "              epsilon: 0.01, ponder_cost: 0.001, step_flag: true}",
+    "halting: {rule: pondernet, carry: true, step: {type: gru_step, dim: 128}, max_steps: 8,\n"
+    "              threshold: 0.5, prior: 0.3}",
+)
+
+
+@pytest.fixture(scope="module")
+def ponder():
+    """PonderNet through time, its lambdas spread out (positions halt after 3..6 steps)."""
+    assert "pondernet" in PONDER
+    torch.manual_seed(0)
+    m = dg.compile(PONDER, backend="none").eval()
+    with torch.no_grad():
+        fc = m.haltings[0].unit.module.fc
+        fc.bias.fill_(-1.0)
+        fc.weight.mul_(30.0)
+    return m
+
+
+@torch.no_grad()
+def _ponder_reference(model, seq: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """PonderNet at every position, written out: each position halts where its probability
+    of having halted reaches the threshold; that step's state goes on."""
+    node = model.haltings[0]
+    step, unit = node.steps[0].module, node.unit.module
+    x = model.units[0](seq)[0][0]
+    s, states, steps = torch.zeros(1, node.inner.state_shape[0]), [], []
+    for t in range(x.shape[0]):
+        h, left = s, 1.0
+        for n in range(node.inner.max_steps):
+            h = step(h, x[t : t + 1])
+            left *= 1 - float(unit(h))
+            if n == node.inner.max_steps - 1 or 1 - left >= node.threshold:
+                break
+        s = h
+        states.append(s[0])
+        steps.append(n + 1)
+    return torch.stack(states), steps
+
+
+def test_pondernet_positions_halt_on_their_own_and_carry_the_halting_state(ponder):
+    x = random_batch(ponder, 64)
+    seq = x[(x != 0).all(1)][:1]
+    states, steps = _ponder_reference(ponder, seq)
+    out = ponder(seq)
+    assert out.trace.tokens["halting 0"][0].tolist() == steps
+    assert len(set(steps)) > 1
+    head = ponder.units[-1].module  # a segment: it returns a tuple
+    torch.testing.assert_close(out.logits[0], head(states[None])[0][0], atol=1e-5, rtol=0)
+
+
+def test_pondernet_batch_equals_alone_in_every_mode(ponder):
+    x = random_batch(ponder, 16)
+    out = ponder(x)
+    dense = ponder(x, mode="dense")
+    torch.testing.assert_close(dense.logits, out.logits, atol=1e-5, rtol=0)
+    assert torch.equal(dense.trace.tokens["halting 0"], out.trace.tokens["halting 0"])
+    for i in range(x.shape[0]):
+        n = int((x[i] != 0).sum())
+        alone = ponder(x[i : i + 1])
+        assert torch.equal(alone.trace.tokens["halting 0"][0], out.trace.tokens["halting 0"][i])
+        torch.testing.assert_close(alone.logits[0, :n], out.logits[i, :n], atol=1e-5, rtol=0)
+    macs = token_macs(ponder, out.trace, width=x.shape[1])
+    assert torch.equal(macs.sum(1), ponder.per_input_macs(out.trace))
+
+
+def test_pondernet_objective_is_per_position(ponder):
+    """sum over n of p_t,n L_t(y_t,n) and KL(p_t || geometric), averaged over labelled
+    positions, each position with its own halting distribution."""
+    from dyngraph.training.loss import compute_loss
+
+    x = random_batch(ponder, 8)
+    y = torch.randint(0, 46, x.shape)
+    y[x == 0] = -100
+    stage = dg.load_spec(PONDER).spec.train.stages[0]
+    ponder.train()
+    try:
+        out = ponder(x, mode="train")
+        loss, terms = compute_loss(ponder, out, x, y, stage)
+        loss.backward()
+        grad = ponder.haltings[0].unit.module.fc.weight.grad
+        assert grad is not None and grad.abs().sum() > 0  # the lambdas learn from both terms
+    finally:
+        ponder.eval()
+        ponder.zero_grad(set_to_none=True)
+    assert "task" not in terms  # PonderNet's expected loss replaces it
+    ex = out.extras["halting"][0]
+    lam = torch.stack([q.detach() for q in ex["probs"]])  # [T, B, L]
+    assert lam.shape == (8, *x.shape)
+    left, p = torch.ones_like(lam[0]), []
+    for n in range(8):
+        p.append(left if n == 7 else left * lam[n])
+        left = left * (1 - lam[n])
+    p = torch.stack(p)
+    head = ponder.units[-1].module
+    ce = torch.stack(
+        [
+            torch.nn.functional.cross_entropy(
+                head(s.detach())[0].transpose(1, 2), y, ignore_index=-100, reduction="none"
+            )
+            for s in ex["states"]
+        ]
+    )
+    lab = y != -100
+    want = (p * ce).sum(0)[lab].mean().detach()
+    assert abs(terms["ponder_reconstruction"] - float(want)) < 1e-4
+    # training carries the state that inference carries: the same steps at every position
+    infer = ponder(x)
+    valid = x != 0
+    assert torch.equal(ex["steps"] * valid, infer.trace.tokens["halting 0"].clamp_min(0))
+
+
+def test_pondernet_through_time_needs_token_labels():
+    text = PONDER.replace("task: {type: classification, classes: 46, per: token}",
+                          "task: {type: classification, classes: 46}").replace(
+        "  - {type: token_classifier, classes: 46}", "  - {type: classifier, classes: 46}"
+    )  # fmt: skip
+    with pytest.raises(dg.SpecError, match="needs labels per token") as e:
+        dg.compile(text, backend="none")
+    assert len(str(e.value).strip().splitlines()) == 1
