@@ -10,6 +10,7 @@ counted per query row over the keys it reads (cost.py).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -116,6 +117,66 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+    def forward_rows(self, x: torch.Tensor, grid: QueryGrid, xq: torch.Tensor | None = None):
+        """The layer for some tokens only, every token still a key and a value (CALM's frozen
+        states, per-token exits): `x` [b, L, D] every token's current state, `grid` the
+        running tokens (`query_grid`), `xq` [N, D] their states if the caller holds them (else
+        gathered from `x`). Returns their new states [N, D].
+
+        Keys and values come from every token (LN1 and the KV rows of the QKV projection on all
+        of them); queries, the output projection and the MLP run on the N rows only. Attention
+        runs on the query grid, padded to `grid.width` per sample (a padded query reads
+        position 0's key and is dropped): its waste is (b·width - N) query rows of QK and AV
+        products. No key or value is copied per query."""
+        b, n, d = x.shape
+        a = self.attn
+        heads, dh = a.heads, d // a.heads
+        h = self.norm1(x)
+        w, bias = a.qkv.weight, a.qkv.bias
+        k, v = F.linear(h, w[d:], bias[d:]).view(b, n, 2, heads, dh).permute(2, 0, 3, 1, 4)
+        rows = grid.rows
+        if xq is None:
+            xq = x.reshape(b * n, d).index_select(0, rows)
+        q = F.linear(h.reshape(b * n, d).index_select(0, rows), w[:d], bias[:d])
+        q = q.new_zeros((b * grid.width, d)).index_copy_(0, grid.slots, q)
+        q = q.view(b, grid.width, heads, dh).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=grid.mask if a.causal else None)
+        y = y.transpose(1, 2).reshape(b * grid.width, d).index_select(0, grid.slots)
+        xq = xq + a.proj(y)
+        return xq + self.fc2(self.act(self.fc1(self.norm2(xq))))
+
+
+@dataclass
+class QueryGrid:
+    """Which tokens of a batch of sequences run a layer (`TransformerBlock.forward_rows`):
+    `rows` [N] their flat positions (sample x L + position), grouped by sample and in order;
+    `slots` [N] their places in a [b, width] grid of queries (width: the most any sample runs);
+    `mask` [b, 1, width, L] an additive causal mask by original position (0 where a query
+    reads a key, -inf elsewhere; a padded query reads position 0). Built once, it serves
+    every layer until the running set changes."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    width: int
+    mask: torch.Tensor
+
+
+def query_grid(active: torch.Tensor) -> QueryGrid:
+    """The query grid of the tokens `active` [b, L] (bool)."""
+    b, n = active.shape
+    counts = active.sum(1)
+    width = int(counts.max()) if b else 0
+    rows = active.reshape(-1).nonzero().flatten()
+    sample = torch.div(rows, n, rounding_mode="floor")
+    first = torch.cumsum(counts, 0) - counts  # each sample's first row among `rows`
+    slots = sample * width + torch.arange(rows.numel(), device=rows.device) - first[sample]
+    pos = torch.zeros(b * width, dtype=torch.long, device=rows.device)
+    pos = pos.index_copy_(0, slots, rows - sample * n).view(b, 1, width, 1)
+    # a float mask: SDPA turns a bool one into this form on every call
+    keys = torch.arange(n, device=rows.device).view(1, 1, 1, n)
+    mask = torch.zeros((b, 1, width, n), device=rows.device).masked_fill_(keys > pos, -math.inf)
+    return QueryGrid(rows, slots, width, mask)
 
 
 class TransformerBlockParams(BlockParams):

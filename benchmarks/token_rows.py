@@ -1,0 +1,154 @@
+"""Per-token threshold exits, the layer kernel: some tokens run a transformer layer, every
+token stays a key and a value (CALM's frozen states). Does the MAC fraction become time?
+
+    python benchmarks/token_rows.py            # writes benchmarks/RESULTS-token-rows.md
+    python benchmarks/token_rows.py --quick    # L = 64 only, shorter timing (not kept in git)
+
+The construct (`exit: {per: token}`) is not built yet (docs/runtime.md); this times the kernel
+it will run after an exit, `TransformerBlock.forward_rows`, on one causal pre-LN layer (d = 128,
+4 heads, MLP 4x), B = 32, L = 64 and 256, one thread. The running tokens are chosen as a
+threshold would choose them: each token independently with probability c, so sequences run
+different numbers of tokens. Timed in interleaved rounds, in the same run:
+  static   = the layer on every token
+  dyngraph = the query grid from the mask (`query_grid`: rebuilt per layer, as with an exit
+             after every layer), `forward_rows`, the new states written back in place
+  masking  = the layer on every token, then `where(active, new, old)`
+  oracle   = the same GEMMs at their sizes on pre-made inputs: LN1 and the KV projection on
+             every token, the Q projection on the running tokens, attention on the padded query
+             grid, the output projection and the MLP on the running tokens (no index ops)
+Columns: f = ideal MAC fraction (linears, and attention per query row over the keys it reads,
+as the project counts it; the KV projection of every token included), pad = the padded query
+rows' share of the grid, t = time fraction (dyngraph / static).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dyngraph.blocks.sequence import TransformerBlock, query_grid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import time_interleaved  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+D, B, HEADS, RATIO = 128, 32, 4, 4.0
+
+
+def ideal_macs(active: torch.Tensor, d: int = D, ratio: float = RATIO) -> int:
+    """MACs of the layer for the `active` tokens [b, L] of causal sequences: KV for every
+    token, the rest per running token, attention over positions 0..i for the query at i."""
+    b, n = active.shape
+    run = int(active.sum())
+    reads = int(((torch.arange(n) + 1) * active).sum())  # keys read, over running queries
+    hidden = int(d * ratio)
+    return b * n * 2 * d * d + run * (2 * d * d + 2 * d * hidden) + reads * 2 * d
+
+
+@torch.no_grad()
+def measure(length: int, c: float, min_run_time: float) -> dict:
+    torch.manual_seed(0)
+    blk = TransformerBlock(D, HEADS, RATIO, True, "gelu").eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, length, D, generator=g)
+    active = torch.rand(B, length, generator=g) < c
+    grid = query_grid(active)
+    n_run, width = grid.rows.numel(), grid.width
+    f = ideal_macs(active) / ideal_macs(torch.ones_like(active))
+    state = x.clone()
+
+    def dyngraph():
+        grid = query_grid(active)  # an exit after every layer: a new grid each time
+        new = blk.forward_rows(state, grid)
+        state.view(-1, D).index_copy_(0, grid.rows, new)
+
+    def masking():
+        return torch.where(active[..., None], blk(x), x)
+
+    a = blk.attn
+    hq, xq = torch.randn(n_run, D), torch.randn(n_run, D)
+    grid_q = torch.randn(B, HEADS, width, D // HEADS)
+    mask = grid.mask
+    y_run = torch.randn(n_run, D)
+
+    def oracle():
+        h = blk.norm1(x)
+        kv = F.linear(h, a.qkv.weight[D:], a.qkv.bias[D:])
+        k, v = kv.view(B, length, 2, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        F.linear(hq, a.qkv.weight[:D], a.qkv.bias[:D])
+        F.scaled_dot_product_attention(grid_q, k, v, attn_mask=mask)
+        z = xq + a.proj(y_run)
+        return z + blk.fc2(blk.act(blk.fc1(blk.norm2(z))))
+
+    t = time_interleaved(
+        {"static": lambda: blk(x), "dyngraph": dyngraph, "masking": masking, "oracle": oracle},
+        min_run_time,
+    )
+    return {
+        "L": length,
+        "c": c,
+        "run": n_run / active.numel(),
+        "pad": 1 - n_run / (B * width),
+        "f": f,
+        "t": t["dyngraph"] / t["static"],
+        "oracle": t["oracle"] / t["static"],
+        "masking": t["masking"] / t["static"],
+        "static_ms": t["static"] * 1e3,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| L | c | tokens run | pad | f (MACs) | t (dyngraph) | oracle | masking | "
+        "dyngraph / oracle | <= 1.10x oracle | speedup vs masking / oracle's | static ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = (r["masking"] / r["t"]) / (r["masking"] / r["oracle"])
+        lines.append(
+            f"| {r['L']} | {r['c']} | {r['run']:.3f} | {r['pad']:.3f} | {r['f']:.3f} | "
+            f"{r['t']:.3f} | {r['oracle']:.3f} | {r['masking']:.3f} | "
+            f"{r['t'] / r['oracle']:.3f} | {'yes' if r['t'] <= 1.10 * r['oracle'] else 'NO'} | "
+            f"{ratio:.3f} | {r['static_ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    lengths = [64] if args.quick else [64, 256]
+    rows = [measure(n, c, 0.5 if args.quick else 2.0) for n in lengths for c in (0.5, 0.25, 0.125)]
+    text = "\n".join(
+        [
+            "# Per-token threshold exits, the layer kernel (benchmarks/token_rows.py)",
+            "",
+            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one "
+            f"thread, B = {B}, d = {D}, one causal pre-LN transformer layer ({HEADS} heads, MLP "
+            f"{RATIO:g}x); each token runs with probability c, every token a key and a value. "
+            "Times are medians of interleaved rounds, every ratio taken in the same run; "
+            "fractions are of the full layer's time.",
+            "",
+            table(rows),
+            "",
+        ]
+    )
+    print(text)
+    out = (
+        Path(args.out)
+        if args.out
+        else HERE / ("RESULTS-token-rows-quick.md" if args.quick else "RESULTS-token-rows.md")
+    )
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
