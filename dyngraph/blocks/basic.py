@@ -172,6 +172,8 @@ def mlp(p: MLPParams, shapes: list[Shape]) -> nn.Module:
 class ResidualMLP(nn.Module):
     """x + W2(act(W1(norm(x)))): pre-norm residual MLP; W2 starts at zero when asked."""
 
+    per_token = True  # each token from itself alone (registry.acts_per_token)
+
     def __init__(self, dim: int, hidden: int, norm: bool, act: str, zero_init: bool):
         super().__init__()
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()

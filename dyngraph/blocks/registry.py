@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
-from torch import nn
+from torch import fx, nn
 
 from ..core.types import SPEC_CONFIG
 
@@ -134,3 +134,27 @@ def in_features(shapes: list[Shape], given: int | None, what: str = "in") -> int
     if given is not None and given != n:
         raise ShapeError(f"{what}={given} but its input has shape {list(shapes[0])}")
     return n
+
+
+#: modules that act on each token (the last dimension) alone: a run on [1, N, D] of the tokens
+#: of many sequences equals running each sequence's tokens on their own
+PER_TOKEN_LEAVES = (
+    nn.Linear, nn.LayerNorm, nn.Identity, nn.Dropout,
+    nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+)  # fmt: skip
+
+
+def acts_per_token(module: nn.Module) -> bool:
+    """Whether `module` (a block, a Sequential of blocks, or a segment's fx GraphModule of
+    them) computes each token from that token alone, never mixing positions: its leaves are
+    `PER_TOKEN_LEAVES` and every block class above them says so (`per_token = True`)."""
+    if isinstance(module, PER_TOKEN_LEAVES):
+        return True
+    if isinstance(module, fx.GraphModule):
+        calls = [n for n in module.graph.nodes if n.op not in ("placeholder", "output")]
+        return all(
+            n.op == "call_module" and acts_per_token(module.get_submodule(n.target)) for n in calls
+        )
+    if isinstance(module, nn.Sequential) or getattr(type(module), "per_token", False):
+        return all(acts_per_token(c) for c in module.children())
+    return False

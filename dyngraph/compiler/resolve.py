@@ -14,6 +14,7 @@ import pydantic
 from torch import nn
 
 from ..blocks import BLOCKS, ROLES, ShapeError
+from ..blocks.registry import acts_per_token
 from ..constructs import CONSTRUCTS
 from ..core.errors import Problem, did_you_mean, format_path
 from ..core.types import InlineModule
@@ -262,6 +263,7 @@ class Resolver:
             [s if isinstance(s, tuple) else tuple(s) for s in in_shapes],
             construct,
             head,
+            per_token=acts_per_token(module),
         )
         u.order = (self._cur_step, len(self.units))
         self.units.append(u)

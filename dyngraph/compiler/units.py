@@ -39,6 +39,8 @@ class Unit:
         in_shapes: per-sample shapes of its inputs, all batched along dimension 0.
         construct: the construct node it belongs to ("exit 2"), or "" for top-level segments.
         head: a decision unit that predicts the task (an exit head): a stage's `heads`.
+        per_token: it computes each token from that token alone, so the tokens of many
+            sequences can run it as one [1, N, D] call (blocks.registry.acts_per_token).
     """
 
     index: int
@@ -50,6 +52,7 @@ class Unit:
     head: bool = False
     fn: Callable | None = field(default=None, repr=False)
     order: tuple[int, int] = (0, 0)  # (plan step, creation): sorts units into execution order
+    per_token: bool = False
 
     def __call__(self, *args: torch.Tensor):
         return (self.fn if self.fn is not None else self.module)(*args)

@@ -16,7 +16,9 @@ cross-entropy against the top-k decisions): give the gate `predictor: {type: tok
 and `model.set_decode(True)` routes by the predictor's p >= 0.5 instead of the top-k.
 
 Sequences whose routed counts differ (threshold or predictor routing) run in groups of one
-count, each group as its own batch, so a sequence's result and cost are those it has alone.
+count, each group as its own batch, so a sequence's result and cost are those it has alone; a
+body that computes each token alone (no attention: `unit.per_token`) runs every routed token
+in one call instead.
 Its MACs are exact: the body's cost at its own routed length (runtime/lengths.py's per-length
 costs), recorded per token in `trace.tokens[name]` ([B, L]: 1 routed, 0 not, -1 padding).
 """
@@ -127,11 +129,26 @@ class TokenGateRuntime:
             if idx is None:
                 idx = torch.arange(route.shape[1], device=x.device).expand(route.shape[0], -1)
             return self._through(ctx, x, p, idx, None, out)
+        if self.body.per_token:  # no attention in the body: every routed token in one call
+            return self._flat(ctx, x, p, route, counts, out)
         for k in sorted(set(counts.tolist()) - {0}):
             rows = positions(counts == k)
             idx = route.index_select(0, rows).nonzero()[:, 1].view(-1, k)
             out = self._through(ctx, x, p, idx, rows, out)
         return out
+
+    def _flat(self, ctx, x, p, route, counts, out) -> torch.Tensor:
+        """`_through` for a body that computes each token alone (`body.per_token`): the routed
+        tokens of every sequence run as one [1, N, D] call, which gives the same rows as a
+        call per sequence."""
+        b, n, d = x.shape
+        flat = route.reshape(-1).nonzero().flatten()
+        xk = x.reshape(b * n, d).index_select(0, flat)
+        y = ctx.call(self.body, xk.view(1, -1, d), count=positions(counts > 0))
+        new = torch.lerp(xk, y.view(-1, d), p.reshape(-1).index_select(0, flat).unsqueeze(1))
+        if ctx.compacting:
+            return out.view(b * n, d).index_copy_(0, flat, new).view(b, n, d)
+        return out.reshape(b * n, d).index_copy(0, flat, new).view(b, n, d)
 
     def run(self, ctx) -> None:
         env, key = ctx.env, self.reads[0]

@@ -115,16 +115,24 @@ def pick(m, ctx, logits: torch.Tensor) -> torch.Tensor:
 
 
 def _run(ctx, unit, x: torch.Tensor, mask: torch.Tensor, out, compacting: bool):
-    """The tokens in `mask` [b, L] of `x` [b, L, D] through `unit`, a sequence per sample
-    (groups of one count), written into their rows of `out` [b·L, D'] (None: made here)."""
+    """The tokens in `mask` [b, L] of `x` [b, L, D] through `unit`, a sequence per sample,
+    written into their rows of `out` [b·L, D'] (None: made here). Sequences run in groups of
+    one count; a unit that computes each token alone (`unit.per_token`: no attention) runs
+    every sequence's tokens in one call instead, which gives the same rows."""
     b, n, d = x.shape
     counts = mask.sum(1)
-    for k in sorted(set(counts.tolist()) - {0}):
-        rows = positions(counts == k)
-        idx = mask.index_select(0, rows).nonzero()[:, 1].view(-1, k)
+    if unit.per_token:
+        groups = [(positions(counts > 0), mask.reshape(-1).nonzero().flatten(), None)]
+    else:
+        groups = []
+        for k in sorted(set(counts.tolist()) - {0}):
+            rows = positions(counts == k)
+            idx = mask.index_select(0, rows).nonzero()[:, 1].view(-1, k)
+            groups.append((rows, (idx + rows.unsqueeze(1) * n).view(-1), k))
+    for rows, flat, k in groups:
         # tokens as rows of [b·L, D]: index_select / index_copy_ move whole rows
-        flat = (idx + rows.unsqueeze(1) * n).view(-1)
-        y = ctx.call(unit, x.reshape(b * n, d).index_select(0, flat).view(-1, k, d), count=rows)
+        xk = x.reshape(b * n, d).index_select(0, flat)
+        y = ctx.call(unit, xk.view(1, -1, d) if k is None else xk.view(-1, k, d), count=rows)
         y = y.reshape(-1, y.shape[-1])
         if out is None:
             out = (

@@ -222,3 +222,37 @@ def test_threshold_gates_train_with_a_compute_penalty(threshold_model):
         m.eval()
     # lambda x the mean router probability: fewer tokens routed, less compute
     assert "gate_penalty" in terms and terms["gate_penalty"] > 0
+
+
+def test_a_body_without_attention_runs_every_routed_token_in_one_call():
+    """A per-token body (an MLP) needs no sequence: the routed tokens of every sequence run
+    in one call, with the results, trace and MACs of each sequence alone."""
+    text = _variant(threshold=0.5).replace(
+        "          body: {type: transformer_block, heads: 4, mlp_ratio: 2, causal: true}\n",
+        "          body: {type: residual_mlp, hidden: 32, norm: true}\n",
+    )
+    torch.manual_seed(0)
+    m = dg.compile(text, backend="none").eval()
+    diversify(m)
+    gate = m.gates[0]
+    assert gate.body.per_token and not m.units[1].per_token  # an MLP, not attention
+    x = random_batch(m, 24)
+    seen, restore = _capture(gate.body)
+    try:
+        out = m(x)
+    finally:
+        restore()
+    routed = out.trace.tokens["gate 0"]
+    # one call per length group (a batch runs each length as its own pass), never per count
+    assert all(s[0] == 1 for s in seen) and sum(s[1] for s in seen) == int((routed == 1).sum())
+    assert len(seen) <= len((x != 0).sum(1).unique())
+    for i in range(x.shape[0]):
+        alone = m(x[i : i + 1])
+        assert torch.equal(alone.trace.tokens["gate 0"][0], routed[i])
+        n = int((x[i] != 0).sum())
+        torch.testing.assert_close(alone.logits[0, :n], out.logits[i, :n], atol=1e-5, rtol=0)
+    dense = m(x, mode="dense")
+    torch.testing.assert_close(dense.logits, out.logits, atol=1e-5, rtol=0)
+    with torch.no_grad(), m.eager(), flop_counter() as fc:
+        out = m(x)
+    assert fc.get_total_flops() // 2 == int(m.per_input_macs(out.trace, "torch").sum())
