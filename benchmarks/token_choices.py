@@ -20,8 +20,6 @@ fraction, groups = the transformer layer's calls (distinct counts).
 
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -31,9 +29,9 @@ import dyngraph as dg
 from dyngraph.forcing import forced
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import token_cli  # noqa: E402
 from run import time_interleaved  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 D, B, VOCAB = 128, 32, 32
 CHOICES = [
     {"type": "residual_mlp", "hidden": 16, "norm": True},
@@ -110,10 +108,7 @@ def measure(length: int, p: float, min_run_time: float) -> dict:
         "p": p,
         "groups": len(groups),
         "f": f,
-        "t": t["dyngraph"] / t["large"],
-        "oracle": t["oracle"] / t["large"],
-        "masking": t["masking"] / t["large"],
-        "large_ms": t["large"] * 1e3,
+        **token_cli.fractions(t, "large"),
     }
 
 
@@ -124,7 +119,7 @@ def table(rows: list[dict]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ratio = (r["masking"] / r["t"]) / (r["masking"] / r["oracle"])
+        ratio = token_cli.speedup_share(r)
         lines.append(
             f"| {r['L']} | {r['p']} | {r['groups']} | {r['f']:.3f} | {r['t']:.3f} | "
             f"{r['oracle']:.3f} | {r['masking']:.3f} | {r['t'] / r['oracle']:.3f} | "
@@ -134,34 +129,17 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    lengths = [64] if args.quick else [64, 256]
-    rows = [measure(n, p, 0.5 if args.quick else 2.0) for n in lengths for p in (0.5, 0.25, 0.125)]
-    text = "\n".join(
-        [
-            "# Per-token metalayers (benchmarks/token_choices.py)",
-            "",
-            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one "
-            f"thread, eager units, B = {B}, d = {D}: per token, a residual MLP (hidden 16) or a "
-            "causal transformer layer (4 heads, MLP 4x), the layer taken with probability p. "
-            "Times are medians of interleaved rounds, every ratio taken in the same run; "
-            "fractions are of the all-layer model's time.",
-            "",
-            table(rows),
-            "",
-        ]
+    token_cli.main(
+        __doc__,
+        "Per-token metalayers (benchmarks/token_choices.py)",
+        f"eager units, B = {B}, d = {D}: per token, a residual MLP (hidden 16) or a causal "
+        "transformer layer (4 heads, MLP 4x), the layer taken with probability p; fractions are "
+        "of the all-layer model's time.",
+        measure,
+        (0.5, 0.25, 0.125),
+        table,
+        "RESULTS-token-choices",
     )
-    print(text)
-    out = (
-        Path(args.out)
-        if args.out
-        else HERE / ("RESULTS-token-choices-quick.md" if args.quick else "RESULTS-token-choices.md")
-    )
-    out.write_text(text)
 
 
 if __name__ == "__main__":

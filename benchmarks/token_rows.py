@@ -23,8 +23,6 @@ rows' share of the grid, t = time fraction (dyngraph / static).
 
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -34,9 +32,9 @@ import torch.nn.functional as F
 from dyngraph.blocks.sequence import TransformerBlock, query_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import token_cli  # noqa: E402
 from run import time_interleaved  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 D, B, HEADS, RATIO = 128, 32, 4, 4.0
 
 
@@ -95,10 +93,7 @@ def measure(length: int, c: float, min_run_time: float) -> dict:
         "run": n_run / active.numel(),
         "pad": 1 - n_run / (B * width),
         "f": f,
-        "t": t["dyngraph"] / t["static"],
-        "oracle": t["oracle"] / t["static"],
-        "masking": t["masking"] / t["static"],
-        "static_ms": t["static"] * 1e3,
+        **token_cli.fractions(t, "static"),
     }
 
 
@@ -109,7 +104,7 @@ def table(rows: list[dict]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for r in rows:
-        ratio = (r["masking"] / r["t"]) / (r["masking"] / r["oracle"])
+        ratio = token_cli.speedup_share(r)
         lines.append(
             f"| {r['L']} | {r['c']} | {r['run']:.3f} | {r['pad']:.3f} | {r['f']:.3f} | "
             f"{r['t']:.3f} | {r['oracle']:.3f} | {r['masking']:.3f} | "
@@ -120,34 +115,17 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    lengths = [64] if args.quick else [64, 256]
-    rows = [measure(n, c, 0.5 if args.quick else 2.0) for n in lengths for c in (0.5, 0.25, 0.125)]
-    text = "\n".join(
-        [
-            "# Per-token threshold exits, the layer kernel (benchmarks/token_rows.py)",
-            "",
-            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one "
-            f"thread, B = {B}, d = {D}, one causal pre-LN transformer layer ({HEADS} heads, MLP "
-            f"{RATIO:g}x); each token runs with probability c, every token a key and a value. "
-            "Times are medians of interleaved rounds, every ratio taken in the same run; "
-            "fractions are of the full layer's time.",
-            "",
-            table(rows),
-            "",
-        ]
+    token_cli.main(
+        __doc__,
+        "Per-token threshold exits, the layer kernel (benchmarks/token_rows.py)",
+        f"B = {B}, d = {D}, one causal pre-LN transformer layer ({HEADS} heads, MLP {RATIO:g}x); "
+        "each token runs with probability c, every token a key and a value; fractions are of "
+        "the full layer's time.",
+        measure,
+        (0.5, 0.25, 0.125),
+        table,
+        "RESULTS-token-rows",
     )
-    print(text)
-    out = (
-        Path(args.out)
-        if args.out
-        else HERE / ("RESULTS-token-rows-quick.md" if args.quick else "RESULTS-token-rows.md")
-    )
-    out.write_text(text)
 
 
 if __name__ == "__main__":

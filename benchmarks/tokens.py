@@ -18,8 +18,6 @@ model's), t = time fraction (dyngraph / static), and the oracle's and masking's 
 
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -28,9 +26,9 @@ import torch
 import dyngraph as dg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import token_cli  # noqa: E402
 from run import time_interleaved  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 D, B, VOCAB = 128, 32, 32
 LAYER = {"type": "transformer_block", "heads": 4, "mlp_ratio": 4, "causal": True}
 HEAD = {"type": "token_classifier", "classes": 8}
@@ -99,10 +97,7 @@ def measure(length: int, capacity: float, min_run_time: float) -> dict:
         "c": capacity,
         "k": k,
         "f": f,
-        "t": t["dyngraph"] / t["static"],
-        "oracle": t["oracle"] / t["static"],
-        "masking": t["masking"] / t["static"],
-        "static_ms": t["static"] * 1e3,
+        **token_cli.fractions(t, "static"),
     }
 
 
@@ -114,7 +109,7 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         # faster than masking by at least 0.9x the oracle's speedup over masking
-        ratio = (r["masking"] / r["t"]) / (r["masking"] / r["oracle"])
+        ratio = token_cli.speedup_share(r)
         lines.append(
             f"| {r['L']} | {r['c']} | {r['k']} | {r['f']:.3f} | {r['t']:.3f} | "
             f"{r['oracle']:.3f} | {r['masking']:.3f} | {r['t'] / r['oracle']:.3f} | "
@@ -124,33 +119,16 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    lengths = [64] if args.quick else [64, 256]
-    rows = [measure(n, c, 0.5 if args.quick else 2.0) for n in lengths for c in (0.5, 0.25, 0.125)]
-    text = "\n".join(
-        [
-            "# Per-token compaction: Mixture-of-Depths (benchmarks/tokens.py)",
-            "",
-            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one "
-            f"thread, eager units, B = {B}, d = {D}, one causal transformer layer (4 heads, "
-            "MLP 4x) and a per-token head. Times are medians of interleaved rounds, every "
-            "ratio taken in the same run; fractions are of the static layer's time.",
-            "",
-            table(rows),
-            "",
-        ]
+    token_cli.main(
+        __doc__,
+        "Per-token compaction: Mixture-of-Depths (benchmarks/tokens.py)",
+        f"eager units, B = {B}, d = {D}, one causal transformer layer (4 heads, MLP 4x) and a "
+        "per-token head; fractions are of the static layer's time.",
+        measure,
+        (0.5, 0.25, 0.125),
+        table,
+        "RESULTS-tokens",
     )
-    print(text)
-    out = (
-        Path(args.out)
-        if args.out
-        else HERE / ("RESULTS-tokens-quick.md" if args.quick else "RESULTS-tokens.md")
-    )
-    out.write_text(text)
 
 
 if __name__ == "__main__":

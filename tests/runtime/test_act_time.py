@@ -15,16 +15,22 @@ from ..conftest import ROOT, random_batch
 SPEC = ROOT / "specs" / "act_addition.yaml"
 
 
-@pytest.fixture(scope="module")
-def model():
-    """The spec's model with halting probabilities spread out (positions ponder 1..8 steps)."""
+def _spread(spec, bias: float, scale: float) -> dg.DynamicModel:
+    """A model of `spec` whose halting unit's probabilities spread out (bias, weights x scale),
+    so that positions ponder different numbers of steps."""
     torch.manual_seed(0)
-    m = dg.compile(SPEC, backend="none").eval()
+    m = dg.compile(spec, backend="none").eval()
     with torch.no_grad():
         fc = m.haltings[0].unit.module.fc
-        fc.bias.fill_(-2.0)
-        fc.weight.mul_(50.0)
+        fc.bias.fill_(bias)
+        fc.weight.mul_(scale)
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The spec's model; positions ponder 1..8 steps."""
+    return _spread(SPEC, -2.0, 50.0)
 
 
 @torch.no_grad()
@@ -160,13 +166,7 @@ PONDER = SPEC.read_text().replace(
 def ponder():
     """PonderNet through time, its lambdas spread out (positions halt after 3..6 steps)."""
     assert "pondernet" in PONDER
-    torch.manual_seed(0)
-    m = dg.compile(PONDER, backend="none").eval()
-    with torch.no_grad():
-        fc = m.haltings[0].unit.module.fc
-        fc.bias.fill_(-1.0)
-        fc.weight.mul_(30.0)
-    return m
+    return _spread(PONDER, -1.0, 30.0)
 
 
 @torch.no_grad()
