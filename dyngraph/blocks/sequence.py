@@ -89,6 +89,24 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(b, n, d))
 
+    def forward_rows(self, x: torch.Tensor, grid: QueryGrid) -> torch.Tensor:
+        """The attention output [N, D] of the running tokens `grid` (`query_grid`) of `x`
+        [b, L, D], every token a key and a value: the KV rows of the QKV projection on every
+        token, the Q rows on the running ones. Attention runs on the query grid, padded to
+        `grid.width` per sample (a padded query reads position 0's key and is dropped): its
+        waste is (b·width - N) query rows of QK and AV products. No key or value is copied
+        per query."""
+        b, n, d = x.shape
+        heads, dh = self.heads, d // self.heads
+        w, bias = self.qkv.weight, self.qkv.bias
+        k, v = F.linear(x, w[d:], bias[d:]).view(b, n, 2, heads, dh).permute(2, 0, 3, 1, 4)
+        q = F.linear(x.reshape(b * n, d).index_select(0, grid.rows), w[:d], bias[:d])
+        q = q.new_zeros((b * grid.width, d)).index_copy_(0, grid.slots, q)
+        q = q.view(b, grid.width, heads, dh).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=grid.mask if self.causal else None)
+        y = y.transpose(1, 2).reshape(b * grid.width, d).index_select(0, grid.slots)
+        return self.proj(y)
+
 
 class AttentionParams(BlockParams):
     dim: int | None = Field(None, gt=0)
@@ -122,34 +140,20 @@ class TransformerBlock(nn.Module):
         """The layer for some tokens only, every token still a key and a value (CALM's frozen
         states, per-token exits): `x` [b, L, D] every token's current state, `grid` the
         running tokens (`query_grid`), `xq` [N, D] their states if the caller holds them (else
-        gathered from `x`). Returns their new states [N, D].
-
-        Keys and values come from every token (LN1 and the KV rows of the QKV projection on all
-        of them); queries, the output projection and the MLP run on the N rows only. Attention
-        runs on the query grid, padded to `grid.width` per sample (a padded query reads
-        position 0's key and is dropped): its waste is (b·width - N) query rows of QK and AV
-        products. No key or value is copied per query."""
+        gathered from `x`). Returns their new states [N, D]: LN1 on every token (keys and
+        values read it), attention for the running rows (`Attention.forward_rows`), the MLP on
+        those rows only."""
         b, n, d = x.shape
-        a = self.attn
-        heads, dh = a.heads, d // a.heads
-        h = self.norm1(x)
-        w, bias = a.qkv.weight, a.qkv.bias
-        k, v = F.linear(h, w[d:], bias[d:]).view(b, n, 2, heads, dh).permute(2, 0, 3, 1, 4)
-        rows = grid.rows
         if xq is None:
-            xq = x.reshape(b * n, d).index_select(0, rows)
-        q = F.linear(h.reshape(b * n, d).index_select(0, rows), w[:d], bias[:d])
-        q = q.new_zeros((b * grid.width, d)).index_copy_(0, grid.slots, q)
-        q = q.view(b, grid.width, heads, dh).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=grid.mask if a.causal else None)
-        y = y.transpose(1, 2).reshape(b * grid.width, d).index_select(0, grid.slots)
-        xq = xq + a.proj(y)
+            xq = x.reshape(b * n, d).index_select(0, grid.rows)
+        xq = xq + self.attn.forward_rows(self.norm1(x), grid)
         return xq + self.fc2(self.act(self.fc1(self.norm2(xq))))
 
 
 @dataclass
 class QueryGrid:
-    """Which tokens of a batch of sequences run a layer (`TransformerBlock.forward_rows`):
+    """Which tokens of a batch of sequences run a layer (`forward_rows` of `attention` and
+    `transformer_block`):
     `rows` [N] their flat positions (sample x L + position), grouped by sample and in order;
     `slots` [N] their places in a [b, width] grid of queries (width: the most any sample runs);
     `mask` [b, 1, width, L] an additive causal mask by original position (0 where a query
@@ -209,6 +213,8 @@ def pool(p: PoolParams, shapes: list[Shape]) -> nn.Module:
 
 
 class TokenClassifier(nn.Module):
+    per_token = True  # each token's logits from that token alone (registry.acts_per_token)
+
     def __init__(self, dim: int, classes: int, norm: bool):
         super().__init__()
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dyngraph.blocks.sequence import TransformerBlock, query_grid
+from dyngraph.blocks.sequence import Attention, TransformerBlock, query_grid
 
 
 def _layer(causal: bool) -> TransformerBlock:
@@ -32,6 +32,18 @@ def test_some_tokens_get_the_full_layer_s_output(causal):
     xq = x.reshape(-1, 32).index_select(0, grid.rows)  # the caller's copy of their states
     torch.testing.assert_close(blk.forward_rows(x, grid, xq), got)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@torch.no_grad()
+def test_attention_for_some_tokens_is_the_full_attention_s(causal):
+    torch.manual_seed(0)
+    att = Attention(32, 4, causal).eval()
+    x = torch.randn(5, 9, 32)
+    active = torch.rand(5, 9) < 0.5
+    grid = query_grid(active)
+    want = att(x).reshape(-1, 32).index_select(0, grid.rows)
+    torch.testing.assert_close(att.forward_rows(x, grid), want, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -81,3 +93,33 @@ def test_no_key_or_value_is_copied_per_query():
     # per-query copies would hold (queries x keys x d) values; the largest tensor of that
     # order here is the attention's (queries x keys x heads) scores
     assert max(seen.sizes) < grid.width * b * n * d / 4
+
+
+@pytest.mark.parametrize(
+    ("block", "params", "alone"),
+    [
+        ("residual_mlp", {"hidden": 8, "norm": True}, True),
+        ("mlp", {"hidden": 8, "out": 16}, True),
+        ("linear", {"out": 16}, True),
+        ("layernorm", {}, True),
+        ("gelu", {}, True),
+        ("token_classifier", {"classes": 3}, True),
+        ("attention", {"heads": 2}, False),
+        ("transformer_block", {"heads": 2, "mlp_ratio": 1}, False),
+        ("pool", {}, False),
+    ],
+)
+@torch.no_grad()
+def test_blocks_that_act_per_token_are_known(block, params, alone):
+    """`acts_per_token` decides whether the tokens of many sequences may run a unit in one
+    call (per-token gates and choices): it must hold exactly where the result does not
+    depend on the other tokens."""
+    from dyngraph.blocks.registry import acts_per_token, build_block, sequence_model
+
+    with sequence_model(True):
+        m = build_block(block, params, [(6, 16)]).eval()
+    assert acts_per_token(m) == alone
+    if alone:
+        a, b = torch.randn(1, 6, 16), torch.randn(1, 4, 16)
+        joint = m(torch.cat([a, b], 1))
+        torch.testing.assert_close(joint, torch.cat([m(a), m(b)], 1))
