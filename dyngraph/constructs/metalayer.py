@@ -10,8 +10,7 @@ gamma: per preference, sampled from its `train` distribution in training (one va
 the same at every metalayer of a forward pass); at test time the `test` value, which can be
 changed on a compiled model with `model.set_gamma(...)` without recompiling.
 
-`per: token` picks a choice for each token of a sequence instead, each choice run on the tokens
-that picked it as a shorter sequence (token_metalayer.py).
+`per: token` picks a choice for each token instead, each run on its tokens (token_metalayer.py).
 """
 
 from __future__ import annotations
@@ -129,7 +128,9 @@ class MetalayerRuntime:
         h = ctx.states.get(self.key)
         if h is None:
             h = x.new_zeros((x.shape[0], *self.state_shape))
-        logits, ctx.states[self.key] = ctx.call(self.router, x, h, self.gamma(ctx, x.shape[0], x))
+        seen = x.detach() if x.requires_grad else x  # policy terms train the controller only
+        g = self.gamma(ctx, x.shape[0], x)
+        logits, ctx.states[self.key] = ctx.call(self.router, seen, h, g)
         return logits
 
     def pick(self, ctx, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,9 @@ def metalayer_objective(lc) -> dict[str, torch.Tensor]:
     choice's), is a known function of the choice, so its expectation under the policy,
     sum_c pi(c | x, gamma) C(c), is differentiated exactly (no sampling variance): this is what
     teaches the controller to follow gamma. A `batch_entropy` preference (or `entropy_cost`)
-    adds -weight x the entropy of the batch's mean routing, rewarding varied routing."""
+    adds -weight x the entropy of the batch's mean routing, rewarding varied routing. The
+    controller reads detached features, so these terms train the controller only (the task
+    loss trains the modules)."""
     obj, picks = lc.options, lc.out.extras.get("choices")
     if not picks:
         return {}

@@ -92,9 +92,10 @@ def scores(m, ctx, x: torch.Tensor) -> torch.Tensor:
     h = ctx.states.get(m.key)
     if h is None:
         h = x.new_zeros((*x.shape[:2], *m.state_shape))
-    # the controller reads the features without moving them (as MoD's predictor does): its
-    # policy terms would otherwise teach the backbone to push every token toward the cheap
-    # choice, even in a modules-only stage where the controller itself is frozen
+    # the controller reads the features without moving them (as MoD's predictor does, and as
+    # per-sample metalayers do): its policy terms would otherwise teach the backbone to push
+    # every token toward the cheap choice, even in a modules-only stage where the controller
+    # itself is frozen
     seen = x.detach() if x.requires_grad else x
     logits, ctx.states[m.key] = ctx.call(m.router, seen, h, m.gamma(ctx, x.shape[0], x))
     return logits
