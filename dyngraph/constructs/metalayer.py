@@ -122,12 +122,11 @@ class MetalayerRuntime:
         return ctx.states[key]
 
     def scores(self, ctx, x: torch.Tensor) -> torch.Tensor:
-        """The controller's scores [rows, choices] (its state carried to the next metalayer)."""
-        if self.per == "token":
-            return token_metalayer.scores(self, ctx, x)
+        """The controller's scores [rows, choices] (per token [rows, L, choices]); its state
+        goes on to the next metalayer."""
         h = ctx.states.get(self.key)
-        if h is None:
-            h = x.new_zeros((x.shape[0], *self.state_shape))
+        if h is None:  # per token: a state for each token
+            h = x.new_zeros((*x.shape[: 2 if self.per == "token" else 1], *self.state_shape))
         seen = x.detach() if x.requires_grad else x  # policy terms train the controller only
         g = self.gamma(ctx, x.shape[0], x)
         logits, ctx.states[self.key] = ctx.call(self.router, seen, h, g)

@@ -82,28 +82,21 @@ class TokenGateRuntime:
             ctx.extras["token_predictors"].append({"prob": q, "target": route.float()})
         return route, idx
 
-    def _through(self, ctx, x, p, idx, rows, out) -> torch.Tensor:
-        """The rows `rows` (positions; None: all) of `x`, their tokens `idx` [b, k] (in order)
-        run through the body as a sequence of k and scaled by their weight in `p`, written
-        into those rows of `out` (in place in infer mode; else a new tensor)."""
-        if rows is not None:
-            x, p = x.index_select(0, rows), p.index_select(0, rows)
+    def _through(self, ctx, x, p, groups: list, out) -> torch.Tensor:
+        """Each group's tokens (`token_groups`) of `x` through the body, scaled by their
+        weight in `p`, written into their rows of `out` (in place in infer mode; else a new
+        tensor)."""
         b, n, d = x.shape
-        # Tokens as rows of [b·L, D]: index_select / index_copy_ move whole rows, 6-15x
-        # faster on CPU than gather / scatter_ with an index expanded over D.
-        flat = (idx + torch.arange(b, device=x.device).unsqueeze(1) * n).view(-1)
-        xk = x.reshape(b * n, d).index_select(0, flat).view(b, -1, d)
-        y = ctx.call(self.body, xk, count=rows)
-        w = p.reshape(-1).index_select(0, flat).view(b, -1, 1)
-        new = torch.lerp(xk, y, w).reshape(-1, d)  # xk + p·(y - xk)
-        into = (out if rows is None else x).contiguous()
-        if ctx.compacting:
-            into.view(b * n, d).index_copy_(0, flat, new)
-        else:
-            into = into.reshape(b * n, d).index_copy(0, flat, new).view(b, n, d)
-        if rows is None:
-            return into
-        return out.index_copy_(0, rows, into) if ctx.compacting else out.index_copy(0, rows, into)
+        for rows, flat, k in groups:
+            xk = x.reshape(b * n, d).index_select(0, flat)
+            y = ctx.call(self.body, xk.view(-1, k, d) if k else xk.view(1, -1, d), count=rows)
+            w = p.reshape(-1).index_select(0, flat).unsqueeze(1)
+            new = torch.lerp(xk, y.reshape(-1, d), w)  # xk + p·(y - xk)
+            if ctx.compacting:
+                out.view(b * n, d).index_copy_(0, flat, new)
+            else:
+                out = out.reshape(b * n, d).index_copy(0, flat, new).view(b, n, d)
+        return out
 
     def apply(self, ctx, x: torch.Tensor, live: list | None = None) -> torch.Tensor:
         """The node's output for the current rows (every mode). Infer: written into `x`
@@ -126,29 +119,12 @@ class TokenGateRuntime:
         owned = ctx.compacting and live is not None and ctx.free(x, live)
         out = x if owned or not ctx.compacting else x.clone()
         if counts is None:  # every sequence routes the same number of tokens
+            b, n = route.shape
             if idx is None:
-                idx = torch.arange(route.shape[1], device=x.device).expand(route.shape[0], -1)
-            return self._through(ctx, x, p, idx, None, out)
-        if self.body.per_token:  # no attention in the body: every routed token in one call
-            return self._flat(ctx, x, p, route, counts, out)
-        for k in sorted(set(counts.tolist()) - {0}):
-            rows = positions(counts == k)
-            idx = route.index_select(0, rows).nonzero()[:, 1].view(-1, k)
-            out = self._through(ctx, x, p, idx, rows, out)
-        return out
-
-    def _flat(self, ctx, x, p, route, counts, out) -> torch.Tensor:
-        """`_through` for a body that computes each token alone (`body.per_token`): the routed
-        tokens of every sequence run as one [1, N, D] call, which gives the same rows as a
-        call per sequence."""
-        b, n, d = x.shape
-        flat = route.reshape(-1).nonzero().flatten()
-        xk = x.reshape(b * n, d).index_select(0, flat)
-        y = ctx.call(self.body, xk.view(1, -1, d), count=positions(counts > 0))
-        new = torch.lerp(xk, y.view(-1, d), p.reshape(-1).index_select(0, flat).unsqueeze(1))
-        if ctx.compacting:
-            return out.view(b * n, d).index_copy_(0, flat, new).view(b, n, d)
-        return out.reshape(b * n, d).index_copy(0, flat, new).view(b, n, d)
+                idx = torch.arange(n, device=x.device).expand(b, -1)
+            flat = (idx + torch.arange(b, device=x.device).unsqueeze(1) * n).view(-1)
+            return self._through(ctx, x, p, [(None, flat, idx.shape[1])], out)
+        return self._through(ctx, x, p, token_groups(route, self.body.per_token), out)
 
     def run(self, ctx) -> None:
         env, key = ctx.env, self.reads[0]
@@ -160,6 +136,25 @@ class TokenGateRuntime:
         x, key = g.var(self.reads[0]), self.reads[0]
         live = "None" if key in self.live_after else f"[{g.values(g.live(self.live_after))}]"
         g.assign(self.writes, f"{g.bind(self, f'gate{self.index}')}.apply(ctx, {x}, {live})")
+
+
+def token_groups(mask: torch.Tensor, per_token: bool) -> list[tuple]:
+    """How the tokens `mask` [b, L] of a batch run a unit: (rows, flat, k) per call, `rows`
+    the samples taking part (positions), `flat` their tokens' rows of [b·L, D] in order (moved
+    by index_select / index_copy_, 6-15x faster on CPU than gather / scatter_ with an index
+    expanded over D), `k` the tokens per sample. A unit that computes each token alone
+    (`per_token`) takes every sequence's tokens in one call (k None: one [1, N, D] sequence);
+    otherwise sequences run in groups of one count, so each gets the result it has alone."""
+    b, n = mask.shape
+    counts = mask.sum(1)
+    if per_token:
+        return [(positions(counts > 0), mask.reshape(-1).nonzero().flatten(), None)]
+    groups = []
+    for k in sorted(set(counts.tolist()) - {0}):
+        rows = positions(counts == k)
+        idx = mask.index_select(0, rows).nonzero()[:, 1].view(-1, k)
+        groups.append((rows, (idx + rows.unsqueeze(1) * n).view(-1), k))
+    return groups
 
 
 def build_token_gate(spec, b, site: Site, index: int) -> tuple[TokenGateRuntime, tuple] | None:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from .. import tasks
-from ..runtime.context import draw_scale, positions
+from ..runtime.context import draw_scale
+from .token_gate import token_groups
 
 # A sequence's decision at a per-token metalayer is recorded as its count of tokens per
 # choice, in base L + 1 (L: the longest sequence): code = sum_j count_j (L + 1)^j.
@@ -87,20 +88,6 @@ def describe(m, code: int) -> str:
     return f"{m.name} tokens " + "+".join(f"choice{j}×{k}" for j, k in enumerate(counts) if k)
 
 
-def scores(m, ctx, x: torch.Tensor) -> torch.Tensor:
-    """The controller's scores [b, L, choices]; its state [b, L, hidden] goes on."""
-    h = ctx.states.get(m.key)
-    if h is None:
-        h = x.new_zeros((*x.shape[:2], *m.state_shape))
-    # the controller reads the features without moving them (as MoD's predictor does, and as
-    # per-sample metalayers do): its policy terms would otherwise teach the backbone to push
-    # every token toward the cheap choice, even in a modules-only stage where the controller
-    # itself is frozen
-    seen = x.detach() if x.requires_grad else x
-    logits, ctx.states[m.key] = ctx.call(m.router, seen, h, m.gamma(ctx, x.shape[0], x))
-    return logits
-
-
 def pick(m, ctx, logits: torch.Tensor) -> torch.Tensor:
     """[b, L] each token's choice: the top score (infer, dense) or sampled (train)."""
     if ctx.mode != "train":
@@ -116,24 +103,13 @@ def pick(m, ctx, logits: torch.Tensor) -> torch.Tensor:
 
 
 def _run(ctx, unit, x: torch.Tensor, mask: torch.Tensor, out, compacting: bool):
-    """The tokens in `mask` [b, L] of `x` [b, L, D] through `unit`, a sequence per sample,
-    written into their rows of `out` [b·L, D'] (None: made here). Sequences run in groups of
-    one count; a unit that computes each token alone (`unit.per_token`: no attention) runs
-    every sequence's tokens in one call instead, which gives the same rows."""
+    """The tokens in `mask` [b, L] of `x` [b, L, D] through `unit` (`token_groups`: a call per
+    count, or one for a unit without attention), written into their rows of `out` [b·L, D']
+    (None: made here)."""
     b, n, d = x.shape
-    counts = mask.sum(1)
-    if unit.per_token:
-        groups = [(positions(counts > 0), mask.reshape(-1).nonzero().flatten(), None)]
-    else:
-        groups = []
-        for k in sorted(set(counts.tolist()) - {0}):
-            rows = positions(counts == k)
-            idx = mask.index_select(0, rows).nonzero()[:, 1].view(-1, k)
-            groups.append((rows, (idx + rows.unsqueeze(1) * n).view(-1), k))
-    for rows, flat, k in groups:
-        # tokens as rows of [b·L, D]: index_select / index_copy_ move whole rows
+    for rows, flat, k in token_groups(mask, unit.per_token):
         xk = x.reshape(b * n, d).index_select(0, flat)
-        y = ctx.call(unit, xk.view(1, -1, d) if k is None else xk.view(-1, k, d), count=rows)
+        y = ctx.call(unit, xk.view(-1, k, d) if k else xk.view(1, -1, d), count=rows)
         y = y.reshape(-1, y.shape[-1])
         if out is None:
             out = (
