@@ -4,8 +4,8 @@ token stays a key and a value (CALM's frozen states). Does the MAC fraction beco
     python benchmarks/token_rows.py            # writes benchmarks/RESULTS-token-rows.md
     python benchmarks/token_rows.py --quick    # L = 64 only, shorter timing (not kept in git)
 
-The construct (`exit: {per: token}`) is not built yet (docs/runtime.md); this times the kernel
-it will run after an exit, `TransformerBlock.forward_rows`, on one causal pre-LN layer (d = 128,
+This times the kernel a per-token exit's later layers run (benchmarks/token_exits.py times the
+whole model), `TransformerBlock.forward_rows`, on one causal pre-LN layer (d = 128,
 4 heads, MLP 4x), B = 32, L = 64 and 256, one thread. The running tokens are chosen as a
 threshold would choose them: each token independently with probability c, so sequences run
 different numbers of tokens. Timed in interleaved rounds, in the same run:
@@ -24,6 +24,7 @@ rows' share of the grid, t = time fraction (dyngraph / static).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,6 +49,29 @@ def ideal_macs(active: torch.Tensor, d: int = D, ratio: float = RATIO) -> int:
     return b * n * 2 * d * d + run * (2 * d * d + 2 * d * hidden) + reads * 2 * d
 
 
+def oracle_layer(blk: TransformerBlock, x: torch.Tensor, grid) -> Callable[[], torch.Tensor]:
+    """The layer's GEMMs at their sizes on pre-made inputs, for the running tokens `grid` of
+    `x` [b, L, D]: LN1 and the KV projection on every token, the Q projection on the running
+    tokens, attention on the padded query grid, the output projection and the MLP on the
+    running tokens (no index ops, no grid)."""
+    b, n, d = x.shape
+    heads, a, n_run = blk.attn.heads, blk.attn, grid.rows.numel()
+    hq, xq = torch.randn(n_run, d), torch.randn(n_run, d)
+    grid_q = torch.randn(b, heads, grid.width, d // heads)
+    y_run = torch.randn(n_run, d)
+
+    def oracle():
+        h = blk.norm1(x)
+        kv = F.linear(h, a.qkv.weight[d:], a.qkv.bias[d:])
+        k, v = kv.view(b, n, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+        F.linear(hq, a.qkv.weight[:d], a.qkv.bias[:d])
+        F.scaled_dot_product_attention(grid_q, k, v, attn_mask=grid.mask)
+        z = xq + a.proj(y_run)
+        return z + blk.fc2(blk.act(blk.fc1(blk.norm2(z))))
+
+    return oracle
+
+
 @torch.no_grad()
 def measure(length: int, c: float, min_run_time: float) -> dict:
     torch.manual_seed(0)
@@ -68,23 +92,13 @@ def measure(length: int, c: float, min_run_time: float) -> dict:
     def masking():
         return torch.where(active[..., None], blk(x), x)
 
-    a = blk.attn
-    hq, xq = torch.randn(n_run, D), torch.randn(n_run, D)
-    grid_q = torch.randn(B, HEADS, width, D // HEADS)
-    mask = grid.mask
-    y_run = torch.randn(n_run, D)
-
-    def oracle():
-        h = blk.norm1(x)
-        kv = F.linear(h, a.qkv.weight[D:], a.qkv.bias[D:])
-        k, v = kv.view(B, length, 2, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
-        F.linear(hq, a.qkv.weight[:D], a.qkv.bias[:D])
-        F.scaled_dot_product_attention(grid_q, k, v, attn_mask=mask)
-        z = xq + a.proj(y_run)
-        return z + blk.fc2(blk.act(blk.fc1(blk.norm2(z))))
-
     t = time_interleaved(
-        {"static": lambda: blk(x), "dyngraph": dyngraph, "masking": masking, "oracle": oracle},
+        {
+            "static": lambda: blk(x),
+            "dyngraph": dyngraph,
+            "masking": masking,
+            "oracle": oracle_layer(blk, x, grid),
+        },  # fmt: skip
         min_run_time,
     )
     return {

@@ -161,6 +161,34 @@ def _fvcore(module, inputs):
         return total, dict(fca.unsupported_ops()), by_module
 
 
+class _FrozenRows(torch.nn.Module):
+    """A block's `forward_rows` on one token that does not run (its keys and values only)."""
+
+    def __init__(self, block: torch.nn.Module, device):
+        super().__init__()
+        from .blocks.sequence import query_grid
+
+        self.block = block
+        self.grid = query_grid(torch.zeros(1, 1, dtype=torch.bool, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.forward_rows(x, self.grid)
+
+
+def rows_macs(block: torch.nn.Module, counter: str = "fvcore") -> int:
+    """The MACs one frozen token costs `block` run with partial queries (a per-token exit's
+    later layers): its keys and values, what `forward_rows` computes for every token."""
+    w = next(block.parameters())
+    probe = _FrozenRows(block, w.device)
+    x = torch.randn(1, 1, block.dim, device=w.device, dtype=w.dtype)
+    was = block.training
+    block.eval()
+    try:
+        return fvcore_macs(probe, (x,))[0] if counter == "fvcore" else torch_macs(probe, (x,))
+    finally:
+        block.train(was)
+
+
 def count_unit(unit, counter: str = "fvcore", inputs: tuple | None = None) -> UnitCost:
     """Static cost of `unit` for one sample (`inputs` at batch 1, by default random ones of
     its recorded shapes), by submodule under readable names where the unit has them (a

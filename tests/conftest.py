@@ -85,10 +85,16 @@ def diversify(model: dg.DynamicModel) -> None:
         for e, logits in zip(model.exits[:-1], out.extras["exit_logits"], strict=False):
             if e.kind == "patience":
                 continue
-            c = confidence(logits, e.kind, e.temperature).unique()  # sorted
+            z = logits.flatten(0, -2)  # (per-token exits: every token's logits)
+            c = confidence(z, e.kind, e.temperature).unique()  # sorted
             # halfway between two scores: an input seen here (short sequences repeat) must
             # not sit exactly on the threshold, where float noise of another batch flips it
             i = int((0.7 if e.kind == "max_prob" else 0.3) * (len(c) - 1))
+            if e.per == "token" and len(c) > 100:  # thousands of scores, close together:
+                # the widest gap near that rank, so that compiled units' float noise (1e-6)
+                # flips no token of another batch
+                lo, hi = i - len(c) // 20, i + len(c) // 20
+                i = lo + int((c[lo + 1 : hi + 1] - c[lo:hi]).argmax())
             e.threshold = float((c[i] + c[min(i + 1, len(c) - 1)]) / 2)
 
 

@@ -80,7 +80,7 @@ class Attention(nn.Module):
         super().__init__()
         if dim % heads:
             raise ShapeError(f"dim {dim} is not divisible by heads={heads}")
-        self.heads, self.causal = heads, causal
+        self.dim, self.heads, self.causal = dim, heads, causal
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +127,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, causal: bool, act: str):
         super().__init__()
         hidden = int(dim * mlp_ratio)
+        self.dim = dim
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, causal)
         self.norm2 = nn.LayerNorm(dim)
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)

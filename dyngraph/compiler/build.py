@@ -17,7 +17,7 @@ import torch
 
 from ..blocks import BLOCKS
 from ..blocks.custom import importable_beside
-from ..blocks.registry import sequence_model
+from ..blocks.registry import acts_per_token, sequence_model
 from ..constructs import CONSTRUCTS, Site
 from ..core.errors import SpecError, did_you_mean
 from .fx_segments import StaticNode
@@ -109,6 +109,7 @@ def build(r: Resolver) -> Plan | None:
             pending.clear()
             pending_reads.clear()
 
+    token_rows = False  # after a per-token exit: each layer is its own step (token_rows.py)
     for nid, node, path, inputs in items:
         r.names.enter(nid, path)
         inputs = [aliases.get(i, i) for i in inputs]
@@ -116,7 +117,11 @@ def build(r: Resolver) -> Plan | None:
         r.graph_end = (key, path)
         if key is None:  # a static module node
             m, shapes[nid] = _module_node(r, node, path, inputs)
-            if m is not None:
+            if m is not None and token_rows:
+                if _rows_layer(r, m, path, inputs, shapes[nid]):
+                    steps.append(("rows", [StaticNode(nid, m, inputs, path, r.names.label(nid))],
+                                  list(inputs)))  # fmt: skip
+            elif m is not None:
                 inside = {n.node_id for n in pending}
                 pending_reads.extend(
                     i for i in inputs if i not in pending_reads and i not in inside
@@ -137,6 +142,14 @@ def build(r: Resolver) -> Plan | None:
         if built is None:
             continue
         runtime, out_shape = built
+        if token_rows and not getattr(runtime, "freezes_tokens", False):
+            r.problem(
+                path,
+                f"this {key} node cannot follow a per-token exit: only layers and per-token "
+                "exits do (they update the running tokens only)",
+            )
+            continue
+        token_rows = token_rows or getattr(runtime, "freezes_tokens", False)
         r.runtimes.setdefault(key, []).append(runtime)
         r._paths[id(runtime)] = path
         if c.passes_input:
@@ -181,6 +194,30 @@ def build(r: Resolver) -> Plan | None:
         runtimes=r.runtimes,
         constructs=list(CONSTRUCTS.values()),
     )
+
+
+def _rows_layer(r: Resolver, m, path: tuple, inputs: list[str], out: Shape | None) -> bool:
+    """Whether static node `m` can run after a per-token exit (runtime/token_rows.py): one
+    sequence input, its shape kept (a frozen token keeps its state), and either computing
+    each token alone or taking partial queries (`forward_rows`)."""
+    if out is None:
+        return False
+    if len(inputs) != 1 or r.shapes.get(inputs[0]) != out or len(out) != 2:
+        r.problem(
+            path,
+            "after a per-token exit a layer takes one sequence and keeps its shape (a frozen "
+            f"token keeps its state): in {[list(r.shapes.get(i) or ()) for i in inputs]}, out "
+            f"{list(out)}",
+        )
+        return False
+    if not (acts_per_token(m) or hasattr(m, "forward_rows")):
+        r.problem(
+            path,
+            f"'{type(m).__name__}' cannot run after a per-token exit: it mixes tokens and has "
+            "no partial queries (forward_rows: attention, transformer_block)",
+        )
+        return False
+    return True
 
 
 def _check_task(r: Resolver, shape: Shape | None, path: tuple) -> None:

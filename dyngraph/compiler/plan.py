@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..runtime.steps import SegmentStep
+from ..runtime.token_rows import RowsStep
 from .fx_segments import segment_module
 from .units import Shape, Unit
 
@@ -47,7 +48,7 @@ class Plan:
 def live_steps(r, steps: list, out_id: str, shapes: dict) -> list:
     """The plan's steps: each pending segment as a SegmentStep exporting what is read after
     it; every step's `live_after` set."""
-    reads_of = [set(extra) if kind == "segment" else set(obj.reads) for kind, obj, extra in steps]
+    reads_of = [set(obj.reads) if kind == "construct" else set(extra) for kind, obj, extra in steps]
     live_after: list[set[str]] = []
     acc = {out_id}
     for reads in reversed(reads_of):
@@ -56,12 +57,12 @@ def live_steps(r, steps: list, out_id: str, shapes: dict) -> list:
     live_after.reverse()
     out = []
     for k, (kind, obj, extra) in enumerate(steps):
-        if kind != "segment":
+        if kind == "construct":
             obj.live_after = live_after[k]
             out.append(obj)
             continue
         nodes, reads = obj, extra
-        outs = [n.node_id for n in nodes if n.node_id in live_after[k]]
+        outs = [n.node_id for n in nodes if n.node_id in live_after[k] or kind == "rows"]
         r._cur_step = k
         u = r.unit(
             f"segment {r.next_index('segment')}",
@@ -69,7 +70,12 @@ def live_steps(r, steps: list, out_id: str, shapes: dict) -> list:
             [shapes[i] for i in reads],
             "segment",
         )
-        out.append(SegmentStep(u, reads, outs, live_after=live_after[k]))
+        if kind == "segment":
+            out.append(SegmentStep(u, reads, outs, live_after=live_after[k]))
+            continue
+        # a layer after a per-token exit (runtime/token_rows.py)
+        u.rows = nodes[0].module if hasattr(nodes[0].module, "forward_rows") else None
+        out.append(RowsStep(u, nodes[0].module, reads, outs, live_after=live_after[k]))
     r.units.sort(key=lambda u: u.order)  # execution order, so that unit tables read top-down
     for i, u in enumerate(r.units):
         u.index = i

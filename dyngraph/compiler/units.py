@@ -41,6 +41,8 @@ class Unit:
         head: a decision unit that predicts the task (an exit head): a stage's `heads`.
         per_token: it computes each token from that token alone, so the tokens of many
             sequences can run it as one [1, N, D] call (blocks.registry.acts_per_token).
+        rows: after a per-token exit, the block that runs it with partial queries
+            (runtime/token_rows.py), or None.
     """
 
     index: int
@@ -53,6 +55,8 @@ class Unit:
     fn: Callable | None = field(default=None, repr=False)
     order: tuple[int, int] = (0, 0)  # (plan step, creation): sorts units into execution order
     per_token: bool = False
+    rows: nn.Module | None = None  # the block whose `forward_rows` runs its partial queries
+    frozen: dict[str, int] = field(default_factory=dict, repr=False)  # lengths.frozen_macs
 
     def __call__(self, *args: torch.Tensor):
         return (self.fn if self.fn is not None else self.module)(*args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -17,9 +17,11 @@ from pydantic import Field
 from ..core.types import ModuleRef, Strict
 from ..runtime import kernels
 from ..runtime.context import const, draw_scale, positions, pseudo_uniform
+from ..tasks import IGNORE
 from .api import Column, ConstructDef, Site, Sweep, attr_sweep
 from .exit_criteria import CRITERIA, RULES, Criterion, confidence, criterion  # noqa: F401
 from .registry import register_construct
+from .token_exit import build_token_exit
 
 
 class ExitOptions(Strict):
@@ -44,6 +46,11 @@ class ExitSpec(Strict):
     """`exit: {head: MODULE, criterion: {...}, weight: 1.0, distill: {...}}`."""
 
     head: ModuleRef
+    per: Literal["sample", "token"] = Field(
+        "sample",
+        description="`token`: each token leaves on its own, its state frozen for later layers "
+        "(CALM; token_exit.py); needs a per-token task and a per-token head",
+    )
     criterion: Criterion | None = None
     weight: float = Field(1.0, ge=0.0, description="weight of this exit's loss in training")
     distill: Distill | None = None
@@ -67,6 +74,7 @@ class ExitRuntime:
     head_shape: tuple
     last: bool = False  # the graph's final exit (set by `_finish`)
     live_after: set[str] = field(default_factory=set)
+    per = "sample"  # (token_exit.py: per token)
 
     def __post_init__(self) -> None:
         self.rule = RULES.get(self.kind)  # the criterion's class (its decision code)
@@ -138,11 +146,18 @@ def build_exit(spec: ExitSpec, b, site: Site) -> tuple[ExitRuntime, tuple] | Non
     """Check and build one exit node."""
     index = b.next_index("exit")
     task = b.spec.task
+    c = spec.criterion
+    crit = {
+        k: getattr(c, k, d)
+        for k, d in (("threshold", None), ("temperature", 1.0), ("patience", None))
+    }
+    if spec.per == "token":
+        return build_token_exit(spec, b, site, index, crit)
     if spec.criterion is not None and (task.type != "classification" or task.per == "token"):
         b.problem(
             site.path + ("criterion",),
             f"criterion '{spec.criterion.type}' needs a classification task per sample "
-            "(a per-token task's exits decide per token: `per: token`, not yet supported)",
+            "(a per-token task's exits decide per token: `per: token`)",
         )
         return None
     head = b.module(spec.head, site.path + ("head",), [site.in_shape])
@@ -158,12 +173,7 @@ def build_exit(spec: ExitSpec, b, site: Site) -> tuple[ExitRuntime, tuple] | Non
         )
         return None
     unit = b.unit(f"exit {index} head", head, [site.in_shape], construct=f"exit {index}", head=True)
-    c = spec.criterion
     kind = None if c is None else c.type
-    crit = {
-        k: getattr(c, k, d)
-        for k, d in (("threshold", None), ("temperature", 1.0), ("patience", None))
-    }
     rt = ExitRuntime(index, unit, kind, **crit, weight=spec.weight, distill=spec.distill,
                      reads=[site.in_id], writes=site.node_id, head_shape=out)  # fmt: skip
     return rt, site.in_shape
@@ -195,12 +205,14 @@ def exit_objective(lc) -> dict[str, torch.Tensor]:
         d = e.distill
         if d is None:
             continue
-        t = d.temperature
+        t, token = d.temperature, e.per == "token"  # per token: a mean over tokens
+        zs, ls = (z.flatten(0, -2), last.flatten(0, -2)) if token else (z, last)
         kl = kl + d.kl_weight * t * t * torch.nn.functional.kl_div(
-            torch.log_softmax(z / t, 1), torch.softmax(last / t, 1), reduction="batchmean"
+            torch.log_softmax(zs / t, -1), torch.softmax(ls / t, -1), reduction="batchmean"
         )
         if d.feature_weight:  # on layer-normalized features: the residual stream's scale is free
-            gap = (norm(f, f.shape[1:]) - norm(last_feat, f.shape[1:])).pow(2).mean()
+            dims = f.shape[-1:] if token else f.shape[1:]
+            gap = (norm(f, dims) - norm(last_feat, dims)).pow(2).mean()
             feat = feat + d.feature_weight * gap
     if torch.is_tensor(kl):
         terms["distill_kl"] = kl / n
@@ -251,9 +263,12 @@ def fit_temperatures(model, exits: list[ExitRuntime], val, batch_size: int = 512
     batches = range(0, len(val), batch_size)
     outs = [model(val.x[i : i + batch_size], mode="dense").extras["exit_logits"] for i in batches]
     grid = torch.logspace(math.log10(0.05), math.log10(20.0), 200)
+    y = val.y.flatten()  # per token: every labelled position (IGNORE: padding)
     for k, e in enumerate(exits):
-        z = torch.cat([o[k] for o in outs])
-        nll = torch.stack([torch.nn.functional.cross_entropy(z / t, val.y) for t in grid])
+        z = torch.cat([o[k] for o in outs]).flatten(0, -2)
+        nll = torch.stack(
+            [torch.nn.functional.cross_entropy(z / t, y, ignore_index=IGNORE) for t in grid]
+        )
         e.temperature = float(grid[int(nll.argmin())])
     return {"temperatures": [e.temperature for e in exits]}
 

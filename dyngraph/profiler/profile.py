@@ -222,6 +222,9 @@ def profile(
         summary.update(
             executed_macs=executed, ideal_macs=ideal, dispatch_waste=executed / max(ideal, 1)
         )
+        padding = sum(t.query_padding_macs for t in traces)
+        if padding:  # a padded query grid (layers after a per-token exit): the known waste
+            summary["query_padding_macs"] = padding
 
     per_lat = None
     if latency:

@@ -179,6 +179,8 @@ def report_md(prof) -> str:
                 f"{_fmt(s['executed_macs'])} / {_fmt(s['ideal_macs'])} = {s['dispatch_waste']:.4f}",
             )
         )
+    if s.get("query_padding_macs"):
+        rows.append(("of which padded queries (per-token exits)", _fmt(s["query_padding_macs"])))
     if "throughput_per_s" in s:
         rows.append(
             (

@@ -14,14 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..blocks.sequence import Attention
-
-
-def causal_units(model) -> list[bool]:
-    """Whether each unit holds causal attention."""
-    return [
-        any(isinstance(m, Attention) and m.causal for m in u.module.modules()) for u in model.units
-    ]
+from ..runtime.lengths import causal_units, query_token_macs
 
 
 def token_macs(model, trace, counter: str = "fvcore", width: int | None = None) -> torch.Tensor:
@@ -38,8 +31,13 @@ def token_macs(model, trace, counter: str = "fvcore", width: int | None = None) 
     causal = causal_units(model)
     routed = {u: (t.cpu() == 1) for u, t in trace.unit_tokens.items()}
     per_row = {u: t.cpu().clamp_min(0) for u, t in trace.token_counts.items()}
+    queries = trace.unit_queries
     out = torch.zeros(b, full, dtype=torch.long)
     for u in range(counts.shape[1]):
+        if u in queries:  # partial queries: each token's share is its own (lengths.py)
+            q = query_token_macs(model, u, queries[u], lengths, counter)
+            out[:, : q.shape[1]] += counts[:, u : u + 1] * q
+            continue
         for s in counts[:, u].nonzero().flatten().tolist():
             n, c = int(lengths[s]), int(counts[s, u])
             if u in per_row:  # run a token at a time: each position pays its own runs
@@ -59,17 +57,23 @@ def token_macs(model, trace, counter: str = "fvcore", width: int | None = None) 
     return out
 
 
-def depth_per_token(trace) -> torch.Tensor | None:
+def depth_per_token(trace, model=None) -> torch.Tensor | None:
     """[B, L] each token's depth (-1: padding): the per-token gates that routed it through
-    their body, plus its ponder steps under halting through time; None without per-token
+    their body, the layers it ran after a per-token exit, plus its ponder steps under halting
+    through time (exit heads and per-token decisions are not depth); None without per-token
     decisions."""
+    heads = set() if model is None else {u.index for u in model.units if u.head}
+    kinds = {n: k for (u, n), k in trace._token_kinds.items() if u not in heads and k != "decision"}
     if not trace.tokens:
         return None
-    counted = set(trace._token_counts.values())
     t = torch.stack([v.cpu() for v in trace.tokens.values()])  # [N, B, L]: -1 where padded
     depth = sum(
-        v.cpu().clamp_min(0) if name in counted else (v.cpu() == 1).long()
-        for name, v in trace.tokens.items()
+        (
+            v.cpu().clamp_min(0) if kinds[name] == "steps" else (v.cpu() == 1).long()
+            for name, v in trace.tokens.items()
+            if name in kinds
+        ),
+        torch.zeros(t.shape[1:], dtype=torch.long),
     )
     return torch.where((t == -1).all(0), torch.full_like(depth, -1), depth)
 
@@ -93,7 +97,7 @@ def summary(macs: torch.Tensor, lengths: torch.Tensor, depth: torch.Tensor | Non
 
 def per_token(model, trace, counter: str, width: int) -> tuple:
     """(token MACs [B, width], lengths [B], depth [B, width] or None) of one batch."""
-    depth = depth_per_token(trace)
+    depth = depth_per_token(trace, model)
     if depth is not None and depth.shape[1] < width:
         depth = torch.nn.functional.pad(depth, (0, width - depth.shape[1]), value=-1)
     return token_macs(model, trace, counter, width), trace.lengths.cpu(), depth

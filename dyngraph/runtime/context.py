@@ -101,7 +101,10 @@ class RunContext:
         # over the current rows, or None for all of them.
         self.events: list[tuple] = []
         self.decisions: list[tuple] = []
-        self.tokens: list[tuple] = []  # (unit index, name, rows, [rows, L] bool): per-token runs
+        # (unit index, name, rows, [rows, L] values, kind): per-token runs (`record_tokens`)
+        self.tokens: list[tuple] = []
+        self.token_rows = None  # after a per-token exit: its TokenRows (runtime/token_rows.py)
+        self.query_padding = 0  # MACs a padded query grid wasted (runtime/token_rows.py)
         self.extras: dict[str, Any] = defaultdict(list)
         self.trace_sizes = trace_sizes
         self.rows = b  # the number of rows the values in `env` have now (0: every row left)
@@ -139,11 +142,23 @@ class RunContext:
         rows = self.live if self.idx is None else self.idx
         self.decisions.append((field, col, rows, where, values))
 
-    def record_tokens(self, unit: int, name: str, mask: torch.Tensor) -> None:
-        """Log which tokens of each current row ran `unit` (a per-token decision `name`):
-        `mask` [rows, L] bool. The unit ran on those tokens as a shorter sequence, so its cost
-        for a sample is its cost at that many tokens (Trace, per-input MACs)."""
-        self.tokens.append((unit, name, self.live if self.idx is None else self.idx, mask))
+    def record_tokens(
+        self, unit: int | None, name: str, values: torch.Tensor, kind: str | None = None
+    ) -> None:
+        """Log a per-token record `name` of each current row, `values` [rows, L], of a `kind`
+        that says what a sample's cost of `unit` is (Trace, per-input MACs):
+        - "routed" (bool; the default for bool values): the unit ran on those tokens as a
+          shorter sequence, so it costs its cost at that many tokens;
+        - "steps" (counts; the default otherwise): each position ran it that many times, a
+          token at a time;
+        - "queries" (bool): it ran those tokens' queries, every token a key and a value
+          (partial queries after a per-token exit, runtime/token_rows.py);
+        - "decision" (no unit): a per-token decision (the exit each token left at), part of
+          the sample's path."""
+        if kind is None:
+            kind = "routed" if values.dtype == torch.bool else "steps"
+        rows = self.live if self.idx is None else self.idx
+        self.tokens.append((unit, name, rows, values, kind))
 
     def leave(self, out: torch.Tensor, where: int, everyone: bool) -> None:
         """Infer: `out` is the output of every current row, taken at `where` (recorded in the

@@ -177,4 +177,52 @@ def sample_unit_macs(model, trace, counter: str = "fvcore") -> torch.Tensor:
     table = torch.zeros(int(k.max()) + 1, counts.shape[1], dtype=torch.long)  # length 0: 0
     for m in set(k.unique().tolist()) - {0}:  # only the lengths met (each is a count)
         table[m] = model.unit_macs(counter, int(m))
-    return counts * table.gather(0, k)
+    out = counts * table.gather(0, k)
+    for u, running in trace.unit_queries.items():
+        out[:, u] = counts[:, u] * query_token_macs(model, u, running, n, counter).sum(1)
+    return out
+
+
+def query_token_macs(
+    model, u: int, running: torch.Tensor, lengths: torch.Tensor, counter: str
+) -> torch.Tensor:
+    """[B, L] each token's MACs in unit `u` run with partial queries (runtime/token_rows.py):
+    `running` [B, L] 1 where the token ran its query, 0 where it was a key and a value only
+    (it pays `frozen_macs`), -1 for padding. A running token at position i pays C(i + 1) -
+    C(i) under a causal mask (C: the unit's cost at a length), else an equal share of C(n)
+    beyond the frozen cost; a sequence with every token running pays C(n) exactly."""
+    running, lengths = running.cpu(), lengths.cpu()
+    kappa = frozen_macs(model.units[u], counter)
+    causal = causal_units(model)[u]
+    out = torch.zeros(running.shape, dtype=torch.long)
+    for n in lengths.unique().tolist():
+        rows = (lengths == n).nonzero().flatten()
+        c = [0] + [int(model.unit_macs(counter, m)[u]) for m in range(1, n + 1)]
+        if causal:
+            share = torch.tensor([c[i + 1] - c[i] for i in range(n)])
+        else:  # (C(n) - n·kappa) / n each; a remainder (none for built-in blocks) to the last
+            each, rest = divmod(c[n] - n * kappa, n)
+            share = torch.full((n,), kappa + each)
+            share[-1] += rest
+        r = running.index_select(0, rows)[:, :n]
+        out[rows, :n] = torch.where(r == 1, share, torch.where(r == 0, kappa, 0))
+    return out
+
+
+def frozen_macs(unit, counter: str) -> int:
+    """The MACs a frozen token costs `unit` run with partial queries: its keys and values
+    (counted on the unit's `rows` block with one token, none of them running)."""
+    if counter not in unit.frozen:
+        from ..cost import rows_macs
+
+        unit.frozen[counter] = rows_macs(unit.rows, counter)
+    return unit.frozen[counter]
+
+
+def causal_units(model) -> list[bool]:
+    """Whether each unit holds causal attention."""
+    from ..blocks.sequence import Attention
+
+    return [
+        any(isinstance(m, Attention) and m.causal for m in u.module.modules()) for u in model.units
+    ]

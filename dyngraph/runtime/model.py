@@ -64,6 +64,14 @@ class DynamicModel(nn.Module):
                 for c in plan.constructs
             ],
             lengths=plan.spec.input.is_sequence,
+            token_decisions=tuple(
+                dict.fromkeys(
+                    n.token_decision
+                    for nodes in plan.runtimes.values()
+                    for n in nodes
+                    if getattr(n, "token_decision", None)
+                )
+            ),
         )
         self._in_shape = torch.Size(plan.spec.input.shape)
         inp = plan.spec.input

@@ -57,10 +57,11 @@ class Trace:
         self._calls: list[tuple[int, int]] | None = None
         self._token_log = ctx.tokens
         self._tokens: dict[str, torch.Tensor] | None = None
-        # per-token logs: a bool mask (the unit ran on those tokens as a shorter sequence) or
-        # counts (the unit ran that many times at each position, a row at a time)
-        self._token_units = {u: n for u, n, _, m in ctx.tokens if m.dtype == torch.bool}
-        self._token_counts = {u: n for u, n, _, m in ctx.tokens if m.dtype != torch.bool}
+        # per-token logs (RunContext.record_tokens): {(unit, name): kind}; units may share
+        # a record (halting through time: the step and the halting unit ran as often)
+        self._token_kinds = {(u, n): k for u, n, _, _, k in ctx.tokens}
+        self.query_padding_macs = ctx.query_padding
+        self._positions = ctx.input.shape[1] if ctx.input.dim() > 1 else 0
         self.lengths = lengths
 
     @classmethod
@@ -80,10 +81,18 @@ class Trace:
         t._unit_counts = merge([p.unit_counts for p in parts], order, 0)
         t._path_id = None
         t._calls = [c for p in parts for c in p.unit_calls()]
-        t._token_units, t._token_counts = first._token_units, first._token_counts
-        # per-token columns are padded with -1 to the batch's length
+        t._token_kinds = {k: v for p in parts for k, v in p._token_kinds.items()}
+        t.query_padding_macs = sum(p.query_padding_macs for p in parts)
+        t._positions = full
+        # per-token columns are padded with -1 to the batch's length (and a column a group
+        # never wrote, where every token of its sequences left before it, is all -1)
         pad = [
-            {k: F.pad(v, (0, full - v.shape[1]), value=-1) for k, v in p.tokens.items()}
+            {
+                k: F.pad(p.tokens[k], (0, full - p.tokens[k].shape[1]), value=-1)
+                if k in p.tokens
+                else torch.full((len(p), full), -1, dtype=torch.long, device=p._device)
+                for k in dict.fromkeys(n for _, n in t._token_kinds)
+            }
             for p in parts
         ]
         t._tokens = merge(pad, order, full)
@@ -118,7 +127,7 @@ class Trace:
     def tokens(self) -> dict[str, torch.Tensor]:
         if self._tokens is None:
             b, dev, out = self._batch, self._device, {}
-            for _, name, rows, mask in self._token_log:
+            for _, name, rows, mask, _ in self._token_log:
                 t = out.get(name)
                 if t is None:
                     t = torch.full((b, mask.shape[1]), -1, dtype=torch.long, device=dev)
@@ -133,15 +142,26 @@ class Trace:
             self._tokens = out
         return self._tokens
 
+    def _of_kind(self, kind: str) -> dict[int, torch.Tensor]:
+        return {u: self.tokens[n] for (u, n), k in self._token_kinds.items() if k == kind}
+
     @property
     def unit_tokens(self) -> dict[int, torch.Tensor]:
-        return {u: self.tokens[name] for u, name in self._token_units.items()}
+        """{unit index: [B, L]} 1 where the token ran the unit, which ran on those tokens as
+        a shorter sequence (a Mixture-of-Depths body, a per-token module choice)."""
+        return self._of_kind("routed")
 
     @property
     def token_counts(self) -> dict[int, torch.Tensor]:
         """{unit index: [B, L]} how many times each position ran the unit (halting through
         time: its ponder steps), for units that run a token at a time."""
-        return {u: self.tokens[name] for u, name in self._token_counts.items()}
+        return self._of_kind("steps")
+
+    @property
+    def unit_queries(self) -> dict[int, torch.Tensor]:
+        """{unit index: [B, L]} 1 where the token ran the unit's queries, 0 where it was a
+        key and a value only (frozen after a per-token exit, runtime/token_rows.py)."""
+        return self._of_kind("queries")
 
     def _fold(self, t: torch.Tensor) -> torch.Tensor:
         """Row-space values [rows, ...] as [samples, width, ...] (width 1: unchanged)."""
@@ -167,6 +187,13 @@ class Trace:
         cols = [c.flatten(1) if c.dim() > 1 else c[:, None] for c in self.columns.values()]
         if self._paths.lengths:  # a sequence's length is part of its path (and of its cost)
             cols.insert(0, self.lengths.to(self._device)[:, None])
+        # per-token decisions whose positions set the cost (the exit of every token): -1
+        # where a sample made none (an empty batch)
+        for name in self._paths.token_decisions:
+            v = self.tokens.get(name)
+            if v is None:
+                v = torch.full((self._batch, self._positions), -1, dtype=torch.long)
+            cols.append(v.to(self._device))
         return torch.cat(cols, dim=1)
 
     @property
@@ -237,6 +264,9 @@ class PathTable:
 
     groups: list[Group]
     lengths: bool = False  # each path starts with the sequence's length
+    # per-token decisions that are part of a path (trace.tokens names): a per-token exit's
+    # cost depends on which positions run each layer, not only on how many
+    token_decisions: tuple[str, ...] = ()
     ids: dict[tuple[int, ...], int] = field(default_factory=dict)
     rows: list[tuple[int, ...]] = field(default_factory=list)
 
@@ -267,6 +297,13 @@ class PathTable:
             text = g.describe(values) if values else None
             if text:
                 parts.append(text)
+        if self.token_decisions:  # e.g. "tokens by exit 0:5 2:11"
+            rest = row[start:]
+            n = len(rest) // len(self.token_decisions)
+            for k, name in enumerate(self.token_decisions):
+                v = [x for x in rest[k * n : (k + 1) * n] if x >= 0]
+                counts = " ".join(f"{e}:{v.count(e)}" for e in sorted(set(v)))
+                parts.append(f"tokens by {name} {counts}")
         return "; ".join(parts) or "static"
 
     def state(self) -> dict[str, Any]:

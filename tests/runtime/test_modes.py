@@ -57,7 +57,9 @@ def test_nothing_wasted(spec_path):
     executed = fc.get_total_flops()
     assert executed % 2 == 0
     ideal = int(model.per_input_macs(out.trace, counter="torch").sum())
-    assert executed // 2 == ideal
+    # (the only waste allowed: a padded query grid after a per-token exit, which it reports)
+    assert executed // 2 == ideal + out.trace.query_padding_macs
+    assert executed // 2 <= 1.05 * ideal
     full = model(x, mode="dense").trace.unit_counts.shape[0] * model.static_macs("torch")
     assert ideal < full  # and it did skip work
 

@@ -1,0 +1,198 @@
+"""`exit` with `per: token`: each token of a sequence leaves on its own (CALM, Schuster et
+al., 2022; LayerSkip, Elhoushi et al., 2024).
+
+A per-token head (a `token_classifier`) reads the node's input for the tokens still running;
+each one whose prediction meets the criterion leaves with it, and its state is frozen: the
+layers after the exit (runtime/token_rows.py) read it as a key and a value and compute nothing
+else for it. The last exit takes every token left. A sequence whose tokens have all left
+leaves the batch, so nothing of it runs afterwards.
+
+Training follows CALM and LayerSkip: every token runs every layer and every exit's per-token
+loss is weighted and summed (exit.py's objective, with SCAN-style distillation per token).
+Dense mode equals infer by a masked update (every token computed, frozen ones kept).
+
+Trace: `trace.exit` [B] the last exit a sequence's tokens left at; `trace.tokens["exit"]`
+[B, L] each token's exit (part of the path: which positions run a later layer sets its cost
+under causal attention, not only how many); `trace.tokens["<layer> tokens"]` 1 where a token
+ran the layer, 0 where it was frozen. A token's MACs: runtime/lengths.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..runtime.context import positions
+from ..runtime.token_rows import TokenRows
+from .api import Site
+from .exit_criteria import RULES
+
+
+@dataclass(eq=False)
+class TokenExitRuntime:
+    """One per-token exit in each execution mode (ExitRuntime's fields, decided per token)."""
+
+    index: int
+    head: Any  # a unit acting per token: [b, L, D] -> [b, L, C]
+    kind: str | None
+    threshold: float | None
+    temperature: float
+    patience: int | None
+    weight: float
+    distill: Any
+    reads: list[str]
+    writes: str
+    head_shape: tuple
+    last: bool = False
+    live_after: set[str] = field(default_factory=set)
+    per = "token"
+    freezes_tokens = True  # the layers after it update running tokens only (compiler)
+    token_decision = "exit"  # its trace.tokens record, part of the path
+
+    def __post_init__(self) -> None:
+        self.rule = RULES.get(self.kind)
+
+    @property
+    def name(self) -> str:
+        return f"exit {self.index}"
+
+    def stays(self, logits: torch.Tensor, ctx, x: torch.Tensor) -> torch.Tensor:
+        """Which tokens go on ([N] bool): `logits` [N, C] and states `x` [N, D] of the running
+        tokens (forcing draws from the states)."""
+        return self.rule.stays(self, logits, ctx)
+
+    def run(self, ctx) -> None:
+        x = ctx.env[self.reads[0]]
+        if not ctx.compacting:
+            t = ctx.token_rows
+            if t is None:
+                t = ctx.token_rows = TokenRows.start(x, train=ctx.mode == "train")
+            ctx.record_tokens(self.head.index, f"{self.name} head tokens", t.active)
+            self._dense(ctx, x, t)
+            return
+        stay, out = self.decide(ctx, x)
+        if stay is not None:
+            ctx.part(stay, out, self.index, self.live_after)
+
+    def emit_infer(self, g) -> None:
+        """Infer code (runtime/codegen.py), as `run`: `decide`, then `ctx.part`'s work."""
+        x = g.var(self.reads[0])
+        g.line(f"stay, z = {g.bind(self, f'exit{self.index}')}.decide(ctx, {x})")
+        with g.block("if stay is not None:"):
+            g.line("n = stay.shape[0]")
+            g.line(f"ctx.leave(z, {self.index}, n == 0)")
+            with g.block("if n == 0:"):
+                g.line("ctx.rows = 0")
+                g.line("return")
+            live = g.live(self.live_after)
+            g.line(f"{g.values(live)}= ctx.compact(stay, [{g.values(live)}])")
+
+    def decide(self, ctx, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Infer: the head on the running tokens, and the tokens meeting the criterion leave.
+        Returns (None, None) while every sequence keeps a running token; else the positions
+        of the sequences that go on (empty: none) and every current sequence's outputs."""
+        t = ctx.token_rows
+        if t is None:
+            t = ctx.token_rows = TokenRows.start(x, train=False)
+        ctx.record_tokens(self.head.index, f"{self.name} head tokens", t.active)
+        b, n, d = x.shape
+        if t.everyone:
+            xs = x.reshape(b * n, d)
+            z = ctx.call(self.head, x).reshape(b * n, -1)
+        else:
+            ctx.events.append((self.head.index, ctx.idx, None))  # (ctx.call's log)
+            xs = x.reshape(b * n, d).index_select(0, t.flat)
+            z = self.head(xs.view(1, -1, d)).view(xs.shape[0], -1)
+        go = None  # positions among the running tokens of those leaving (None: all)
+        if not self.last:
+            go = positions(~self.stays(z, ctx, xs))
+            if go.shape[0] == 0:  # nobody leaves here
+                ctx.record_tokens(None, "exit", t.exit_at, "decision")
+                return None, None
+            if go.shape[0] == z.shape[0]:
+                go = None
+        rows = t.flat if go is None else t.flat.index_select(0, go)
+        if t.out is None:
+            t.out = z.new_zeros((b, n, z.shape[1]))
+        t.out.view(b * n, -1).index_copy_(0, rows, z if go is None else z.index_select(0, go))
+        t.stop(rows, self.index)
+        ctx.record_tokens(None, "exit", t.exit_at, "decision")
+        out = t.out
+        if go is None:  # (the last exit, or every token left here)
+            return rows.new_zeros(0), out
+        stay = positions(t.active.any(1))
+        if stay.shape[0] == b:
+            return None, None
+        t.keep(stay)  # some sequences have no token left: they leave the batch
+        return stay, out
+
+    def _dense(self, ctx, x: torch.Tensor, t: TokenRows) -> None:
+        """Dense/train: every token's head; the running tokens that would leave here take its
+        logits (dense mode freezes them; train mode runs every token on)."""
+        b, n, d = x.shape
+        z = ctx.call(self.head, x)
+        ctx.extras["exit_logits"].append(z)
+        ctx.extras["exit_features"].append(x)
+        leave = t.active
+        if not self.last:
+            zs = z.detach().reshape(b * n, -1)
+            leave = leave & ~self.stays(zs, ctx, x.detach().reshape(b * n, d)).view(b, n)
+        t.out = torch.where(leave.unsqueeze(-1), z, z.new_zeros(()) if t.out is None else t.out)
+        t.exit_at = torch.where(leave, self.index, t.exit_at)
+        t.active = t.active & ~leave
+        t.everyone = False
+        ctx.record_tokens(None, "exit", t.exit_at, "decision")
+        done = ctx.live & ~t.active.any(1)
+        ctx.record(ctx.out_column, None, self.index, where=done)
+        ctx.live = ctx.live & ~done
+        ctx.out = t.out
+
+
+def build_token_exit(spec, b, site: Site, index: int, crit: dict):
+    """Check and build one `per: token` exit node (exit.py's builder hands it over)."""
+    task, name = b.spec.task, f"exit {index}"
+    if len(site.in_shape) != 2 or not b.spec.input.is_sequence:
+        b.problem(
+            site.path + ("per",),
+            f"per: token needs a sequence [L, D] here, got {list(site.in_shape)}",
+        )
+        return None
+    if task.per != "token":
+        b.problem(
+            site.path + ("per",),
+            "a per: token exit needs a per-token task (`task: {per: token}` or a language model)",
+        )
+        return None
+    if spec.criterion is not None and spec.criterion.type == "patience":
+        b.problem(
+            site.path + ("criterion",),
+            "criterion 'patience' counts exits per sample; per token use max_prob or entropy",
+        )
+        return None
+    head = b.module(spec.head, site.path + ("head",), [site.in_shape])
+    if head is None:
+        return None
+    out = b.shapes_of(head, [site.in_shape], site.path + ("head",), "the exit head")
+    if out is None:
+        return None
+    want = (site.in_shape[0], task.classes) if task.classifies else out
+    if out != want:
+        b.problem(
+            site.path + ("head",),
+            f"shape mismatch: the head outputs {list(out)}; the task needs {list(want)} "
+            "(a label per position)",
+        )
+        return None
+    unit = b.unit(f"{name} head", head, [site.in_shape], construct=name, head=True)
+    if not unit.per_token:
+        b.problem(
+            site.path + ("head",),
+            "a per: token exit's head must compute each token alone (e.g. token_classifier)",
+        )
+        return None
+    rt = TokenExitRuntime(index, unit, None if spec.criterion is None else spec.criterion.type,
+                          **crit, weight=spec.weight, distill=spec.distill, reads=[site.in_id],
+                          writes=site.node_id, head_shape=out)  # fmt: skip
+    return rt, site.in_shape

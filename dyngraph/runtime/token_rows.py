@@ -1,0 +1,160 @@
+"""Tokens that stop while others go on: the layers after a per-token exit (CALM).
+
+A `per: token` exit lets each token of a sequence leave on its own; a token that left keeps
+its state (frozen). Every layer after the graph's first per-token exit is then its own plan
+step, a `RowsStep`, that updates only the tokens still running:
+- a block that computes each token alone (`Unit.per_token`: norms, MLPs, heads) runs on the
+  running tokens of every sequence in one [1, N, D] call;
+- a block with partial queries (`forward_rows`: attention, transformer_block) computes keys
+  and values for every token from its current state (a frozen token's is its state at its
+  exit) and everything else for the running tokens only, on a query grid padded per sample.
+Dense mode gives the same answer by a masked update, `where(running, block(x), x)`: every
+token computed, the frozen ones' results dropped. Train mode runs every token through every
+layer (CALM and LayerSkip train each exit on every token).
+
+Costs, per token (exact; runtime/lengths.py): a running token at position i pays what the
+unit costs a sequence of i + 1 tokens beyond one of i (its keys, query, MLP, and attention
+over the i + 1 keys it reads under a causal mask; without one, an equal share of the
+whole); a frozen token pays its keys and values (`frozen_macs`). The query grid's padding
+is the only waste, reported on the trace (`trace.query_padding_macs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class TokenRows:
+    """Which tokens of the current rows still run, what the ones that left output, and where
+    they left (one per infer or dense pass, on `ctx.token_rows`).
+
+    Attributes:
+        active: [rows, L] bool, the tokens still running.
+        exit_at: [rows, L] long, the exit each token left at (-1: still running).
+        out: [rows, L, C] the outputs of the tokens that left (None before any did).
+        train: train mode: every token runs every layer (no token is frozen).
+    """
+
+    active: torch.Tensor
+    exit_at: torch.Tensor
+    out: torch.Tensor | None = None
+    train: bool = False
+    _flat: torch.Tensor | None = field(default=None, repr=False)
+    _grid: Any = field(default=None, repr=False)
+    everyone: bool = True  # every token of every row runs (no index is needed)
+
+    @classmethod
+    def start(cls, x: torch.Tensor, train: bool) -> TokenRows:
+        b, n = x.shape[:2]
+        active = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        return cls(active, torch.full((b, n), -1, dtype=torch.long, device=x.device), train=train)
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """[N] the running tokens' rows of a [rows·L, D] view, in order."""
+        if self._flat is None:
+            self._flat = self.active.reshape(-1).nonzero().flatten()
+        return self._flat
+
+    @property
+    def grid(self):
+        """The running tokens' query grid (blocks/sequence.py), built once per running set."""
+        if self._grid is None:
+            from ..blocks.sequence import query_grid
+
+            self._grid = query_grid(self.active)
+        return self._grid
+
+    def stop(self, leaving: torch.Tensor, where: int) -> None:
+        """The tokens at flat rows `leaving` leave at exit `where`. New tensors, not in place:
+        the trace's log holds the old ones (no copy per record)."""
+        shape = self.active.shape
+        self.active = self.active.view(-1).index_fill(0, leaving, False).view(shape)
+        self.exit_at = self.exit_at.view(-1).index_fill(0, leaving, where).view(shape)
+        self._flat = self._grid = None
+        self.everyone = False
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Infer: only the rows at positions `rows` go on."""
+        self.active, self.exit_at = self.active[rows], self.exit_at[rows]
+        self.out = None if self.out is None else self.out[rows]
+        self._flat = self._grid = None
+
+
+@dataclass
+class RowsStep:
+    """One layer after a per-token exit: it updates the running tokens only (module doc)."""
+
+    unit: Any  # a compiler Unit: the layer as a one-node segment
+    block: Any  # the layer's module (`forward_rows` where it mixes positions)
+    reads: list[str]
+    outputs: list[str]
+    live_after: set[str] = field(default_factory=set)
+
+    @property
+    def writes(self) -> str:
+        return self.outputs[0]
+
+    @property
+    def name(self) -> str:
+        return self.unit.name
+
+    def run(self, ctx) -> None:
+        x, t = ctx.env[self.reads[0]], ctx.token_rows
+        if ctx.compacting:
+            live = [ctx.env[k] for k in self.live_after if k in ctx.env]
+            ctx.env[self.writes] = self.apply(ctx, x, live)
+            return
+        y = ctx.call(self.unit, x)[0]
+        if not t.train:  # dense: the frozen tokens keep their states
+            y = torch.where(t.active.unsqueeze(-1), y, x)
+        self._record(ctx, t)
+        ctx.env[self.writes] = y
+
+    def emit_infer(self, g) -> None:
+        """Infer code (runtime/codegen.py): one call of `apply`."""
+        x, live = g.var(self.reads[0]), g.values(g.live(self.live_after))
+        g.assign(self.writes, f"{g.bind(self, self.unit.name)}.apply(ctx, {x}, [{live}])")
+
+    def apply(self, ctx, x: torch.Tensor, live: list[torch.Tensor]) -> torch.Tensor:
+        """Infer: the layer's output for the current rows, the running tokens updated (in
+        `x` itself where nothing in `live`, the values read later, shares its memory)."""
+        t = ctx.token_rows
+        self._record(ctx, t)
+        if t.everyone:
+            return ctx.call(self.unit, x)[0]
+        b, n, d = x.shape
+        flat = t.flat
+        ctx.events.append((self.unit.index, ctx.idx, None))  # (ctx.call's log)
+        if self.unit.per_token:
+            new = self.unit(x.reshape(b * n, d).index_select(0, flat).view(1, -1, d))[0]
+        else:
+            new = self.block.forward_rows(x, t.grid)
+            ctx.query_padding += padding_macs(self.block, t, n)
+        y = x if ctx.free(x, live) else x.clone()
+        y.view(b * n, d).index_copy_(0, flat, new.reshape(-1, d))
+        return y
+
+    def _record(self, ctx, t: TokenRows) -> None:
+        kind = "routed" if self.unit.per_token else "queries"
+        ctx.record_tokens(self.unit.index, f"{self.unit.name} tokens", t.active, kind)
+
+
+def padding_macs(block, t: TokenRows, n: int) -> int:
+    """The MACs the query grid wastes in `block`'s attention: its padded query slots, and
+    under a causal mask the keys a query reads past its own position (SDPA with a mask
+    computes every pair)."""
+    attn = getattr(block, "attn", block)
+    counts = t.active.sum(1)
+    width = t.grid.width
+    if attn.causal:
+        pos = torch.arange(n, device=counts.device)
+        read = ((pos + 1) * t.active).sum()  # the pairs the running queries need
+    else:
+        read = counts.sum() * n
+    pairs = counts.numel() * width * n - int(read)
+    return int(pairs) * 2 * attn.dim  # QK and AV: d_head per pair and head, over every head
