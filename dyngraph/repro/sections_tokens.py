@@ -1,5 +1,5 @@
-"""The sections of docs/reproductions.md for per-token decisions (issue 16): ACT through time and
-Mixture-of-Depths (sections.py holds the others)."""
+"""The sections of docs/reproductions.md for per-token decisions (issue 16): ACT through time,
+Mixture-of-Depths and per-token exits (sections.py holds the others)."""
 
 from __future__ import annotations
 
@@ -85,4 +85,47 @@ def section_mod(r) -> list[str]:
     ]
 
 
-SECTIONS = {"act_time": section_act_time, "mod": section_mod}
+def section_calm(r) -> list[str]:
+    c = r["chosen"]
+    e = r["exit_by_position"]["mean"]
+    return [
+        "## Per-token early exits (CALM, Schuster et al. 2022) on per-position state tracking",
+        "",
+        "**Claim.** Letting each token leave at the first layer whose prediction is confident, "
+        "its state frozen for the later layers (which still read it as a key and a value), "
+        "spends compute where a token needs it: at equal MACs it beats a static model, and "
+        "harder tokens leave later.",
+        "",
+        "**Setup.** state_tokens with `full: true`, as for Mixture-of-Depths (the state after "
+        "every step of a 16-step walk; a later position composes more steps). "
+        "`specs/calm_tagger.yaml`: an embedding (d = 64), 4 causal pre-LN layers (4 heads, MLP "
+        "2x), a per-token exit (`token_classifier`, max_prob criterion) after each; every exit "
+        "trained on every token (the mean of their losses, distillation from the last exit at "
+        "T = 3, weight 0.5); AdamW 2e-3, one-cycle, batch 128, 1,000 steps. Baselines: static "
+        "models of depth 1..4 (the same embedding, layers and head), trained alike, their "
+        "accuracy interpolated at the exit model's MACs. The threshold: the most accurate on the "
+        "validation split among those whose mean MACs (heads and every frozen token's keys and "
+        "values included) are at most 50% of the static 4-layer model's. Infer time one "
+        f"thread, B = 256, interleaved rounds. {_seeds(r)}.",
+        "",
+        f"- At threshold {pm(c['threshold'], 1, '.2f')}: **{_pct(c['accuracy'])}** at "
+        f"{pm(c['macs_fraction'], 100, '.1f', '%')} of the static 4-layer model's MACs; static "
+        f"at the same MACs {_pct(c['static_same_macs'])} ({pm(c['gain_points'], 1, '+.2f')} "
+        f"points); infer time {pm(c['time_fraction'], 100, '.1f', '%')} of the static 4-layer "
+        "model's.",
+        f"- Without early exits (threshold above 1) the exit model reaches "
+        f"{_pct(r['full_depth_accuracy'])}; static depth 1..4: "
+        + ", ".join(_pct(s["accuracy"]) for s in r["static"])
+        + ". Part of the gain is deep supervision: every exit's loss trains the lower layers.",
+        "- Exit per token by position (seed mean, 0..3): " + ", ".join(f"{v:.2f}" for v in e)
+        + ".",
+        "",
+        *claims_table("calm", r),
+        "![calm](repro/calm.png)",
+        "",
+        f"Regenerate: `python -m dyngraph.repro calm` ({_minutes(r)}).",
+        "",
+    ]
+
+
+SECTIONS = {"act_time": section_act_time, "mod": section_mod, "calm": section_calm}

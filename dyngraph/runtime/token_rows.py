@@ -134,7 +134,7 @@ class RowsStep:
             new = self.unit(x.reshape(b * n, d).index_select(0, flat).view(1, -1, d))[0]
         else:
             new = self.block.forward_rows(x, t.grid)
-            ctx.query_padding += padding_macs(self.block, t, n)
+            ctx.query_padding.append((self.block, t.active, t.grid.width))  # (counted later)
         y = x if ctx.free(x, live) else x.clone()
         y.view(b * n, d).index_copy_(0, flat, new.reshape(-1, d))
         return y
@@ -144,17 +144,18 @@ class RowsStep:
         ctx.record_tokens(self.unit.index, f"{self.unit.name} tokens", t.active, kind)
 
 
-def padding_macs(block, t: TokenRows, n: int) -> int:
-    """The MACs the query grid wastes in `block`'s attention: its padded query slots, and
-    under a causal mask the keys a query reads past its own position (SDPA with a mask
-    computes every pair)."""
-    attn = getattr(block, "attn", block)
-    counts = t.active.sum(1)
-    width = t.grid.width
-    if attn.causal:
-        pos = torch.arange(n, device=counts.device)
-        read = ((pos + 1) * t.active).sum()  # the pairs the running queries need
-    else:
-        read = counts.sum() * n
-    pairs = counts.numel() * width * n - int(read)
-    return int(pairs) * 2 * attn.dim  # QK and AV: d_head per pair and head, over every head
+def padding_macs(log: list[tuple]) -> int:
+    """The MACs the query grids of a pass wasted in attention (`ctx.query_padding`: (block,
+    running tokens [b, L], grid width) per call): the padded query slots, and under a causal
+    mask the keys a query reads past its own position (SDPA with a mask computes every
+    pair). Counted when the trace is read, not on the hot path."""
+    total = 0
+    for block, active, width in log:
+        attn = getattr(block, "attn", block)
+        b, n = active.shape
+        if attn.causal:  # the pairs the running queries need
+            read = int(((torch.arange(n, device=active.device) + 1) * active).sum())
+        else:
+            read = int(active.sum()) * n
+        total += (b * width * n - read) * 2 * attn.dim
+    return total  # QK and AV: d_head per pair and head, over every head

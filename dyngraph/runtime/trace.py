@@ -60,7 +60,7 @@ class Trace:
         # per-token logs (RunContext.record_tokens): {(unit, name): kind}; units may share
         # a record (halting through time: the step and the halting unit ran as often)
         self._token_kinds = {(u, n): k for u, n, _, _, k in ctx.tokens}
-        self.query_padding_macs = ctx.query_padding
+        self._query_padding: list[tuple] | int = ctx.query_padding
         self._positions = ctx.input.shape[1] if ctx.input.dim() > 1 else 0
         self.lengths = lengths
 
@@ -82,7 +82,7 @@ class Trace:
         t._path_id = None
         t._calls = [c for p in parts for c in p.unit_calls()]
         t._token_kinds = {k: v for p in parts for k, v in p._token_kinds.items()}
-        t.query_padding_macs = sum(p.query_padding_macs for p in parts)
+        t._query_padding = sum(p.query_padding_macs for p in parts)
         t._positions = full
         # per-token columns are padded with -1 to the batch's length (and a column a group
         # never wrote, where every token of its sequences left before it, is all -1)
@@ -141,6 +141,16 @@ class Trace:
                 out[name] = t
             self._tokens = out
         return self._tokens
+
+    @property
+    def query_padding_macs(self) -> int:
+        """MACs the pass wasted on padded query grids (after a per-token exit; 0 otherwise):
+        what it executed beyond the per-input MACs."""
+        if not isinstance(self._query_padding, int):
+            from .token_rows import padding_macs
+
+            self._query_padding = padding_macs(self._query_padding)
+        return self._query_padding
 
     def _of_kind(self, kind: str) -> dict[int, torch.Tensor]:
         return {u: self.tokens[n] for (u, n), k in self._token_kinds.items() if k == kind}
