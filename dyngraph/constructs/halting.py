@@ -27,7 +27,7 @@ from pydantic import AliasChoices, Field
 from ..blocks.steps import FlagStep, StopFeatures
 from ..core.types import InlineModule, ModuleRef, Strict
 from ..runtime.context import const, pseudo_uniform
-from . import halting_time
+from . import halting_time, token_halting
 from .api import Column, ConstructDef, Site, attr_sweep
 from .halting_objective import halting_objective
 from .registry import register_construct
@@ -63,6 +63,11 @@ class ActSpec(_Common):
     step_flag: bool = Field(False, description="append a first-step flag to the input (ACT)")
     carry: bool = Field(
         False, description="ponder at every step of a sequence, the state carried (Graves)"
+    )
+    per: Literal["sample", "token"] = Field(
+        "sample",
+        description="`token`: each position halts on its own over depth, a shared sequence "
+        "step (Universal Transformer; token_halting.py)",
     )
 
 
@@ -246,6 +251,8 @@ class HaltingRuntime:
 def build_halting(spec, b, site: Site) -> tuple[HaltingRuntime, tuple] | None:
     """Check and build one halting node."""
     index = b.next_index("halting", column="steps")
+    if getattr(spec, "per", "sample") == "token":
+        return token_halting.build(spec, b, site, index)
     name, path, x_shape = f"halting {index}", site.path, site.in_shape
     carry = getattr(spec, "carry", False)
     if carry:  # the step reads one token of the sequence at a time
@@ -337,6 +344,8 @@ def _longest(h: HaltingRuntime, counts: torch.Tensor, macs: torch.Tensor) -> Non
 def force(h: HaltingRuntime, steps: tuple[int, int]) -> dict:
     """Benchmarks and tests (dyngraph.forcing): each sample runs a number of steps drawn in
     [lo, hi] from its input."""
+    if isinstance(h, token_halting.TokenHaltingRuntime):
+        return token_halting.force(h, steps)
     lo, hi = steps
     seen: list = [None, None]
 

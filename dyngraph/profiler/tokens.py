@@ -35,8 +35,9 @@ def token_macs(model, trace, counter: str = "fvcore", width: int | None = None) 
     out = torch.zeros(b, full, dtype=torch.long)
     for u in range(counts.shape[1]):
         if u in queries:  # partial queries: each token's share is its own (lengths.py)
-            q = query_token_macs(model, u, queries[u], lengths, counter)
-            out[:, : q.shape[1]] += counts[:, u : u + 1] * q
+            for r in queries[u]:
+                q = query_token_macs(model, u, r, lengths, counter)
+                out[:, : q.shape[1]] += q
             continue
         for s in counts[:, u].nonzero().flatten().tolist():
             n, c = int(lengths[s]), int(counts[s, u])

@@ -178,8 +178,8 @@ def sample_unit_macs(model, trace, counter: str = "fvcore") -> torch.Tensor:
     for m in set(k.unique().tolist()) - {0}:  # only the lengths met (each is a count)
         table[m] = model.unit_macs(counter, int(m))
     out = counts * table.gather(0, k)
-    for u, running in trace.unit_queries.items():
-        out[:, u] = counts[:, u] * query_token_macs(model, u, running, n, counter).sum(1)
+    for u, runs in trace.unit_queries.items():  # each run's tokens at their own shares
+        out[:, u] = sum(query_token_macs(model, u, r, n, counter).sum(1) for r in runs)
     return out
 
 

@@ -168,10 +168,15 @@ class Trace:
         return self._of_kind("steps")
 
     @property
-    def unit_queries(self) -> dict[int, torch.Tensor]:
-        """{unit index: [B, L]} 1 where the token ran the unit's queries, 0 where it was a
-        key and a value only (frozen after a per-token exit, runtime/token_rows.py)."""
-        return self._of_kind("queries")
+    def unit_queries(self) -> dict[int, list[torch.Tensor]]:
+        """{unit index: [[B, L] per run]} 1 where the token ran the unit's queries, 0 where
+        it was a key and a value only (frozen after a per-token exit, halted over depth:
+        runtime/token_rows.py), -1 where the sample did not run it; one record per run."""
+        out: dict[int, list[torch.Tensor]] = {}
+        for (u, n), k in self._token_kinds.items():
+            if k == "queries":
+                out.setdefault(u, []).append(self.tokens[n])
+        return out
 
     def _fold(self, t: torch.Tensor) -> torch.Tensor:
         """Row-space values [rows, ...] as [samples, width, ...] (width 1: unchanged)."""

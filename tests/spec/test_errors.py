@@ -145,8 +145,8 @@ graph:
             "unknown key 'policy'",
         ),
         (  # a key other entries take is not suggested as its own spelling
-            "  - halting: {rule: act, per: token, step: {type: gru_step, dim: 8}, max_steps: 3}\n  - {type: classifier, classes: 3}",
-            "unknown key 'per' here (other entries take it",
+            "  - halting: {rule: act, prior: 0.2, step: {type: gru_step, dim: 8}, max_steps: 3}\n  - {type: classifier, classes: 3}",
+            "unknown key 'prior' here (other entries take it",
         ),
         (
             "  - {type: linear, out: 16, inputs: [nope]}\n  - {type: classifier, classes: 3}",

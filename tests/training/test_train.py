@@ -28,6 +28,7 @@ TRAINABLE = [
 
 EXPECTED_TERMS = {
     "calm_tagger": {"task", "distill_kl"},
+    "ut_tagger": {"task", "ponder_0"},
     "msdnet_early_exit": {"task"},
     "scan_early_exit": {"task", "distill_kl"},
     "skipnet_ff": {"task", "gate_penalty"},
@@ -214,6 +215,7 @@ graph:
 #: architecture fingerprints of every spec's model as of 05b3349 (before #14's refactor)
 FINGERPRINTS = {
     "calm_tagger": "44b730015d9b",
+    "ut_tagger": "98e15a263994",
     "act_parity": "2484eafff984",
     "blockdrop": "4b9420ace9fd",
     "composer_wide_digits": "7f2076b34582",
