@@ -6,6 +6,7 @@ from .compiler.compile import compile
 from .compiler.load import LoadedSpec, load_spec
 from .constructs import register_construct
 from .core.errors import Problem, SpecError
+from .export import ExportError, export, load_exported
 from .profiler import Profile, profile
 from .runtime.model import DynamicModel, DynamicOutput
 from .runtime.trace import Trace
@@ -14,6 +15,7 @@ from .training import TrainResult, evaluate, train
 __all__ = [
     "DynamicModel",
     "DynamicOutput",
+    "ExportError",
     "LoadedSpec",
     "Problem",
     "Profile",
@@ -22,6 +24,8 @@ __all__ = [
     "TrainResult",
     "compile",
     "evaluate",
+    "export",
+    "load_exported",
     "load_spec",
     "profile",
     "register_block",

@@ -1,9 +1,7 @@
-"""The command line: `dyngraph validate | inspect | train | calibrate | eval | profile | blocks |
-schema`.
-
-A user's mistake never ends in a traceback: spec problems are printed as FILE:LINE:COL: PATH:
-message, and a bad checkpoint, data file, `--out` or option value as one line; each exits with
-status 2, and a refused request writes nothing.
+"""The command line: `dyngraph validate | inspect | train | calibrate | eval | profile | export
+| blocks | schema`. A user's mistake never ends in a traceback: spec problems are printed as
+FILE:LINE:COL: PATH: message, and a bad checkpoint, data file, `--out`, option value or
+unexportable step as one line; each exits with status 2, and a refused request writes nothing.
 """
 
 from __future__ import annotations
@@ -191,10 +189,18 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _quality_text(model, res) -> str:
-    if "quality" not in res:
+    if (q := res.get("quality")) is None:
         return "no labels"
-    q = res["quality"]
     return f"accuracy {100 * q:.2f}%" if model.spec.task.classifies else f"NMSE {q:.2f} dB"
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    check_writable(args.out, folder=True)
+    out = export(_loaded_model(args), args.out, aot=args.aot)
+    print(f"wrote {out} (run it with torch alone: {out}/dyngraph_runner.py, or dg.load_exported)")
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -346,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-latency", action="store_true", help="MACs only")
     pr.add_argument("--no-progress", action="store_true")
     pr.add_argument("--seed", type=int, default=0)
+    x = command("export", _export, "each unit as a torch.export program, a manifest, a runner")
+    x.add_argument("spec")
+    x.add_argument("--checkpoint", help="weights (a checkpoint of `dyngraph train`)")
+    x.add_argument("--out", required=True, help="the export's folder")
+    x.add_argument("--aot", action="store_true", help="also AOTInductor-compile each unit")
+    x.set_defaults(backend="none")  # (the units are exported from their eager modules)
     command("schema", _schema, "print the JSON Schema of the spec format", trust=False)
     command("blocks", _blocks, "list the registered blocks", trust=False)
     return p
@@ -353,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from .data import DataError
+    from .export import ExportError
     from .training.checkpoint import CheckpointError
 
     try:
@@ -360,7 +373,7 @@ def _run(args: argparse.Namespace) -> int:
     except SpecError as e:
         print(str(e), file=sys.stderr)
         return 2
-    except (UsageError, CheckpointError, DataError) as e:
+    except (UsageError, CheckpointError, DataError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

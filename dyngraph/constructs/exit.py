@@ -100,6 +100,14 @@ class ExitRuntime:
         staying = self.staying(ctx, logits, x)
         return positions(self.stays(logits, ctx, x)) if staying is None else staying
 
+    def export_step(self) -> dict:
+        """Its step in an export's manifest (runtime/standalone.py runs it)."""
+        return {"kind": "exit", "index": self.index, "head": self.head.index,
+                "criterion": self.kind, "threshold": self.threshold,
+                "temperature": self.temperature, "patience": self.patience,
+                "reads": list(self.reads), "live_after": sorted(self.live_after),
+                "last": self.last}  # fmt: skip
+
     def emit_infer(self, g) -> None:
         """Infer code (runtime/codegen.py), as `run`: the head, then `split`, the part."""
         x = g.var(self.reads[0])

@@ -177,6 +177,14 @@ class GateRuntime:
             ctx.record("gates", self.index, 1, where=run)
         return self._merge(ctx, x, run, live)
 
+    def export_step(self) -> dict:
+        """Its step in an export's manifest (runtime/standalone.py runs it)."""
+        return {"kind": "gate", "index": self.index, "style": self.style,
+                "policy": self.policy.index, "body": self.body.index,
+                "threshold": self.threshold, "key": self.key, "column": self.column,
+                "state_shape": None if self.state_shape is None else list(self.state_shape),
+                "reads": list(self.reads), "writes": self.writes}  # fmt: skip
+
     def emit_infer(self, g) -> None:
         """Infer code (runtime/codegen.py): one call of `infer` on the locals it reads."""
         x, key = g.var(self.reads[0]), self.reads[0]

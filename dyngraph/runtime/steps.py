@@ -29,3 +29,8 @@ class SegmentStep:
         """Infer code (runtime/codegen.py): `v3, = unit(v2)`."""
         call = g.call(self.unit, [g.var(r) for r in self.reads])
         g.line(f"{g.define(self.outputs)}= {call}")
+
+    def export_step(self) -> dict:
+        """Its step in an export's manifest (runtime/standalone.py runs it)."""
+        return {"kind": "segment", "unit": self.unit.index, "reads": list(self.reads),
+                "outputs": list(self.outputs)}  # fmt: skip

@@ -1,0 +1,76 @@
+"""An export (`dg.export`) run by its standalone runner against the compiled model it came from.
+
+    python benchmarks/export.py            # writes benchmarks/RESULTS-export.md
+
+For specs whose every step exports (exits and gates per sample, a transformer with exits on
+sequences of mixed lengths), at B = 1 and 256, one thread: the compiled model's infer pass
+(`backend: none`: eager units, the generated infer function, the fused decision kernels) and
+the exported runner's (`torch.export` programs, the manifest's steps, torch alone), timed in
+interleaved rounds in the same run, on the same inputs and weights (untrained, decisions
+spread as the test suite spreads them). Column: runner / compiled (target <= 1.05).
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from run import time_interleaved  # noqa: E402
+
+from dyngraph.export import export, load_exported  # noqa: E402
+from tests.conftest import compiled, random_batch  # noqa: E402
+
+SPECS = (
+    "digits_early_exit",
+    "msdnet_early_exit",
+    "skipnet_ff",
+    "skipnet_rnn",
+    "deebert_transformer",
+)
+
+
+@torch.no_grad()
+def measure(name: str, batch: int, folder: Path) -> dict:
+    model = compiled(HERE.parent / "specs" / f"{name}.yaml", "none")
+    runner = load_exported(folder) if folder.exists() else load_exported(export(model, folder))
+    x = random_batch(model, batch, seed=11)
+    t = time_interleaved({"compiled": lambda: model(x), "runner": lambda: runner(x)}, 1.0)
+    return {"spec": name, "B": batch, "compiled_ms": t["compiled"] * 1e3,
+            "runner_ms": t["runner"] * 1e3, "ratio": t["runner"] / t["compiled"]}  # fmt: skip
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SPECS:
+            for b in (1, 256):
+                rows.append(measure(name, b, Path(tmp) / name))
+    lines = [
+        "# Exported runner against the compiled model (benchmarks/export.py)",
+        "",
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread. "
+        "Times are medians of interleaved rounds, every ratio taken in the same run.",
+        "",
+        "| spec | B | compiled ms | runner ms | runner / compiled | <= 1.05 |",
+        "|---|---:|---:|---:|---:|:---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['spec']} | {r['B']} | {r['compiled_ms']:.3f} | {r['runner_ms']:.3f} | "
+            f"{r['ratio']:.3f} | {'yes' if r['ratio'] <= 1.05 else 'NO'} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (HERE / "RESULTS-export.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Export (#17): a compiled model as a folder that runs with torch alone, giving the compiled
+model's outputs, traces and per-input MACs; a damaged export is a one-line error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dyngraph as dg
+from dyngraph.export import ExportError, export, load_exported
+
+from .conftest import SPECS, compiled, random_batch, spec_id
+
+BY_NAME = {p.stem: p for p in SPECS}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """One export per spec, made on first use."""
+    root, made = tmp_path_factory.mktemp("exports"), {}
+
+    def get(path):
+        if path.stem not in made:
+            made[path.stem] = export(compiled(path, "none"), root / path.stem)
+        return made[path.stem]
+
+    return get
+
+
+def _exportable(model) -> bool:
+    return all(hasattr(s, "export_step") for s in model._plan.steps)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=spec_id)
+def test_an_export_runs_as_the_compiled_model(path, exports):
+    model = compiled(path, "none")
+    if not _exportable(model):  # the steps the runner does not run yet: named in one line
+        with pytest.raises(ExportError) as e:
+            exports(path)
+        assert "cannot be exported yet" in str(e.value) and "\n" not in str(e.value)
+        return
+    runner = load_exported(exports(path))
+    for b in (1, 7, 256):
+        x = random_batch(model, b, seed=b)
+        want, got = model(x), runner(x)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-4)
+        for name, col in want.trace.columns.items():
+            assert torch.equal(got.columns[name], col.cpu()), name
+        assert torch.equal(got.unit_counts, want.trace.unit_counts.cpu())
+        assert torch.equal(got.macs, model.per_input_macs(want.trace))
+
+
+def test_thresholds_are_settable_on_an_export(exports):
+    path = BY_NAME["digits_early_exit"]
+    model, runner = compiled(path, "none"), load_exported(exports(path))
+    x = random_batch(model, 64)
+    runner.set_threshold(0.0)  # every sample leaves at the first exit
+    assert (runner(x).columns["exit"] == 0).all()
+    runner.set_threshold(1.01)  # none leaves early
+    assert (runner(x).columns["exit"] == len(model.exits) - 1).all()
+
+
+def test_loading_and_running_an_export_imports_only_torch_and_the_runner(exports, tmp_path):
+    folder = exports(BY_NAME["skipnet_ff"])
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(folder)!r})
+        import torch, dyngraph_runner
+        model = dyngraph_runner.load({str(folder)!r})
+        out = model(torch.randn(5, *model.manifest["input"]["shape"]))
+        assert out.logits.shape[0] == 5 and out.macs.shape == (5,)
+        print(sorted(m for m in sys.modules if m.startswith("dyngraph")))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "['dyngraph_runner']"
+
+
+def _damaged(folder, tmp_path, damage) -> str:
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    damage(copy)
+    with pytest.raises(ExportError) as e:
+        load_exported(copy)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def _manifest(edit):
+    def damage(copy):
+        m = json.loads((copy / "manifest.json").read_text())
+        edit(m)
+        (copy / "manifest.json").write_text(json.dumps(m))
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda c: (c / "manifest.json").unlink(), "no manifest.json"),
+        (lambda c: (c / "manifest.json").write_text("{not json"), "manifest.json is damaged"),
+        (_manifest(lambda m: m.update(format="dyngraph.export/0")), "this runner reads"),
+        (lambda c: (c / "units" / "001.pt2").unlink(), "is missing"),
+        (lambda c: (c / "units" / "001.pt2").write_bytes(b"garbage"), "cannot load the program"),
+        (_manifest(lambda m: m["units"][1].update(in_shapes=[[7]])), "the manifest says [[7]]"),
+        (_manifest(lambda m: m["steps"][0].update(kind="teleport")), "not known to this runner"),
+    ],
+    ids=["no-manifest", "bad-json", "version", "missing-unit", "bad-unit", "shapes", "kind"],
+)
+def test_a_damaged_export_is_a_one_line_error(exports, tmp_path, damage, message):
+    folder = exports(BY_NAME["digits_early_exit"])
+    assert message in _damaged(folder, tmp_path, damage)
+
+
+def test_a_wrong_input_is_a_one_line_error(exports):
+    runner = load_exported(exports(BY_NAME["digits_early_exit"]))
+    with pytest.raises(ValueError, match="expected input"):
+        runner(torch.randn(3, 5))
+
+
+def test_export_is_part_of_the_public_api():
+    assert dg.export is export and dg.load_exported is load_exported
+
+
+def test_the_export_command_writes_a_folder_or_names_what_it_cannot(tmp_path, capsys):
+    from dyngraph.cli import main
+
+    assert main(["export", str(BY_NAME["skipnet_ff"]), "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "manifest.json").exists()
+    assert main(["export", str(BY_NAME["act_parity"]), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "halting 0" in err and "cannot be exported yet" in err and "\n" not in err
