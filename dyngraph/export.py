@@ -11,6 +11,8 @@ loads an export through its copy of the runner.
 
 Steps that export today: static segments, exits per sample and gates per sample. Any other
 step (metalayers, halting, the per-token constructs) is a one-line `ExportError` naming it.
+Where the plan allows, `single.pt2` holds the whole model at batch 1 as one program with its
+decisions in `torch.cond` (`SingleGraph`; the manifest says why where it does not).
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ def export(model, out: str | Path, aot: bool = False) -> Path:
         manifest["unit_macs_by_length"] = [[0] * len(model.units)] + [
             model.unit_macs("fvcore", n).tolist() for n in range(1, length + 1)
         ]
+    program, why = single_graph(model)
+    if program is not None:
+        torch.export.save(program, str(out / "single.pt2"))
+    manifest["single_graph"] = {"file": "single.pt2"} if program is not None else {"why": why}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     shutil.copyfile(standalone.__file__, out / RUNNER)
     return out
@@ -119,3 +125,92 @@ def load_exported(path: str | Path):
         return module.load(root)
     except module.ExportError as e:  # (the copy's own class): dyngraph's, same line
         raise ExportError(str(e)) from None
+
+
+# ---------------------------------------------------------------- one graph at batch 1
+
+
+class SingleGraph(torch.nn.Module):
+    """Batch 1, the whole plan as one graph: exits as nested `torch.cond`s (the rest of the
+    model, or this exit's logits), gates as a `torch.cond` between the body and the identity.
+    `torch.cond` takes one predicate, so one graph routes one sample: a batch cannot take
+    several paths in it (which is why the runner exists). Returns (logits [1, ...], the
+    decisions [D]: the exit taken, or each gate's 1 / 0)."""
+
+    def __init__(self, model, steps: list[dict]):
+        super().__init__()
+        self.units = torch.nn.ModuleList([u.module for u in model.units])
+        self.steps, self.output_id = steps, model._plan.output_id
+
+    def forward(self, x: torch.Tensor):
+        return self._run(0, {"input": x}, [])
+
+    def _run(self, k: int, env: dict, decided: list):
+        for k in range(k, len(self.steps)):  # noqa: B020  (resumes at k)
+            s = self.steps[k]
+            if s["kind"] == "segment":
+                outs = self.units[s["unit"]](*[env[r] for r in s["reads"]])
+                env.update(zip(s["outputs"], outs, strict=True))
+            elif s["kind"] == "gate":
+                env[s["writes"]] = self._gate(s, env, decided)
+            else:
+                return self._exit(k, s, env)
+        if not decided:  # a static plan: no decision
+            return env[self.output_id], torch.zeros(0, dtype=torch.long)
+        return env[self.output_id], torch.cat(decided)
+
+    def _gate(self, s: dict, env: dict, decided: list) -> torch.Tensor:
+        x = env[s["reads"][0]]
+        on = self.units[s["policy"]](x)[0] >= s["threshold"]
+        decided.append(on.long().view(1))
+        body = self.units[s["body"]]
+        return torch.cond(on, lambda v: body(v), lambda v: v.clone(), (x,))
+
+    def _exit(self, k: int, s: dict, env: dict):
+        z = self.units[s["head"]](env[s["reads"][0]])
+        here = torch.full((1,), s["index"], dtype=torch.long)
+        if s["last"]:
+            return z, here
+        t = s["temperature"]
+        if s["criterion"] == "max_prob":
+            zt = z / t
+            stay = (zt - zt.amax(1, keepdim=True)).exp().sum(1).reciprocal()[0] < s["threshold"]
+        else:  # entropy
+            q = torch.softmax(z / t, 1)
+            stay = -(q * torch.log(q.clamp_min(1e-12))).sum(1)[0] > s["threshold"]
+        names = sorted(n for n in env if n in s["live_after"])
+        index = s["index"]
+
+        def go(z, *vals):
+            return self._run(k + 1, dict(zip(names, vals, strict=True)), [])
+
+        def leave(z, *vals):
+            return z.clone(), torch.full((1,), index, dtype=torch.long)
+
+        return torch.cond(stay, go, leave, (z, *[env[n] for n in names]))
+
+
+def single_graph(model) -> tuple[Any, str | None]:
+    """The batch-1 one-graph program of `model` (torch.export with torch.cond), or (None, why
+    not): exits (max_prob, entropy) and gates (feed-forward) are expressible; others are not
+    here (see docs/export.md)."""
+    steps = [s.export_step() if hasattr(s, "export_step") else {"kind": type(s).__name__}
+             for s in model._plan.steps]  # fmt: skip
+    kinds = {s["kind"] for s in steps}
+    for s in steps:
+        if s["kind"] not in ("segment", "exit", "gate"):
+            return None, f"{s['kind']} has no torch.cond form here"
+        if s["kind"] == "exit" and s["criterion"] == "patience":
+            return None, "patience counts across exits (a carried state): not expressed here"
+        if s["kind"] == "gate" and s["style"] != "ff":
+            return None, f"{s['style']} gate policies are not expressed here"
+    if {"exit", "gate"} <= kinds:
+        return None, "exits and gates in one plan are not expressed here"
+    module = SingleGraph(model, steps).eval()
+    inp = model.spec.input
+    ids = inp.dtype == "int64"
+    x = torch.ones((1, *inp.shape), dtype=torch.long) if ids else torch.randn(1, *inp.shape)
+    # a sequence's length is dynamic: a padded sequence runs without its padding
+    dyn = ({1: torch.export.Dim.DYNAMIC},) if inp.is_sequence else None
+    with torch.no_grad():
+        return torch.export.export(module, (x,), dynamic_shapes=dyn, strict=False), None

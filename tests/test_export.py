@@ -137,3 +137,33 @@ def test_the_export_command_writes_a_folder_or_names_what_it_cannot(tmp_path, ca
     assert main(["export", str(BY_NAME["act_parity"]), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert "halting 0" in err and "cannot be exported yet" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "name", ["digits_early_exit", "scan_early_exit", "deebert_transformer", "skipnet_ff",
+             "state_tagger"],
+)  # fmt: skip
+def test_one_graph_at_batch_1_takes_each_input_its_own_path(name, exports):
+    """torch.cond holds the decisions: one program, every input's own exit or gates."""
+    model = compiled(BY_NAME[name], "none")
+    program = load_exported(exports(BY_NAME[name])).single()
+    x, pad = random_batch(model, 24, seed=2), model.spec.input.pad_id
+    seen = set()
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1]
+        if pad is not None:  # a padded sequence runs without its padding
+            xi = xi[:, : int((xi != pad).sum())]
+        want = model(x[i : i + 1])
+        z, decided = program(xi)
+        torch.testing.assert_close(z, want.logits[:, : z.shape[1]] if z.dim() == 3 else want.logits,
+                                   atol=1e-5, rtol=1e-4)  # fmt: skip
+        column = want.trace.columns["exit" if model.exits else "gates"][0].view(-1)
+        assert torch.equal(decided, column.cpu())
+        seen.add(tuple(decided.tolist()))
+    assert len(seen) >= 2  # inputs took different paths through the one graph
+
+
+def test_plans_without_a_one_graph_form_say_why(exports):
+    runner = load_exported(exports(BY_NAME["pabee_transformer"]))
+    with pytest.raises(ValueError, match="patience"):  # (the runner's own ExportError)
+        runner.single()

@@ -217,6 +217,14 @@ class Exported:
         for s, v in zip(nodes, values, strict=True):
             s["threshold"] = float(v)
 
+    def single(self):
+        """The batch-1 one-graph program (decisions in torch.cond): `program(x)` returns
+        (logits, decisions); an ExportError says why the export has none."""
+        info = self.manifest.get("single_graph", {})
+        if "file" not in info:
+            raise ExportError(f"{self.root}: no one-graph program: {info.get('why', 'not made')}")
+        return torch.export.load(str(self.root / info["file"])).module()
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> Output:
         x = self._checked(x)
