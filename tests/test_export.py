@@ -167,3 +167,16 @@ def test_plans_without_a_one_graph_form_say_why(exports):
     runner = load_exported(exports(BY_NAME["pabee_transformer"]))
     with pytest.raises(ValueError, match="patience"):  # (the runner's own ExportError)
         runner.single()
+
+
+@pytest.mark.slow  # AOTInductor compiles each unit to C++ (about a minute here)
+def test_an_aot_export_runs_as_the_compiled_model(tmp_path):
+    model = compiled(BY_NAME["digits_early_exit"], "none")
+    runner = load_exported(export(model, tmp_path / "aot", aot=True))
+    assert all(u["aoti"] for u in runner.manifest["units"])
+    for b in (1, 7, 256):
+        x = random_batch(model, b, seed=b)
+        want, got = model(x), runner(x)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-4)
+        assert torch.equal(got.columns["exit"], want.trace.columns["exit"].cpu())
+        assert torch.equal(got.macs, model.per_input_macs(want.trace))
