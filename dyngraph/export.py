@@ -9,8 +9,9 @@ imports only torch. `aot=True` (`dyngraph export --aot`) also compiles each unit
 AOTInductor into `units/NNN.aoti.pt2`, which the runner then runs. `dg.load_exported(DIR)`
 loads an export through its copy of the runner.
 
-Steps that export today: static segments, exits per sample and gates per sample. Any other
-step (metalayers, halting, the per-token constructs) is a one-line `ExportError` naming it.
+Steps that export today: static segments, and exits, gates and halting per sample. Any other
+step (metalayers, halting through time, the per-token constructs) is a one-line `ExportError`
+naming it.
 Where the plan allows, `single.pt2` holds the whole model at batch 1 as one program with its
 decisions in `torch.cond` (`SingleGraph`; the manifest says why where it does not).
 """

@@ -167,6 +167,15 @@ class HaltingRuntime:
         x = g.var(self.reads[0])
         g.assign(self.writes, f"{g.bind(self, f'halting{self.index}')}.infer(ctx, {x})")
 
+    def export_step(self) -> dict:
+        """Its step in an export's manifest (runtime/standalone.py runs it)."""
+        return {"kind": "halting", "index": self.index, "rule": self.rule,
+                "max_steps": self.max_steps, "threshold": self.threshold,
+                "epsilon": self.epsilon, "steps": [u.index for u in self.steps],
+                "unit": self.unit.index, "init": None if self.init is None else self.init.index,
+                "state_shape": list(self.state_shape), "flag": self.flag,
+                "reads": list(self.reads), "writes": self.writes}  # fmt: skip
+
     def _infer_one(self, ctx, x: torch.Tensor, h0=None) -> torch.Tensor:
         """Infer, one sample: one host sync per step, no index tensors."""
         h = self._init(ctx, x, h0)

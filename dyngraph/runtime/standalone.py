@@ -13,9 +13,10 @@ deployment needs neither dyngraph nor its dependencies:
 
 It runs the plan as dyngraph's infer mode does: rows that leave at an exit are compacted away,
 a gated body runs on the rows whose gate is on, each length of a batch of sequences runs as its
-own group. Steps it runs: static segments, exits per sample (max_prob, entropy, patience) and
-gates per sample (feed-forward, recurrent and one-shot policies). A damaged or mismatched
-export (version, missing unit, wrong shapes) is a one-line `ExportError`.
+own group. Steps it runs: static segments, exits per sample (max_prob, entropy, patience),
+gates per sample (feed-forward, recurrent and one-shot policies) and halting per sample (ACT,
+PonderNet, Learning to Stop). A damaged or mismatched export (version, missing unit, wrong
+shapes) is a one-line `ExportError`.
 """
 
 from __future__ import annotations
@@ -188,7 +189,60 @@ def _gate(p: _Pass, s: dict) -> None:
     p.env[s["writes"]] = y
 
 
-STEPS = {"segment": _segment, "exit": _exit, "gate": _gate}
+def _halting(p: _Pass, s: dict) -> None:
+    """A step applied until each row halts (constructs/halting.py's infer loop): ACT's
+    halting sum, PonderNet's probability of having halted, or L2S's stop policy; halted rows
+    leave the loop, their output (ACT: the halting-weighted mean of the states) written once."""
+    x = p.env[s["reads"][0]]
+    n, rule, last = x.shape[0], s["rule"], s["max_steps"] - 1
+    if s["init"] is not None:
+        h = p.call(s["init"], x)
+    else:
+        h = x.new_zeros((n, *s["state_shape"]))
+    out, steps = torch.empty_like(h), torch.empty(n, dtype=torch.long)
+    carry = x.new_ones(n) if rule == "pondernet" else x.new_zeros(n)
+    acc = torch.zeros_like(h) if rule == "act" else None
+    pos, xa = None, x  # the rows still in the loop (positions among the pass's rows)
+    for t in range(s["max_steps"]):
+        unit = s["steps"][t if len(s["steps"]) > 1 else 0]
+        flag = [xa.new_full((xa.shape[0], 1), 1.0 if t == 0 else 0.0)] if s["flag"] else []
+        prev, h = h, p.call(unit, h, xa, *flag, rows=pos)
+        if rule == "act":
+            q = p.call(s["unit"], h, rows=pos)
+            new_carry = carry + q
+            halt = new_carry >= 1 - s["epsilon"]
+        elif rule == "l2s":
+            onehot = xa.new_zeros((xa.shape[0], s["max_steps"]))
+            onehot[:, t] = 1.0
+            q = p.call(s["unit"], xa, h, prev, onehot, rows=pos)
+            halt, new_carry = q >= s["threshold"], carry
+        else:  # pondernet
+            q = p.call(s["unit"], h, rows=pos)
+            new_carry = carry * (1 - q)
+            halt = 1 - new_carry >= s["threshold"]
+        if t == last:
+            halt = torch.ones_like(halt)
+        if acc is not None:
+            w = torch.where(halt, 1 - carry, q)
+            acc = torch.addcmul(acc, w.view(-1, *([1] * (h.dim() - 1))), h)
+        res = acc if acc is not None else h
+        going = torch.where(halt)[0]
+        if going.shape[0]:
+            rows = going if pos is None else pos.index_select(0, going)
+            out.index_copy_(0, rows, res.index_select(0, going))
+            steps.index_fill_(0, rows, t + 1)
+            stay = torch.where(~halt)[0]
+            if stay.shape[0] == 0:
+                break
+            pos = stay if pos is None else pos.index_select(0, stay)
+            h, xa, new_carry = h[stay], xa[stay], new_carry[stay]
+            acc = None if acc is None else acc[stay]
+        carry = new_carry
+    p.record("steps", s["index"], steps)
+    p.env[s["writes"]] = out
+
+
+STEPS = {"segment": _segment, "exit": _exit, "gate": _gate, "halting": _halting}
 
 
 # ------------------------------------------------------------------ the model
