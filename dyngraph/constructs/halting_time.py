@@ -60,7 +60,8 @@ class CarryRuntime:
     per = "token"
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "inner":
+        # (not its step's export: a loop through time does not export yet)
+        if name.startswith("__") or name in ("inner", "export_step"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
