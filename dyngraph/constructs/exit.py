@@ -21,7 +21,7 @@ from ..tasks import IGNORE
 from .api import Column, ConstructDef, Site, Sweep, attr_sweep
 from .exit_criteria import CRITERIA, RULES, Criterion, confidence, criterion  # noqa: F401
 from .registry import register_construct
-from .token_exit import build_token_exit
+from .token_exit import build_token_exit, exit_head
 
 
 class ExitOptions(Strict):
@@ -168,12 +168,10 @@ def build_exit(spec: ExitSpec, b, site: Site) -> tuple[ExitRuntime, tuple] | Non
             "(a per-token task's exits decide per token: `per: token`)",
         )
         return None
-    head = b.module(spec.head, site.path + ("head",), [site.in_shape])
-    if head is None:
+    got = exit_head(spec, b, site)
+    if got is None:
         return None
-    out = b.shapes_of(head, [site.in_shape], site.path + ("head",), "the exit head")
-    if out is None:
-        return None
+    head, out = got
     if task.type == "classification" and out != (task.classes,):
         b.problem(
             site.path + ("head",),

@@ -150,6 +150,15 @@ class TokenExitRuntime:
         ctx.out = t.out
 
 
+def exit_head(spec, b, site: Site) -> tuple | None:
+    """An exit's head module and its output shape (None after a problem); exit.py's too."""
+    head = b.module(spec.head, site.path + ("head",), [site.in_shape])
+    if head is None:
+        return None
+    out = b.shapes_of(head, [site.in_shape], site.path + ("head",), "the exit head")
+    return None if out is None else (head, out)
+
+
 def build_token_exit(spec, b, site: Site, index: int, crit: dict):
     """Check and build one `per: token` exit node (exit.py's builder hands it over)."""
     task, name = b.spec.task, f"exit {index}"
@@ -171,12 +180,10 @@ def build_token_exit(spec, b, site: Site, index: int, crit: dict):
             "criterion 'patience' counts exits per sample; per token use max_prob or entropy",
         )
         return None
-    head = b.module(spec.head, site.path + ("head",), [site.in_shape])
-    if head is None:
+    got = exit_head(spec, b, site)
+    if got is None:
         return None
-    out = b.shapes_of(head, [site.in_shape], site.path + ("head",), "the exit head")
-    if out is None:
-        return None
+    head, out = got
     want = (site.in_shape[0], task.classes) if task.classifies else out
     if out != want:
         b.problem(

@@ -45,8 +45,7 @@ class Output:
         self._build, self._trace = build, None
 
     def _get(self, i: int):
-        if self._trace is None:
-            self._trace = self._build()
+        self._trace = self._trace or self._build()
         return self._trace[i]
 
     columns = property(lambda self: self._get(0))
@@ -151,17 +150,14 @@ def _stays(p: _Pass, s: dict, z: torch.Tensor) -> torch.Tensor:
 
 def _exit(p: _Pass, s: dict) -> None:
     z = p.call(s["head"], p.env[s["reads"][0]])
-    if not s["last"]:
-        stay = torch.where(_stays(p, s, z))[0]
-        if stay.shape[0] == p.rows:
-            return
-        p.leave(z, s["index"])
-        if stay.shape[0]:
-            p.keep(stay, s["live_after"])
-            return
+    stay = z.new_zeros(0, dtype=torch.long) if s["last"] else torch.where(_stays(p, s, z))[0]
+    if stay.shape[0] == p.rows:  # nobody leaves here
+        return
+    p.leave(z, s["index"])  # (rows that stay are written again where they leave)
+    if stay.shape[0]:
+        p.keep(stay, s["live_after"])
     else:
-        p.leave(z, s["index"])
-    p.rows = 0
+        p.rows = 0
 
 
 def _gate(p: _Pass, s: dict) -> None:
@@ -195,10 +191,8 @@ def _halting(p: _Pass, s: dict) -> None:
     leave the loop, their output (ACT: the halting-weighted mean of the states) written once."""
     x = p.env[s["reads"][0]]
     n, rule, last = x.shape[0], s["rule"], s["max_steps"] - 1
-    if s["init"] is not None:
-        h = p.call(s["init"], x)
-    else:
-        h = x.new_zeros((n, *s["state_shape"]))
+    init = s["init"]
+    h = p.call(init, x) if init is not None else x.new_zeros((n, *s["state_shape"]))
     out, steps = torch.empty_like(h), torch.empty(n, dtype=torch.long)
     carry = x.new_ones(n) if rule == "pondernet" else x.new_zeros(n)
     acc = torch.zeros_like(h) if rule == "act" else None
@@ -337,9 +331,7 @@ class Exported:
         n = real.sum(1)
         inside = (real & (torch.arange(x.shape[1]) >= n[:, None])).any(1)
         if bool(inside.any()) or bool((n == 0).any()):
-            raise ValueError(
-                f"pad with id {self.pad_id} at the end only, and give every row a token"
-            )
+            raise ValueError(f"pad with id {self.pad_id} at the end only; every row needs a token")
         return n
 
 
