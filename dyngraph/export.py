@@ -45,10 +45,11 @@ def _dynamic(shape: tuple, length: int | None) -> dict[int, Any]:
     return dims
 
 
-def export(model, out: str | Path, aot: bool = False) -> Path:
+def export(model, out: str | Path, aot: bool = False, single: bool = True) -> Path:
     """Write `model` (in eval mode, its current decision settings) to the folder `out`;
     `aot`: also compile each unit with AOTInductor (seconds to minutes per unit), which the
-    runner then runs instead of the program."""
+    runner then runs instead of the program; `single`: also the batch-1 one-graph program
+    where the plan has one (`single_graph`)."""
     out = Path(out)
     steps = []
     for s in model._plan.steps:
@@ -102,7 +103,7 @@ def export(model, out: str | Path, aot: bool = False) -> Path:
         manifest["unit_macs_by_length"] = [[0] * len(model.units)] + [
             model.unit_macs("fvcore", n).tolist() for n in range(1, length + 1)
         ]
-    program, why = single_graph(model)
+    program, why = single_graph(model) if single else (None, "not made (single=False)")
     if program is not None:
         torch.export.save(program, str(out / "single.pt2"))
     manifest["single_graph"] = {"file": "single.pt2"} if program is not None else {"why": why}
