@@ -65,14 +65,14 @@ class _Pass:
         self.env: dict[str, torch.Tensor] = {"input": x}
         self.states: dict[str, torch.Tensor] = {}
         self.out: torch.Tensor | None = None
-        self.calls: list[tuple] = []  # (unit, original rows or None)
-        self.decisions: list[tuple] = []  # (column, node, values, original rows or None)
+        self.calls: list[tuple] = []  # (unit, row map, positions among its rows or None)
+        self.decisions: list[tuple] = []  # (column, node, values, row map, positions)
 
     def trace(self, macs: torch.Tensor) -> tuple:
         """(columns, unit counts, MACs per input) from the log."""
         b, m = self.batch, self.m
         counts = torch.zeros(b, len(m.units), dtype=torch.long)
-        for u, g in self.calls:
+        for u, g in ((u, _rows_of(idx, rows)) for u, idx, rows in self.calls):
             if g is None:
                 counts[:, u] += 1
             else:
@@ -83,7 +83,8 @@ class _Pass:
             )  # fmt: skip
             for c in m.manifest["columns"]
         }
-        for name, col, values, g in self.decisions:
+        for name, col, values, idx, rows in self.decisions:
+            g = _rows_of(idx, rows)
             target = columns[name] if col is None else columns[name][:, col]
             v = values.cpu().long() if torch.is_tensor(values) else values
             if g is None:
@@ -92,17 +93,12 @@ class _Pass:
                 target[g.cpu()] = v
         return columns, counts, (counts * macs).sum(1)
 
-    def _global(self, rows: torch.Tensor | None) -> torch.Tensor | None:
-        if rows is None:
-            return self.idx
-        return rows if self.idx is None else self.idx.index_select(0, rows)
-
     def call(self, u: int, *args: torch.Tensor, rows: torch.Tensor | None = None):
-        self.calls.append((u, self._global(rows)))
+        self.calls.append((u, self.idx, rows))
         return self.m.units[u](*args)
 
     def record(self, name: str, col: int | None, values, rows: torch.Tensor | None = None):
-        self.decisions.append((name, col, values, self._global(rows)))
+        self.decisions.append((name, col, values, self.idx, rows))
 
     def leave(self, out: torch.Tensor, where: int) -> None:
         """Every current row takes `out` (taken at exit `where`); rows that go on are written
@@ -120,6 +116,13 @@ class _Pass:
         self.env = {k: v.index_select(0, rows) for k, v in self.env.items() if k in live}
         self.states = {k: v.index_select(0, rows) for k, v in self.states.items()}
         self.idx = rows if self.idx is None else self.idx.index_select(0, rows)
+
+
+def _rows_of(idx: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """The original rows of positions `rows` among the rows of row map `idx` (None: all)."""
+    if rows is None:
+        return idx
+    return rows if idx is None else idx.index_select(0, rows)
 
 
 # ------------------------------------------------------------------ the steps
@@ -367,10 +370,10 @@ def load(path: str | Path) -> Exported:
 
 def _runnable(ep, u: dict, root: Path):
     """The unit as a callable: its AOTInductor package where the export has one (`--aot`),
-    else the program's module (its input guards off: the runner checks the model's input,
-    and every unit gets what the compiled model gave it)."""
-    if u.get("aoti") is None:
-        return ep.module(check_guards=False)
+    else the program's module's forward (no input guards or hooks: the runner checks the
+    model's input, and every unit gets what the compiled model gave it)."""
+    if u.get("aoti") is None:  # (its forward: the module's call hooks cost 2x the ops here)
+        return ep.module(check_guards=False).forward
     f = root / u["aoti"]
     if not f.exists():
         raise ExportError(f"{root}: unit {u['index']} ({u['name']}) is missing: {u['aoti']}")
@@ -386,14 +389,11 @@ def _check_shapes(ep, u: dict, root: Path) -> None:
     names = set(ep.graph_signature.user_inputs)
     got = [list(n.meta["val"].shape[1:]) for n in ep.graph.nodes
            if n.op == "placeholder" and n.name in names]  # fmt: skip
+    shown = [[a if isinstance(a, int) else "L" for a in g] for g in got]  # (L: dynamic)
     want = u["in_shapes"]
-    same = len(got) == len(want) and all(
-        len(g) == len(w)
-        and all(not isinstance(a, int) or a == b for a, b in zip(g, w, strict=True))
-        for g, w in zip(got, want, strict=True)
-    )
-    if not same:
-        shown = [[a if isinstance(a, int) else "L" for a in g] for g in got]
-        raise ExportError(
-            f"{root}: unit {u['index']} ({u['name']}) takes inputs {shown}; the manifest says {want}"
-        )
+    if len(got) != len(want) or any(
+        len(g) != len(w) or any(a not in ("L", b) for a, b in zip(g, w, strict=True))
+        for g, w in zip(shown, want, strict=True)
+    ):
+        msg = f"unit {u['index']} ({u['name']}) takes inputs {shown}; the manifest says {want}"
+        raise ExportError(f"{root}: {msg}")
