@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,8 @@ class Unit:
     order: tuple[int, int] = (0, 0)  # (plan step, creation): sorts units into execution order
     per_token: bool = False
     rows: nn.Module | None = None  # the block whose `forward_rows` runs its partial queries
-    frozen: dict[str, int] = field(default_factory=dict, repr=False)  # lengths.frozen_macs
+    # per-token costs of a unit with partial queries, counted once (runtime/lengths.py)
+    token_costs: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     def __call__(self, *args: torch.Tensor):
         return (self.fn if self.fn is not None else self.module)(*args)

@@ -68,7 +68,7 @@ class TokenExitRuntime:
         if not ctx.compacting:
             t = ctx.token_rows
             if t is None:
-                t = ctx.token_rows = TokenRows.start(x, train=ctx.mode == "train")
+                t = ctx.token_rows = TokenRows.start(x)
             ctx.record_tokens(self.head.index, f"{self.name} head tokens", t.active)
             self._dense(ctx, x, t)
             return
@@ -95,7 +95,7 @@ class TokenExitRuntime:
         of the sequences that go on (empty: none) and every current sequence's outputs."""
         t = ctx.token_rows
         if t is None:
-            t = ctx.token_rows = TokenRows.start(x, train=False)
+            t = ctx.token_rows = TokenRows.start(x)
         ctx.record_tokens(self.head.index, f"{self.name} head tokens", t.active)
         b, n, d = x.shape
         if t.everyone:

@@ -64,15 +64,15 @@ class TokenHaltingRuntime:
     rule = "act"
     per = "token"
     threshold: float | None = None  # (the halting construct's settings: ACT has epsilon)
-    token_decision: str = ""
     live_after: set[str] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.token_decision = self.name
 
     @property
     def name(self) -> str:
         return f"halting {self.index}"
+
+    @property
+    def token_decision(self) -> str:  # its trace.tokens record, part of the path
+        return self.name
 
     @property
     def steps(self) -> list[Any]:  # (what halting.py's `longest` reads)

@@ -193,30 +193,41 @@ def query_token_macs(
     beyond the frozen cost; a sequence with every token running pays C(n) exactly."""
     running, lengths = running.cpu(), lengths.cpu()
     kappa = frozen_macs(model.units[u], counter)
-    causal = causal_units(model)[u]
     out = torch.zeros(running.shape, dtype=torch.long)
     for n in lengths.unique().tolist():
         rows = (lengths == n).nonzero().flatten()
+        r = running.index_select(0, rows)[:, :n]
+        share = _running_shares(model, u, n, counter)
+        out[rows, :n] = torch.where(r == 1, share, torch.where(r == 0, kappa, 0))
+    return out
+
+
+def _running_shares(model, u: int, n: int, counter: str) -> torch.Tensor:
+    """[n] what a running token at each position of a length-n sequence pays in unit `u`
+    (cached on the unit: every layer's record of every batch reads it)."""
+    unit, key = model.units[u], ("shares", counter, n)
+    if key not in unit.token_costs:
+        kappa = frozen_macs(unit, counter)
         c = [0] + [int(model.unit_macs(counter, m)[u]) for m in range(1, n + 1)]
-        if causal:
+        if causal_units(model)[u]:
             share = torch.tensor([c[i + 1] - c[i] for i in range(n)])
         else:  # (C(n) - n·kappa) / n each; a remainder (none for built-in blocks) to the last
             each, rest = divmod(c[n] - n * kappa, n)
             share = torch.full((n,), kappa + each)
             share[-1] += rest
-        r = running.index_select(0, rows)[:, :n]
-        out[rows, :n] = torch.where(r == 1, share, torch.where(r == 0, kappa, 0))
-    return out
+        unit.token_costs[key] = share
+    return unit.token_costs[key]
 
 
 def frozen_macs(unit, counter: str) -> int:
     """The MACs a frozen token costs `unit` run with partial queries: its keys and values
     (counted on the unit's `rows` block with one token, none of them running)."""
-    if counter not in unit.frozen:
+    key = ("frozen", counter)
+    if key not in unit.token_costs:
         from ..cost import rows_macs
 
-        unit.frozen[counter] = rows_macs(unit.rows, counter)
-    return unit.frozen[counter]
+        unit.token_costs[key] = rows_macs(unit.rows, counter)
+    return unit.token_costs[key]
 
 
 def causal_units(model) -> list[bool]:

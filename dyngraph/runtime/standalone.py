@@ -9,7 +9,7 @@ deployment needs neither dyngraph nor its dependencies:
 
     import sys; sys.path.insert(0, "DIR"); import dyngraph_runner
     model = dyngraph_runner.load("DIR")
-    out = model(x)          # out.logits, out.trace (columns, unit_counts), out.macs
+    out = model(x)          # out.logits, out.columns, out.unit_counts, out.macs
 
 It runs the plan as dyngraph's infer mode does: rows that leave at an exit are compacted away,
 a gated body runs on the rows whose gate is on, each length of a batch of sequences runs as its

@@ -36,22 +36,20 @@ class TokenRows:
         active: [rows, L] bool, the tokens still running.
         exit_at: [rows, L] long, the exit each token left at (-1: still running).
         out: [rows, L, C] the outputs of the tokens that left (None before any did).
-        train: train mode: every token runs every layer (no token is frozen).
     """
 
     active: torch.Tensor
     exit_at: torch.Tensor
     out: torch.Tensor | None = None
-    train: bool = False
     _flat: torch.Tensor | None = field(default=None, repr=False)
     _grid: Any = field(default=None, repr=False)
     everyone: bool = True  # every token of every row runs (no index is needed)
 
     @classmethod
-    def start(cls, x: torch.Tensor, train: bool) -> TokenRows:
+    def start(cls, x: torch.Tensor) -> TokenRows:
         b, n = x.shape[:2]
         active = torch.ones(b, n, dtype=torch.bool, device=x.device)
-        return cls(active, torch.full((b, n), -1, dtype=torch.long, device=x.device), train=train)
+        return cls(active, torch.full((b, n), -1, dtype=torch.long, device=x.device))
 
     @property
     def flat(self) -> torch.Tensor:
@@ -110,7 +108,7 @@ class RowsStep:
             ctx.env[self.writes] = self.apply(ctx, x, live)
             return
         y = ctx.call(self.unit, x)[0]
-        if not t.train:  # dense: the frozen tokens keep their states
+        if ctx.mode == "dense":  # the frozen tokens keep their states (train: every token runs)
             y = torch.where(t.active.unsqueeze(-1), y, x)
         self._record(ctx, t)
         ctx.env[self.writes] = y
