@@ -177,6 +177,22 @@ class GateRuntime:
             ctx.record("gates", self.index, 1, where=run)
         return self._merge(ctx, x, run, live)
 
+    def stream_parts(self) -> list:
+        """Streaming (runtime/stream.py): the decision, then the body on the rows that take
+        it, so that the body runs full batches; the rows that skip go past with `x`."""
+        return [self._stream_decide, self._stream_body]
+
+    def _stream_decide(self, ctx) -> dict:
+        x = ctx.env[self.reads[0]]
+        src = ctx.env[self.reads[1]] if self.style == "oneshot" and self.column == 0 else None
+        on = self.on(x, self.probs(ctx, x, src))
+        ctx.record("gates", self.index, on)
+        ctx.env[self.writes] = x  # (the rows that skip)
+        return {1: positions(on)}
+
+    def _stream_body(self, ctx) -> None:
+        ctx.env[self.writes] = ctx.call(self.body, ctx.env[self.reads[0]])
+
     def export_step(self) -> dict:
         """Its step in an export's manifest (runtime/standalone.py runs it)."""
         return {"kind": "gate", "index": self.index, "style": self.style,

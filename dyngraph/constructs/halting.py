@@ -27,7 +27,7 @@ from pydantic import AliasChoices, Field
 from ..blocks.steps import FlagStep, StopFeatures
 from ..core.types import InlineModule, ModuleRef, Strict
 from ..runtime.context import const, pseudo_uniform
-from . import halting_time, token_halting
+from . import halting_stream, halting_time, token_halting
 from .api import Column, ConstructDef, Site, attr_sweep
 from .halting_objective import halting_objective
 from .registry import register_construct
@@ -132,7 +132,10 @@ class HaltingRuntime:
             return new_carry >= const(1 - self.epsilon, new_carry), new_carry, p
         if self.rule == "l2s":
             onehot = x.new_zeros((x.shape[0], self.max_steps))
-            onehot[:, t] = 1.0
+            if torch.is_tensor(t):  # rows each at its own step (streaming)
+                onehot.scatter_(1, t.unsqueeze(1), 1.0)
+            else:
+                onehot[:, t] = 1.0
             q = ctx.call(self.unit, x, h, prev, onehot, count=count)
             return q >= const(self.threshold, q), carry, q
         lam = ctx.call(self.unit, h, count=count)  # pondernet: carry = prob. of not having halted
@@ -175,6 +178,10 @@ class HaltingRuntime:
                 "unit": self.unit.index, "init": None if self.init is None else self.init.index,
                 "state_shape": list(self.state_shape), "flag": self.flag,
                 "reads": list(self.reads), "writes": self.writes}  # fmt: skip
+
+    def stream_parts(self) -> list:
+        """Streaming (runtime/stream.py): entry, then one ponder step (halting_stream.py)."""
+        return halting_stream.parts(self)
 
     def _infer_one(self, ctx, x: torch.Tensor, h0=None) -> torch.Tensor:
         """Infer, one sample: one host sync per step, no index tensors."""

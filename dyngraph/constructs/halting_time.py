@@ -60,8 +60,8 @@ class CarryRuntime:
     per = "token"
 
     def __getattr__(self, name: str) -> Any:
-        # (not its step's export: a loop through time does not export yet)
-        if name.startswith("__") or name in ("inner", "export_step"):
+        # (not its step's export or stream parts: a loop through time runs whole)
+        if name.startswith("__") or name in ("inner", "export_step", "stream_parts"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 

@@ -76,8 +76,7 @@ class RunContext:
         width: int = 1,
         out_column: str | None = None,
     ):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        self.check_mode(mode)
         b = x.shape[0]  # rows: samples x width
         if b % width:
             raise ValueError(f"{b} rows are not whole samples of {width} positions")
@@ -108,6 +107,12 @@ class RunContext:
         self.extras: dict[str, Any] = defaultdict(list)
         self.trace_sizes = trace_sizes
         self.rows = b  # the number of rows the values in `env` have now (0: every row left)
+
+    @staticmethod
+    def check_mode(mode: str) -> None:
+        """A one-line ValueError unless `mode` is one of MODES."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
     def sample_of(self, rows: torch.Tensor) -> torch.Tensor:
         """The sample of each row id."""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .codegen import generate
-from .context import MODES, RunContext
+from .context import RunContext
 from .lengths import LengthCosts, groups, lengths_of, merge, sample_unit_macs, unit_inputs
 from .trace import Group, PathTable, Trace
 
@@ -122,8 +122,7 @@ class DynamicModel(nn.Module):
           runs them anyway: their outputs are then NaN and their decisions meaningless).
         """
         mode = mode or ("train" if self.training else "infer")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        RunContext.check_mode(mode)
         x = self._checked_input(x)
         if self._seq is None:
             if lengths is not None:
@@ -136,15 +135,7 @@ class DynamicModel(nn.Module):
         for length, rows in groups(n):
             parts.append(self._forward(x.index_select(0, rows)[:, :length], mode, n[rows]))
             where.append(rows)
-        order = torch.argsort(torch.cat(where))
-        logits = merge([p.logits for p in parts], order, x.shape[1])
-        if self.spec.task.per == "token" and logits.shape[1] < x.shape[1]:  # one short length
-            logits = torch.nn.functional.pad(logits, (0, 0, 0, x.shape[1] - logits.shape[1]))
-        return DynamicOutput(
-            logits,
-            Trace.merged([p.trace for p in parts], order, n, x.shape[1]),
-            merge([p.extras for p in parts], order, x.shape[1]),
-        )
+        return merged_output(parts, where, n, x.shape[1], self.spec.task.per == "token")
 
     def _forward(self, x: torch.Tensor, mode: str, lengths) -> DynamicOutput:
         """One pass over a batch (of sequences: of one length)."""
@@ -317,7 +308,6 @@ class DynamicModel(nn.Module):
             if c.settings is not None and c.settings[0] in s:
                 c.restore_settings(self.nodes[k], s[c.settings[0]])
 
-    # ------------------------------------------------------------------ description
     def describe_path(self, path_id: int) -> str:
         return self.paths.describe(path_id)
 
@@ -381,6 +371,22 @@ class DynamicModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, units={len(self.units)}, backend={self.backend!r}"
+
+
+def merged_output(
+    parts: list[DynamicOutput], where: list[torch.Tensor], lengths, full: int, per_token: bool
+) -> DynamicOutput:
+    """One output from those of a batch's length groups: `where[i]` the rows of group i in
+    the batch, `lengths` [B] every row's length, `full` the batch's length."""
+    order = torch.argsort(torch.cat(where))
+    logits = merge([p.logits for p in parts], order, full)
+    if per_token and logits.shape[1] < full:  # one short length
+        logits = torch.nn.functional.pad(logits, (0, 0, 0, full - logits.shape[1]))
+    return DynamicOutput(
+        logits,
+        Trace.merged([p.trace for p in parts], order, lengths, full),
+        merge([p.extras for p in parts], order, full),
+    )
 
 
 def checked_setting(value: Any, lo: float, hi: float, what: str) -> float:

@@ -1,0 +1,218 @@
+"""Streaming: a stream of inputs run without cutting it into independent batches (DESIGN §10).
+
+A per-batch pass runs each stage after a decision on the rows that continue, so deep stages run
+small GEMMs, which this kind of CPU runs at a fraction of its rate. `stream` pools rows across
+inputs instead: the plan is cut into **stages** at every decision, each stage keeps a queue of
+rows waiting for it, and a stage runs only when its queue holds `batch_size` rows (or when the
+input has ended), so every stage runs full batches.
+
+- A stage is the static segments before a decision plus the decision itself. A construct
+  may split its node into parts (`stream_parts()` on its runtime): a gate's body gets a queue
+  of its own, so that the body runs full batches of the rows that take it; a halting node's
+  ponder step is a part that sends the rows that go on back to its own queue, where new rows
+  join them (continuous batching). Other constructs run as one part.
+- Each run of a stage is an ordinary infer pass over those rows (a RunContext that starts with
+  their live values), so every construct's infer code runs unchanged; the pass's log is
+  translated to stream row ids afterwards, and the trace over the whole stream is built from
+  it. Rows are independent in infer mode, so outputs and traces equal those of each input run
+  alone (up to float rounding of different batch compositions).
+- Memory is bounded: the rows waiting in all queues never pass `max_rows`; before more input is
+  admitted, the deepest non-empty queue runs, even short of a full batch, until there is room.
+- A sequence model streams each length separately (as `DynamicModel.forward` groups a batch by
+  length). After a per-token exit the remaining layers carry per-token state that is not per
+  row, so they run as one stage with the exit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .lengths import groups, lengths_of
+from .model import merged_output
+from .stream_lane import Lane, stages_of
+from .trace import Trace
+
+
+@dataclass
+class StreamOutput:
+    """What `stream` returns.
+
+    Attributes:
+        logits: [N, ...] each input's output, in input order.
+        trace: the per-input record of decisions and executed units, as a batched pass's.
+        latency: [N] seconds from each input's entry (when the stream took it) to its result.
+        stats: inputs, seconds, throughput (inputs/s), latency p50 / p99 (ms), batch_size,
+            max_rows, peak_rows (most rows ever waiting in the queues), runs (stage runs) and
+            full_runs (those on `batch_size` rows).
+    """
+
+    logits: torch.Tensor
+    trace: Trace
+    latency: torch.Tensor
+    stats: dict[str, Any]
+
+
+class Streamer:
+    """The queues of a stream and the order in which they run (see the module's docstring)."""
+
+    def __init__(self, model, batch_size: int, max_rows: int, log_rows: bool = True) -> None:
+        self.model, self.b, self.max_rows = model, batch_size, max_rows
+        self.stages = stages_of(model._plan)
+        self.lanes: dict[int, Lane] = {}
+        self.n, self.peak, self.runs, self.full = 0, 0, 0, 0
+        self.entered: list[tuple[torch.Tensor, float]] = []
+        self.log_rows = log_rows
+
+    def _lane(self, key: int, shape: tuple, device) -> Lane:
+        if key not in self.lanes:
+            self.lanes[key] = Lane(self.model, self.stages, shape, device, self.log_rows)
+        return self.lanes[key]
+
+    def held(self) -> int:
+        return sum(lane.held() for lane in self.lanes.values())
+
+    def _run(self, lane: Lane, k: int) -> None:
+        n = min(self.b, lane.queues[k].rows)
+        self.runs += 1
+        self.full += n == self.b
+        lane.run(k, n)
+
+    def _deepest(self, at_least: int) -> tuple[Lane, int] | None:
+        best = None
+        for lane in self.lanes.values():
+            for k in range(len(self.stages) - 1, -1, -1):
+                if lane.queues[k].rows >= at_least:
+                    if best is None or k > best[1]:
+                        best = (lane, k)
+                    break
+        return best
+
+    def admit(self, x: torch.Tensor, lengths: torch.Tensor | None) -> None:
+        """Take inputs `x` (checked, at most `batch_size` rows) into the stream."""
+        while self.held() + x.shape[0] > self.max_rows:  # make room: the deepest rows first
+            self._run(*self._deepest(1))
+        ids = torch.arange(self.n, self.n + x.shape[0])
+        self.n += x.shape[0]
+        if self.log_rows:
+            self.entered.append((ids, time.perf_counter()))
+        if lengths is None:
+            self._lane(0, tuple(x.shape[1:]), x.device).admit(x, ids)
+        else:
+            for length, rows in groups(lengths):
+                part = x.index_select(0, rows)[:, :length]
+                self._lane(length, tuple(part.shape[1:]), x.device).admit(part, ids[rows.cpu()])
+        self.peak = max(self.peak, self.held())
+        while (got := self._deepest(self.b)) is not None:  # every full queue, deepest first
+            self._run(*got)
+
+    def finish(self) -> None:
+        """The input has ended: every queue runs out, shallowest first (so that rows pool in
+        the deeper queues), in batches of at most `batch_size`."""
+        for lane in self.lanes.values():
+            for k in range(len(self.stages)):
+                while lane.queues[k].rows:
+                    self._run(lane, k)
+
+    def result(self, lengths: torch.Tensor | None, per_token: bool, full: int):
+        """(outputs in input order, latency [N] seconds)."""
+        keys = sorted(self.lanes)
+        parts = [
+            self.lanes[k].result(None if lengths is None else torch.full((self.lanes[k].n,), k))
+            for k in keys
+        ]
+        where = [torch.cat(self.lanes[k].where) for k in keys]
+        if lengths is None:
+            out = parts[0]
+        else:
+            out = merged_output(parts, where, lengths, full, per_token)
+        latency = torch.zeros(self.n, dtype=torch.float64)
+        if self.log_rows:
+            t_in = torch.zeros(self.n, dtype=torch.float64)
+            for ids, t in self.entered:
+                t_in[ids] = t
+            for k, w in zip(keys, where, strict=True):
+                for ids, t in self.lanes[k].done:  # later runs win: the run a row left in
+                    latency[w[ids.cpu()]] = t
+            latency -= t_in
+        return out, latency
+
+
+def _pieces(model, inputs: Any, b: int, lengths: Any):
+    """(checked inputs of at most `b` rows, their lengths or None), in order."""
+    seq = model._seq
+    if isinstance(inputs, torch.Tensor) or type(inputs).__module__ == "numpy":
+        inputs = [inputs]
+    elif lengths is not None:
+        raise ValueError(f"{model.name}: lengths go with one tensor of inputs")
+    for item in inputs:
+        x = model._checked_input(item)
+        n = None if seq is None else lengths_of(x, seq[0], lengths, model.name)
+        for i in range(0, x.shape[0], b):
+            yield x[i : i + b], None if n is None else n[i : i + b]
+
+
+def stream(
+    model,
+    inputs: Any,
+    batch_size: int = 256,
+    max_rows: int | None = None,
+    lengths: Any = None,
+    latency: bool = True,
+) -> StreamOutput:
+    """Run a stream of inputs in infer mode, every stage on full batches (DESIGN §10).
+
+    Args:
+        model: a DynamicModel (run in infer mode whatever its `training` flag).
+        inputs: a tensor [N, *input.shape], or an iterable of such tensors (batches of any
+            size, a generator, a DataLoader's inputs), each checked as `model(x)` checks it.
+        batch_size: the rows each stage runs at once.
+        max_rows: the most rows that may wait in the queues together (default 16 x
+            batch_size); at least batch_size.
+        lengths: float sequences: [N] lengths, with one tensor of inputs (as `model(x,
+            lengths=...)`).
+        latency: record each input's entry and result times (one clock read per stage run).
+
+    Returns:
+        StreamOutput: outputs and trace in input order, per-input latency and the stream's
+        statistics. Outputs and traces equal those of each input run alone.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    max_rows = 16 * batch_size if max_rows is None else max_rows
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < batch_size:
+        raise ValueError(
+            f"max_rows must be an integer >= batch_size ({batch_size}), got {max_rows!r}"
+        )
+    s = Streamer(model, batch_size, max_rows, latency)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        seen_lengths = []
+        for x, n in _pieces(model, inputs, batch_size, lengths):
+            s.admit(x, n)
+            if n is not None:
+                seen_lengths.append(n)
+        s.finish()
+    if s.n == 0:
+        raise ValueError(f"{model.name}: the stream held no inputs")
+    n = torch.cat(seen_lengths) if seen_lengths else None
+    full = model._in_shape[0] if n is not None else 0
+    out, lat = s.result(n, model.spec.task.per == "token", full)
+    seconds = time.perf_counter() - t0
+    ms = lat * 1e3
+    stats = {
+        "inputs": s.n,
+        "seconds": seconds,
+        "throughput": s.n / seconds,
+        "latency_p50_ms": float(ms.quantile(0.5)) if latency else None,
+        "latency_p99_ms": float(ms.quantile(0.99)) if latency else None,
+        "batch_size": batch_size,
+        "max_rows": max_rows,
+        "peak_rows": s.peak,
+        "runs": s.runs,
+        "full_runs": s.full,
+    }
+    return StreamOutput(out.logits, out.trace, lat, stats)
