@@ -9,6 +9,7 @@ from .core.errors import Problem, SpecError
 from .export import ExportError, export, load_exported
 from .profiler import Profile, profile
 from .runtime.model import DynamicModel, DynamicOutput
+from .runtime.stream import StreamOutput, stream
 from .runtime.trace import Trace
 from .training import TrainResult, evaluate, train
 
@@ -20,6 +21,7 @@ __all__ = [
     "Problem",
     "Profile",
     "SpecError",
+    "StreamOutput",
     "Trace",
     "TrainResult",
     "compile",
@@ -30,6 +32,7 @@ __all__ = [
     "profile",
     "register_block",
     "register_construct",
+    "stream",
     "train",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .cli_args import Parser, UsageError, check_writable, fraction, positive
+from .cli_report import print_eval, print_profile, quality_text
 from .core.errors import SpecError
 
 
@@ -100,23 +101,9 @@ def _profile(args: argparse.Namespace) -> int:
         measure_each=args.measure_each,
         n=args.n,
         progress=None if not args.no_progress else False,
+        stream=not args.per_batch,
     )
-    out = prof.save(out)
-    s = prof.summary
-    print(
-        f"{model.name} on {origin or data}: {s['inputs']:,} inputs, mean {s['mean_macs']:,.0f} MACs per input "
-        f"({1 - s['saving']:.1%} of the longest path's {s['full_macs']:,}; {s['saving']:.1%} saved), "
-        f"{s['paths_seen']} paths"
-    )
-    if "quality" in s:
-        print(f"  {_quality_text(model, {'quality': s['quality']})}")
-    if "dispatch_waste" in s:
-        print(f"  executed/ideal MACs of the batched run: {s['dispatch_waste']:.4f}")
-    if s.get("query_padding_macs"):
-        print(f"  of which padded queries (per-token exits): {s['query_padding_macs']:,} MACs")
-    for w in prof.warnings:
-        print(f"  warning: {w}")
-    print(f"  wrote {out}/profile.json, report.md and plots")
+    print_profile(model, origin or data, prof, prof.save(out))
     return 0
 
 
@@ -181,17 +168,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     print(
         f"tested on {test.origin}: {res['macs_fraction']:.1%} of the longest path's MACs, "
-        f"{_quality_text(model, res)}"
+        f"{quality_text(model, res)}"
     )
     save_atomic(model_state(model), Path(out))
     print(f"wrote {out}")
     return 0
-
-
-def _quality_text(model, res) -> str:
-    if (q := res.get("quality")) is None:
-        return "no labels"
-    return f"accuracy {100 * q:.2f}%" if model.spec.task.classifies else f"NMSE {q:.2f} dB"
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -208,22 +189,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     model = _loaded_model(args)
     data = _data(model, args.split, args.data)
-    res = evaluate(model, data)
-    print(
-        f"{model.name} on {data.origin}: {_quality_text(model, res)}, mean {res['mean_macs']:,.0f} MACs "
-        f"per input ({res['macs_fraction']:.1%} of the longest path's {res['full_macs']:,})"
-    )
-    for key, counts in res.get("taken", {}).items():  # a whole-graph decision: inputs per value
-        print(f"  inputs per {key}: " + ", ".join(f"{key} {v}: {c}" for v, c in counts.items()))
-    for desc, c in list(res["paths"].items())[:10]:
-        print(f"  {c:>6}  {desc}")
-    for col, rows in res.get("by_meta", {}).items():
-        print(f"  by {col}:")
-        for r in rows:
-            q = f", {_quality_text(model, r)}" if "quality" in r else ""
-            print(
-                f"    {col} = {r['value']}: {r['inputs']:,} inputs, mean {r['mean_macs']:,.0f} MACs{q}"
-            )
+    print_eval(model, data, evaluate(model, data, stream=not args.per_batch))
     return 0
 
 
@@ -252,6 +218,9 @@ def _blocks(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- parser
+PER_BATCH = "run the data in independent batches (default: a stream, every stage on full batches)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="dyngraph", description="compile and profile dynamic neural networks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -329,7 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", metavar="FILE", help="evaluate on this .npz/.pt file instead of a split"
     )
     e.set_defaults(backend="none")
-    pr = command("profile", _profile, "per-input MACs, per-path latency, report and plots")
+    for c in (
+        e,
+        pr := command("profile", _profile, "per-input MACs, per-path latency, report and plots"),
+    ):
+        c.add_argument("--per-batch", action="store_true", help=PER_BATCH)
     pr.add_argument("spec")
     pr.add_argument(
         "--checkpoint", help="weights (a checkpoint of `dyngraph train` or a state dict)"

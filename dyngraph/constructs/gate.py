@@ -187,8 +187,8 @@ class GateRuntime:
         src = ctx.env[self.reads[1]] if self.style == "oneshot" and self.column == 0 else None
         on = self.on(x, self.probs(ctx, x, src))
         ctx.record("gates", self.index, on)
-        ctx.env[self.writes] = x  # (the rows that skip)
-        return {1: positions(on)}
+        ctx.env[self.writes] = x  # (the rows that skip, past the node)
+        return {1: positions(on), None: positions(~on)}
 
     def _stream_body(self, ctx) -> None:
         ctx.env[self.writes] = ctx.call(self.body, ctx.env[self.reads[0]])

@@ -179,9 +179,8 @@ class HaltingRuntime:
                 "state_shape": list(self.state_shape), "flag": self.flag,
                 "reads": list(self.reads), "writes": self.writes}  # fmt: skip
 
-    def stream_parts(self) -> list:
-        """Streaming (runtime/stream.py): entry, then one ponder step (halting_stream.py)."""
-        return halting_stream.parts(self)
+    # streaming (runtime/stream.py): entry, then one ponder step (halting_stream.py)
+    stream_parts = halting_stream.parts
 
     def _infer_one(self, ctx, x: torch.Tensor, h0=None) -> torch.Tensor:
         """Infer, one sample: one host sync per step, no index tensors."""
@@ -357,19 +356,25 @@ def _longest(h: HaltingRuntime, counts: torch.Tensor, macs: torch.Tensor) -> Non
     counts[h.unit.index] = h.max_steps
 
 
-def force(h: HaltingRuntime, steps: tuple[int, int]) -> dict:
+def force(h: HaltingRuntime, steps: tuple[int, int] | float) -> dict:
     """Benchmarks and tests (dyngraph.forcing): each sample runs a number of steps drawn in
-    [lo, hi] from its input."""
+    [lo, hi] from its input, or (c in (0, 1)) goes on after each step with probability c
+    (t: a step, or rows each at its own step in a stream)."""
     if isinstance(h, token_halting.TokenHaltingRuntime):
         return token_halting.force(h, steps)
-    lo, hi = steps
     seen: list = [None, None]
+
+    def draw(x: torch.Tensor) -> torch.Tensor:
+        u = pseudo_uniform(x, 300 + h.index)
+        if isinstance(steps, float):
+            return 1 + (torch.log1p(-u) / math.log(steps)).floor().long()
+        return steps[0] + (u * (steps[1] - steps[0] + 1)).long()
 
     def decide(ctx, t, state, x, carry, prev, count=None):
         _, new_carry, p = HaltingRuntime._decide(h, ctx, t, state, x, carry, prev, count)
         if seen[0] is not x:  # the draw once per input of the loop (it changes as rows leave)
-            seen[:] = [x, lo + (pseudo_uniform(x, 300 + h.index) * (hi - lo + 1)).long()]
-        return seen[1] <= const(t + 1, seen[1]), new_carry, p
+            seen[:] = [x, draw(x)]
+        return seen[1] <= (t + 1 if torch.is_tensor(t) else const(t + 1, seen[1])), new_carry, p
 
     return {"_decide": decide}
 

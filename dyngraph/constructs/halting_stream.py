@@ -41,7 +41,7 @@ def parts(node) -> list:
         ctx.record("steps", node.index, (t + 1).index_select(0, gone), where=gone)
         env[node.writes] = acc if acc is not None else h
         env[f"{k}/h"], env[f"{k}/t"], env[f"{k}/carry"] = h, t + 1, new_carry
-        return {0: positions(~halt)}
+        return {0: positions(~halt), None: gone}
 
     return [enter, ponder]
 

@@ -17,6 +17,7 @@ from .. import tasks
 from ..cost import flop_counter
 from ..data.inputs import as_data
 from ..progress import Progress
+from ..runtime.stream import infer_pass
 from . import tokens
 from .latency import measure
 from .sweep import quality, sweep
@@ -121,6 +122,7 @@ def profile(
     check_waste: bool = True,
     n: int | None = None,
     progress: bool | None = None,
+    stream: bool = True,
 ) -> Profile:
     """Profile a compiled model on data.
 
@@ -139,6 +141,8 @@ def profile(
         curve: sweep the main decision setting for an accuracy-versus-MACs curve (needs labels).
         check_waste: run the batches under FlopCounterMode and compare executed with ideal MACs.
         n: use only the first n inputs.
+        stream: run the data as a stream (`dg.stream`: every stage on full batches), or
+            (False) in independent batches of `batch_size`.
         progress: show a progress bar (default: on a terminal).
     """
     d = as_data(data, labels, model.spec, n)
@@ -154,11 +158,12 @@ def profile(
         for op in c.uncounted
     ]
 
-    # one batched infer pass: traces -> per-input MACs and paths
+    # one infer pass over the data (streamed, or in independent batches): traces -> per-input
+    # MACs and paths; its throughput and per-input latency (entry to result)
     path_ids, macs, logits, token = [], [], [], []
     with Progress(N, f"{model.name}: infer", progress) as bar:
-        for i in range(0, N, batch_size):
-            out = model(x[i : i + batch_size])
+        outs, summary_pass = infer_pass(model, x, batch_size, stream)
+        for out in outs:
             path_ids.append(out.trace.path_id.cpu())
             macs.append(model.per_input_macs(out.trace, counter))
             logits.append(out.logits)
@@ -201,6 +206,7 @@ def profile(
         paths.append(PathStats(p, model.describe_path(p), int(m[0]), c, units, quality=qp))
 
     summary: dict[str, Any] = _macs_summary(model, per_macs, counter)
+    summary["infer_pass"] = summary_pass
     per_token = tokens.merged(token) if token else None
     if per_token is not None:
         summary["per_token"] = tokens.summary(*per_token)

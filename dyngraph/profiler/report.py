@@ -181,6 +181,16 @@ def report_md(prof) -> str:
         )
     if s.get("query_padding_macs"):
         rows.append(("of which padded queries (per-token exits)", _fmt(s["query_padding_macs"])))
+    if (ip := s.get("infer_pass")) is not None:  # the data's pass: streamed or per batch
+        how = "streamed" if ip["mode"] == "stream" else "in independent batches"
+        rows.append(
+            (
+                f"the data's infer pass ({how}, batch {ip['batch_size']}): throughput; "
+                "latency per input, entry to result, p50 / p99",
+                f"{ip['throughput']:,.0f} inputs/s; {ip['latency_p50_ms']:.2f} / "
+                f"{ip['latency_p99_ms']:.2f} ms",
+            )
+        )
     if "throughput_per_s" in s:
         rows.append(
             (

@@ -33,7 +33,7 @@ import torch
 
 from .lengths import groups, lengths_of
 from .model import merged_output
-from .stream_lane import Lane, stages_of
+from .stream_lane import Lane, last_of, stages_of
 from .trace import Trace
 
 
@@ -130,13 +130,18 @@ class Streamer:
         else:
             out = merged_output(parts, where, lengths, full, per_token)
         latency = torch.zeros(self.n, dtype=torch.float64)
-        if self.log_rows:
-            t_in = torch.zeros(self.n, dtype=torch.float64)
-            for ids, t in self.entered:
-                t_in[ids] = t
+        if self.log_rows:  # each row's last run is the one it left in
+            t_in = torch.cat(
+                [torch.full((len(ids),), t, dtype=torch.float64) for ids, t in self.entered]
+            )
             for k, w in zip(keys, where, strict=True):
-                for ids, t in self.lanes[k].done:  # later runs win: the run a row left in
-                    latency[w[ids.cpu()]] = t
+                done = self.lanes[k].done
+                t_out = torch.tensor([t for _, t in done], dtype=torch.float64)
+                sizes = torch.tensor([len(ids) for ids, _ in done])
+                t_out = t_out.repeat_interleave(sizes).index_select(
+                    0, last_of(done, self.lanes[k].n)
+                )
+                latency.index_copy_(0, w.cpu(), t_out)
             latency -= t_in
         return out, latency
 
@@ -202,13 +207,13 @@ def stream(
     full = model._in_shape[0] if n is not None else 0
     out, lat = s.result(n, model.spec.task.per == "token", full)
     seconds = time.perf_counter() - t0
-    ms = lat * 1e3
+    q = (lat * 1e3).quantile(torch.tensor([0.5, 0.99], dtype=lat.dtype))
     stats = {
         "inputs": s.n,
         "seconds": seconds,
         "throughput": s.n / seconds,
-        "latency_p50_ms": float(ms.quantile(0.5)) if latency else None,
-        "latency_p99_ms": float(ms.quantile(0.99)) if latency else None,
+        "latency_p50_ms": float(q[0]) if latency else None,
+        "latency_p99_ms": float(q[1]) if latency else None,
         "batch_size": batch_size,
         "max_rows": max_rows,
         "peak_rows": s.peak,
@@ -216,3 +221,34 @@ def stream(
         "full_runs": s.full,
     }
     return StreamOutput(out.logits, out.trace, lat, stats)
+
+
+def infer_pass(model, x: torch.Tensor, batch_size: int, streamed: bool) -> tuple[list, dict]:
+    """The outputs of one infer pass over `x` (streamed, or in independent batches), and its
+    statistics: how it ran, throughput, per-input latency from entry to result (per batch:
+    each input's batch's time). A few batches run first, untimed, so that compiled units
+    have compiled for the sizes they meet."""
+    warm = x[: 3 * batch_size]
+    if streamed:
+        stream(model, warm, batch_size=batch_size, latency=False)
+    else:
+        for i in range(0, warm.shape[0], batch_size):
+            model(warm[i : i + batch_size])
+    if streamed:
+        out = stream(model, x, batch_size=batch_size)
+        st = {k: out.stats[k] for k in ("throughput", "latency_p50_ms", "latency_p99_ms")}
+        return [out], {"mode": "stream", "batch_size": batch_size, **st,
+                       "peak_rows": out.stats["peak_rows"], "max_rows": out.stats["max_rows"]}  # fmt: skip
+    outs, times, t0 = [], [], time.perf_counter()
+    for i in range(0, x.shape[0], batch_size):
+        t = time.perf_counter()
+        outs.append(model(x[i : i + batch_size]))
+        times += [time.perf_counter() - t] * outs[-1].logits.shape[0]
+    q = (
+        torch.tensor(times, dtype=torch.float64)
+        .mul(1e3)
+        .quantile(torch.tensor([0.5, 0.99], dtype=torch.float64))
+    )
+    return outs, {"mode": "per_batch", "batch_size": batch_size,
+                  "throughput": x.shape[0] / (time.perf_counter() - t0),
+                  "latency_p50_ms": float(q[0]), "latency_p99_ms": float(q[1])}  # fmt: skip

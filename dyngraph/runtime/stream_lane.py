@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .context import RunContext
 from .model import DynamicOutput
 from .steps import SegmentStep
@@ -18,7 +19,7 @@ from .trace import Trace
 
 @dataclass
 class Rows:
-    """Rows waiting for a stage: their stream ids, live values and states."""
+    """Rows of a stream: their stream ids, values and states (each [rows, ...])."""
 
     ids: torch.Tensor
     env: dict[str, torch.Tensor]
@@ -27,61 +28,101 @@ class Rows:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def select(self, pos: torch.Tensor | None, keep: set[str] | None) -> Rows:
-        """The rows at positions `pos` (None: all), with the values named in `keep` (None: all)."""
-        env = {k: v for k, v in self.env.items() if keep is None or k in keep}
-        if pos is None:
-            return Rows(self.ids, env, dict(self.states))
-        pick = lambda v: v.index_select(0, pos)  # noqa: E731
-        return Rows(
-            pick(self.ids),
-            {k: pick(v) for k, v in env.items()},
-            {k: pick(v) for k, v in self.states.items()},
+    def values(self) -> list[torch.Tensor]:
+        return [self.ids, *self.env.values(), *self.states.values()]
+
+    def like(self, values: list[torch.Tensor], names: list[str] | None = None) -> Rows:
+        """Rows with `values` in the order of `values()` (env names `names`, default its own)."""
+        names = list(self.env) if names is None else names
+        n = len(names)
+        env = dict(zip(names, values[1 : 1 + n], strict=True))
+        return Rows(values[0], env, dict(zip(self.states, values[1 + n :], strict=True)))
+
+
+@dataclass
+class Block:
+    """Rows waiting in a queue: the rows at positions `pos` (None: all) of `src`, gathered
+    only when a stage takes them (one copy per row per stage)."""
+
+    src: Rows
+    pos: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.src) if self.pos is None else self.pos.shape[0]
+
+    def split(self, cut: int) -> tuple[Block, Block]:
+        pos = (
+            self.pos
+            if self.pos is not None
+            else torch.arange(len(self.src), device=self.src.ids.device)
         )
+        return Block(self.src, pos[:cut]), Block(self.src, pos[cut:])
 
 
-def _cat(blocks: list[Rows]) -> Rows:
+def gather(blocks: list[Block]) -> Rows:
+    """The rows of `blocks`, in order, as one batch. A value some blocks lack (a halting
+    node's output, written for rows that went round its loop before) is left out: the stage
+    writes it again for all of them."""
+    first = blocks[0].src
+    if len(blocks) == 1 and blocks[0].pos is None:
+        return first
+    names = [k for k in first.env if all(k in b.src.env for b in blocks)]
+    srcs = [
+        b.src
+        if len(b.src.env) == len(names)
+        else Rows(b.src.ids, {k: b.src.env[k] for k in names}, b.src.states)
+        for b in blocks
+    ]
     if len(blocks) == 1:
-        return blocks[0]
-    first = blocks[0]
-    # a value some rows lack (a halting node's output, written for the rows that went round
-    # its loop before) is written again by the stage for all of them
-    names = [k for k in first.env if all(k in b.env for b in blocks)]
-    return Rows(
-        torch.cat([b.ids for b in blocks]),
-        {k: torch.cat([b.env[k] for b in blocks]) for k in names},
-        {k: torch.cat([b.states[k] for b in blocks]) for k in first.states},
-    )
+        return srcs[0].like([v.index_select(0, blocks[0].pos) for v in srcs[0].values()], names)
+    n = sum(len(b) for b in blocks)
+    out = [v.new_empty((n, *v.shape[1:])) for v in srcs[0].values()]
+    at, k = 0, kernels.for_device(out[0].device)
+    for b, src in zip(blocks, srcs, strict=True):
+        m = len(b)
+        for dst, v in zip(out, src.values(), strict=True):
+            part = dst.narrow(0, at, m)
+            if k is not None and v.is_contiguous():  # a memcpy per row
+                k.copy_rows_(part, None, v, b.pos)
+            elif b.pos is None:
+                part.copy_(v)
+            else:
+                torch.index_select(v, 0, b.pos, out=part)
+        at += m
+    return srcs[0].like(out, names)
 
 
 class Queue:
     """The rows waiting for one stage, in arrival order."""
 
     def __init__(self) -> None:
-        self.blocks: deque[Rows] = deque()
+        self.blocks: deque[Block] = deque()
         self.rows = 0
 
-    def push(self, r: Rows) -> None:
-        if len(r):
-            self.blocks.append(r)
-            self.rows += len(r)
+    def push(self, src: Rows, pos: torch.Tensor | None) -> None:
+        n = len(src) if pos is None else pos.shape[0]
+        if n == 0:
+            return
+        if n == len(src):  # every row, in order (positions are ascending): nothing to gather
+            pos = None
+        if pos is not None and 4 * n < len(src):  # a few rows of many: gathered now, so
+            src, pos = src.like([v.index_select(0, pos) for v in src.values()]), None  # that
+            # a waiting block never holds much more than its own rows
+        self.blocks.append(Block(src, pos))
+        self.rows += n
 
     def pop(self, n: int) -> Rows:
-        """The first `n` rows (fewer if it holds fewer)."""
+        """The first `n` rows (fewer if it holds fewer), as one batch."""
         out, got = [], 0
         while self.blocks and got < n:
             b = self.blocks.popleft()
-            if got + len(b) > n:  # split: the rest waits (copied: no view reaches a unit)
-                cut = n - got
-                head = torch.arange(cut, device=b.ids.device)
-                self.blocks.appendleft(
-                    b.select(torch.arange(cut, len(b), device=b.ids.device), None)
-                )
-                b = b.select(head, None)
+            if got + len(b) > n:  # the rest waits
+                b, rest = b.split(n - got)
+                self.blocks.appendleft(rest)
             out.append(b)
             got += len(b)
         self.rows -= got
-        return _cat(out)
+        return gather(out)
 
 
 @dataclass
@@ -90,9 +131,9 @@ class Stage:
 
     Attributes:
         ops: functions of the RunContext, in order; only the last one routes: it returns None
-            (every current row goes on to the next stage) or {0: positions, 1: positions}
-            (rows that run this stage again, rows that go to the next stage), the others
-            going past the node, to stage `past`.
+            (every current row goes on to the next stage) or {0: positions, 1: positions,
+            None: positions} (rows that run this stage again, that go to the next stage, that
+            go past the node, to stage `past`; rows not named go past).
         past: the stage after the node's last part.
         live: the values read after the node (what rows going past keep).
     """
@@ -132,23 +173,82 @@ def stages_of(plan) -> list[Stage]:
     return stages
 
 
-@dataclass
-class Log:
-    """A stream's log in stream row ids: what `Trace` reads off a RunContext."""
+class StreamContext(RunContext):
+    """A RunContext whose last op's compaction is left to the queue: where rows leave at an
+    exit, the staying rows are only marked (`pending`), and the next stage gathers them from
+    these values with its other rows in one copy."""
 
-    batch: int
-    device: torch.device
-    input: torch.Tensor  # an empty tensor of the inputs' shape (the trace reads positions off it)
-    compacting: bool = True
-    width: int = 1
-    events: list = field(default_factory=list)
-    decisions: list = field(default_factory=list)
-    tokens: list = field(default_factory=list)
-    query_padding: list = field(default_factory=list)
+    lazy = False  # set for a stage's last op
+    pending: torch.Tensor | None = None  # positions of the current rows among the values
+    before: torch.Tensor | None = None  # the row map when they were marked
+
+    def keep(self, rows: torch.Tensor, live_ids: set[str]) -> None:
+        if not self.lazy or self.pending is not None:
+            return super().keep(rows, live_ids)
+        self.rows, self.before, self.pending = rows.shape[0], self.idx, rows
+        self.idx = rows if self.idx is None else self.idx.index_select(0, rows)
+        self.env = {k: v for k, v in self.env.items() if k in live_ids}
+
+
+class Log:
+    """A stream's log, what `Trace` reads off a RunContext: each stage run's records, their
+    rows translated to stream ids when the trace first reads them."""
+
+    compacting, width = True, 1
+
+    def __init__(self, device, shape: tuple) -> None:
+        self.batch, self.device = 0, device
+        self.input = torch.empty((0, *shape))  # (the trace reads the positions off it)
+        self.runs: list[tuple[torch.Tensor, list, list, list]] = []
+        self.query_padding: list = []
+        self._done: tuple[list, list, list] | None = None
 
     @property
     def samples(self) -> int:
         return self.batch
+
+    def add(self, ids: torch.Tensor, ctx) -> None:
+        self.runs.append((ids, ctx.events, ctx.decisions, ctx.tokens))
+        self.query_padding += ctx.query_padding
+
+    def _translated(self) -> tuple[list, list, list]:
+        if self._done is None:
+            ev, dec, tok = [], [], []
+            for ids, events, decisions, tokens in self.runs:
+
+                def g(rows, ids=ids):
+                    return ids if rows is None else ids.index_select(0, rows)
+
+                ev += [(u, g(r), w) for u, r, w in events]
+                dec += [(f, c, g(r), w, v) for f, c, r, w, v in decisions]
+                tok += [(u, nm, g(r), v, kd) for u, nm, r, v, kd in tokens]
+            self._done = (ev, dec, tok)
+        return self._done
+
+    @property
+    def events(self) -> list:
+        return self._translated()[0]
+
+    @property
+    def decisions(self) -> list:
+        return self._translated()[1]
+
+    @property
+    def tokens(self) -> list:
+        return self._translated()[2]
+
+
+def last_of(pieces: list[tuple[torch.Tensor, object]], n: int) -> torch.Tensor:
+    """[n] for each id in 0..n-1, the position of its last occurrence in the ids of `pieces`
+    ((ids, value) in order), counted over all of them."""
+    ids = torch.cat([i for i, _ in pieces])
+    order = torch.arange(ids.shape[0], device=ids.device)
+    return torch.full((n,), -1, dtype=torch.long, device=ids.device).scatter_reduce_(
+        0, ids, order, "amax"
+    )
+
+
+_NOTHING = torch.empty(0)  # the input of a run that does not read it (nothing to protect)
 
 
 class Lane:
@@ -157,92 +257,80 @@ class Lane:
     def __init__(self, model, stages: list[Stage], shape: tuple, device, log_rows: bool) -> None:
         self.model, self.stages = model, stages
         self.queues = [Queue() for _ in stages]
-        self.shape, self.device = shape, device
         self.n = 0  # rows admitted
         self.where: list[torch.Tensor] = []  # their ids in the whole stream, by admission
-        self.out: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids, outputs) as rows leave
+        # (ids, outputs) of every run where rows took outputs, in order: a row that goes on
+        # is written again where it leaves (as RunContext.leave), so later pieces win
+        self.out: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.done: list[tuple[torch.Tensor, float]] = []  # (ids, time) of each stage run
-        self.log = Log(0, device, torch.empty((0, *shape)))
+        self.log = Log(device, shape)
         self.log_rows = log_rows
 
     def admit(self, x: torch.Tensor, where: torch.Tensor) -> None:
         ids = torch.arange(self.n, self.n + x.shape[0], device=x.device)
         self.n += x.shape[0]
         self.where.append(where)
-        self.queues[0].push(Rows(ids, {"input": x}, {}))
+        self.queues[0].push(Rows(ids, {"input": x}, {}), None)
 
     def run(self, k: int, n: int) -> None:
         """Stage `k` on the first `n` rows of its queue."""
         rows = self.queues[k].pop(n)
         stage, plan = self.stages[k], self.model._plan
         x = next(iter(rows.env.values()))
-        ctx = RunContext(x, "infer", plan.trace_sizes, out_column=plan.out_column)
+        ctx = StreamContext(x, "infer", plan.trace_sizes, out_column=plan.out_column)
         ctx.env, ctx.states = dict(rows.env), dict(rows.states)
-        ctx.input = rows.env.get("input", x.new_empty(0))
-        route = None
-        for op in stage.ops:
+        ctx.input = rows.env.get("input", _NOTHING)
+        route, last = None, len(stage.ops) - 1
+        for j, op in enumerate(stage.ops):
             if not ctx.rows:
                 break
+            ctx.lazy = j == last
             route = op(ctx)
-        self._translate(ctx, rows.ids)
+        self.log.add(rows.ids, ctx)
         if self.log_rows:
             self.done.append((rows.ids, time.perf_counter()))
-        cur = None if ctx.rows == 0 else ctx.idx  # positions of the rows still here
-        if ctx.out is not None:  # some rows left at an exit
-            if ctx.rows == 0:
-                left = None
-            else:
-                mask = torch.ones(len(rows), dtype=torch.bool, device=x.device)
-                mask[cur] = False
-                left = torch.where(mask)[0]
-            out = ctx.out if left is None else ctx.out.index_select(0, left)
-            self.out.append((rows.ids if left is None else rows.ids.index_select(0, left), out))
+        if ctx.out is not None:  # rows took outputs at an exit
+            self.out.append((rows.ids, ctx.out))
         if not ctx.rows:
             return
-        here = Rows(rows.ids if cur is None else rows.ids.index_select(0, cur), ctx.env, ctx.states)
+        # the values' rows (before a pending compaction) and the current rows among them
+        at, pos = (ctx.idx, None) if ctx.pending is None else (ctx.before, ctx.pending)
+        here = Rows(rows.ids if at is None else rows.ids.index_select(0, at), ctx.env, ctx.states)
         if route is None:
-            return self._send(here, k + 1, None, stage)
-        sent = torch.zeros(len(here), dtype=torch.bool, device=x.device)
-        for offset, pos in route.items():
-            sent[pos] = True
-            self._send(here, k + offset, pos, stage)
-        if not bool(sent.all()):
-            self._send(here, stage.past, torch.where(~sent)[0], stage)
+            return self._send(here, k + 1, pos, stage)
+        rest = route.pop(None, None)  # the part may name the rows going past itself
+        if rest is None:
+            sent = torch.zeros(ctx.rows, dtype=torch.bool, device=x.device)
+            for p in route.values():
+                sent[p] = True
+            rest = torch.where(~sent)[0]
+        for offset, p in route.items():
+            self._send(here, k + offset, p if pos is None else pos.index_select(0, p), stage)
+        self._send(here, stage.past, rest if pos is None else pos.index_select(0, rest), stage)
 
     def _send(self, here: Rows, to: int, pos: torch.Tensor | None, stage: Stage) -> None:
         """The rows of `here` at `pos` (None: all) wait for stage `to` now (past the last
         stage: they are done, with the plan's output)."""
-        if pos is not None and pos.shape[0] == 0:
-            return
         if to >= len(self.stages):
-            oid = self.model._plan.output_id
-            r = here.select(pos, {oid})
-            self.out.append((r.ids, r.env[oid]))
+            if pos is None or pos.shape[0]:
+                v = self.model._plan.output_id
+                self.out.append(
+                    (here.ids, here.env[v])
+                    if pos is None
+                    else (here.ids.index_select(0, pos), here.env[v].index_select(0, pos))
+                )
             return
         # past the node, rows keep what is read after it; within it, everything
-        self.queues[to].push(here.select(pos, stage.live if to == stage.past else None))
-
-    def _translate(self, ctx, ids: torch.Tensor) -> None:
-        """The pass's log, its rows as stream ids (each record's rows: the row map then)."""
-
-        def g(rows):
-            return ids if rows is None else ids.index_select(0, rows)
-
-        log = self.log
-        log.events += [(u, g(r), w) for u, r, w in ctx.events]
-        log.decisions += [(f, c, g(r), w, v) for f, c, r, w, v in ctx.decisions]
-        log.tokens += [(u, nm, g(r), v, kd) for u, nm, r, v, kd in ctx.tokens]
-        log.query_padding += ctx.query_padding
+        keep = stage.live if to == stage.past else None
+        env = here.env if keep is None else {k: v for k, v in here.env.items() if k in keep}
+        self.queues[to].push(Rows(here.ids, env, here.states), pos)
 
     def held(self) -> int:
         return sum(q.rows for q in self.queues)
 
     def result(self, lengths: torch.Tensor | None) -> DynamicOutput:
         """Outputs and trace of the lane's rows, in admission order."""
-        ids = torch.cat([i for i, _ in self.out])
-        vals = torch.cat([v for _, v in self.out])
-        logits = vals.new_empty((self.n, *vals.shape[1:]))
-        logits[ids] = vals
+        logits = torch.cat([v for _, v in self.out]).index_select(0, last_of(self.out, self.n))
         self.log.batch = self.n
         return DynamicOutput(
             logits, Trace(self.log, len(self.model.units), self.model.paths, lengths)

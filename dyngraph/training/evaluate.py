@@ -8,20 +8,25 @@ from typing import Any
 import torch
 
 from ..data import Data
+from ..runtime.stream import infer_pass
 from .measure import by_meta, quality
 
 
 @torch.no_grad()
-def evaluate(model, data: Data, batch_size: int = 512, counter: str = "fvcore") -> dict[str, Any]:
-    """Infer-mode metrics of `model` on `data`."""
+def evaluate(
+    model, data: Data, batch_size: int = 512, counter: str = "fvcore", stream: bool = True
+) -> dict[str, Any]:
+    """Infer-mode metrics of `model` on `data`, streamed (`dg.stream`: every stage on full
+    batches of `batch_size`) or with `stream=False` in independent batches of `batch_size`;
+    `pass`: how the pass ran, its throughput and per-input latency."""
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     logits, macs, paths = [], [], []
     # constructs with one trace column for the whole graph (exits): how many took each value
     single = [c for c in model._constructs.values() if not c.column.per_node and model.nodes[c.key]]
     taken: dict[str, list] = {c.key: [] for c in single}
-    for i in range(0, len(data), batch_size):
-        out = model(data.x[i : i + batch_size].to(device))
+    outs, stats = infer_pass(model, data.x.to(device), batch_size, stream)
+    for out in outs:
         logits.append(out.logits.cpu())
         macs.append(model.per_input_macs(out.trace, counter))
         paths.append(out.trace.path_id.cpu())
@@ -38,6 +43,7 @@ def evaluate(model, data: Data, batch_size: int = 512, counter: str = "fvcore") 
         "paths": {model.describe_path(int(p)): c for p, c in Counter(path.tolist()).most_common()},
         "per_input_macs": macs,
         "logits": logits,
+        "pass": stats,
     }
     if taken:  # {construct: {value: inputs}}: {"exit": {0: 412, 3: 88}}
         res["taken"] = {
