@@ -9,7 +9,8 @@ per input by its values) so that a fraction c of the rows continues past each ex
 gated body, or goes on after each ponder step. N inputs (16 x B) are run
 
 - per batch: `model(x)` on N / B independent batches of B;
-- streamed:  `dg.stream(model, x, batch_size=B)` (every stage on full batches of B);
+- streamed:  `dg.stream(model, x, batch_size=B)` (every stage on full batches of B; gates run
+  in place, and also with `pool_bodies=True`, each body a queue of its own);
 - by the per-batch oracle: the same units called on pre-sliced inputs of the sizes the
   per-batch runs produced (no decisions, no compaction: the limit of any per-batch executor);
 - by the stream's oracle: the same for the sizes the stream ran (its overhead);
@@ -64,6 +65,10 @@ def measure(kind: str, c: float, b: int, n_batches: int, min_run_time: float) ->
         "stream_oracle": oracle(model, [out.trace.unit_calls()]),
         "static": run_static,
     }
+    if kind == "gates":  # gate bodies in queues of their own (stream's `pool_bodies`)
+        pooled = dg.stream(model, x, batch_size=b, pool_bodies=True)
+        fns["pooled"] = lambda: dg.stream(model, x, batch_size=b, pool_bodies=True)
+        fns["pooled_oracle"] = oracle(model, [pooled.trace.unit_calls()])
     med = time_interleaved(fns, min_run_time)
     macs = model.per_input_macs(out.trace).double().mean().item()
     f = macs / static_macs
@@ -88,12 +93,19 @@ def measure(kind: str, c: float, b: int, n_batches: int, min_run_time: float) ->
         "throughput": x.shape[0] / med["stream"],
         "throughput_batch": x.shape[0] / med["batch"],
         "peak_rows": s["peak_rows"],
+        "E_pooled": f / t["pooled"] if "pooled" in t else None,
+        "E_pooled_oracle": f / t["pooled_oracle"] if "pooled" in t else None,
     }
     print(
         f"{kind:<10} c={c} B={b:<3} f={f:.3f} E batch {row['E_batch']:.3f} stream "
         f"{row['E_stream']:.3f} oracle {row['E_oracle']:.3f} stream-oracle "
         f"{row['E_stream_oracle']:.3f} stream/batch {row['stream_vs_batch']:.2f}x "
-        f"overhead {row['overhead']:.3f} runs {row['full_runs']}",
+        f"overhead {row['overhead']:.3f} runs {row['full_runs']}"
+        + (
+            f" pooled bodies {row['E_pooled']:.3f} (oracle {row['E_pooled_oracle']:.3f})"
+            if row["E_pooled"]
+            else ""
+        ),
         flush=True,
     )
     return row
@@ -123,10 +135,28 @@ def write(rows: list[dict], path: Path) -> str:
             f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} ({r['batch_ms']:.1f}) | "
             f"{r['throughput']:.0f} ({r['throughput_batch']:.0f}) | {r['peak_rows']} |"
         )
+    pooled = [r for r in rows if r["E_pooled"] is not None]
+    if pooled:
+        lines += [
+            "",
+            "Gates with their bodies pooled (`dg.stream(..., pool_bodies=True)`: each body a "
+            "queue of its own, full batches of the rows that take it):",
+            "",
+            "| c | B | E per batch | E stream (in place) | E stream, pooled bodies | E its oracle |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['c']} | {r['B']} | {r['E_batch']:.3f} | {r['E_stream']:.3f} | "
+            f"{r['E_pooled']:.3f} | {r['E_pooled_oracle']:.3f} |"
+            for r in pooled
+        ]
     target = [r for r in rows if r["case"] == "early_exit" and r["c"] == 0.3 and r["B"] == 256]
     if target:
         e = target[0]["E_stream"]
-        lines += ["", f"- E >= 0.9 (early exit, c = 0.3, B = 256): **{'met' if e >= 0.9 else 'not met'}** (E = {e:.3f})"]
+        lines += [
+            "",
+            f"- E >= 0.9 (early exit, c = 0.3, B = 256): **{'met' if e >= 0.9 else 'not met'}** (E = {e:.3f})",
+        ]
     beat = sum(r["E_stream"] > r["E_oracle"] for r in rows)
     lines.append(f"- the stream past the per-batch oracle: {beat} of {len(rows)} cases")
     text = "\n".join(lines) + "\n"

@@ -75,6 +75,7 @@ class ExitRuntime:
     last: bool = False  # the graph's final exit (set by `_finish`)
     live_after: set[str] = field(default_factory=set)
     per = "sample"  # (token_exit.py: per token)
+    leaves_rows = True  # rows leave the pass here (streaming: a stage ends after it)
 
     def __post_init__(self) -> None:
         self.rule = RULES.get(self.kind)  # the criterion's class (its decision code)

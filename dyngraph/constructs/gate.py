@@ -177,10 +177,12 @@ class GateRuntime:
             ctx.record("gates", self.index, 1, where=run)
         return self._merge(ctx, x, run, live)
 
-    def stream_parts(self) -> list:
-        """Streaming (runtime/stream.py): the decision, then the body on the rows that take
-        it, so that the body runs full batches; the rows that skip go past with `x`."""
-        return [self._stream_decide, self._stream_body]
+    def stream_parts(self, pool_bodies: bool) -> list | None:
+        """Streaming (runtime/stream.py), with `pool_bodies`: the decision, then the body on
+        full batches of the rows that take it; the rows that skip go past with `x`. Else
+        None: the gate runs in place, as in a batched pass (on a CPU the pooled bodies'
+        copies cost more than their fuller GEMMs gain: docs/streaming.md)."""
+        return [self._stream_decide, self._stream_body] if pool_bodies else None
 
     def _stream_decide(self, ctx) -> dict:
         x = ctx.env[self.reads[0]]

@@ -15,8 +15,8 @@ import torch
 from ..runtime.context import positions
 
 
-def parts(node) -> list:
-    """The node's two stream parts (functions of a RunContext)."""
+def parts(node, pool_bodies: bool = False) -> list:
+    """The node's two stream parts (functions of a RunContext), whatever `pool_bodies`."""
     k = node.name
 
     def enter(ctx) -> None:

@@ -2,15 +2,16 @@
 
 A per-batch pass runs each stage after a decision on the rows that continue, so deep stages run
 small GEMMs, which this kind of CPU runs at a fraction of its rate. `stream` pools rows across
-inputs instead: the plan is cut into **stages** at every decision, each stage keeps a queue of
-rows waiting for it, and a stage runs only when its queue holds `batch_size` rows (or when the
-input has ended), so every stage runs full batches.
+inputs instead: the plan is cut into **stages** where rows leave or loop, each stage keeps a
+queue of rows waiting for it, and a stage runs only when its queue holds `batch_size` rows (or
+when the input has ended), so every stage runs full batches.
 
-- A stage is the static segments before a decision plus the decision itself. A construct
-  may split its node into parts (`stream_parts()` on its runtime): a gate's body gets a queue
-  of its own, so that the body runs full batches of the rows that take it; a halting node's
-  ponder step is a part that sends the rows that go on back to its own queue, where new rows
-  join them (continuous batching). Other constructs run as one part.
+- A stage ends after every node where rows leave (an exit); the nodes before it (segments,
+  gates, metalayers) run inside the stage, on all its rows, as in a batched pass. A construct
+  may split its node into parts of their own (`stream_parts(pool_bodies)` on its runtime): a
+  halting node's ponder step is a part that sends the rows that go on back to its own queue,
+  where new rows join them (continuous batching); with `pool_bodies`, a gate's body gets a
+  queue of its own, so that it runs full batches of the rows that take it.
 - Each run of a stage is an ordinary infer pass over those rows (a RunContext that starts with
   their live values), so every construct's infer code runs unchanged; the pass's log is
   translated to stream row ids afterwards, and the trace over the whole stream is built from
@@ -59,9 +60,11 @@ class StreamOutput:
 class Streamer:
     """The queues of a stream and the order in which they run (see the module's docstring)."""
 
-    def __init__(self, model, batch_size: int, max_rows: int, log_rows: bool = True) -> None:
+    def __init__(
+        self, model, batch_size: int, max_rows: int, log_rows: bool = True, pool_bodies=False
+    ) -> None:
         self.model, self.b, self.max_rows = model, batch_size, max_rows
-        self.stages = stages_of(model._plan)
+        self.stages = stages_of(model._plan, pool_bodies)
         self.lanes: dict[int, Lane] = {}
         self.n, self.peak, self.runs, self.full = 0, 0, 0, 0
         self.entered: list[tuple[torch.Tensor, float]] = []
@@ -167,6 +170,7 @@ def stream(
     max_rows: int | None = None,
     lengths: Any = None,
     latency: bool = True,
+    pool_bodies: bool = False,
 ) -> StreamOutput:
     """Run a stream of inputs in infer mode, every stage on full batches (DESIGN §10).
 
@@ -180,6 +184,9 @@ def stream(
         lengths: float sequences: [N] lengths, with one tensor of inputs (as `model(x,
             lengths=...)`).
         latency: record each input's entry and result times (one clock read per stage run).
+        pool_bodies: gates' bodies get queues of their own too (full batches of the rows that
+            take them, at the price of copying every row at every gate; off: they run in
+            place, as in a batched pass).
 
     Returns:
         StreamOutput: outputs and trace in input order, per-input latency and the stream's
@@ -192,7 +199,7 @@ def stream(
         raise ValueError(
             f"max_rows must be an integer >= batch_size ({batch_size}), got {max_rows!r}"
         )
-    s = Streamer(model, batch_size, max_rows, latency)
+    s = Streamer(model, batch_size, max_rows, latency, pool_bodies)
     t0 = time.perf_counter()
     with torch.no_grad():
         seen_lengths = []

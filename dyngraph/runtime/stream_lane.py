@@ -13,7 +13,6 @@ import torch
 from . import kernels
 from .context import RunContext
 from .model import DynamicOutput
-from .steps import SegmentStep
 from .trace import Trace
 
 
@@ -150,20 +149,26 @@ def _op(step) -> Callable:
     return run
 
 
-def stages_of(plan) -> list[Stage]:
-    """The plan cut into stages: at every construct node, and at every part of a node whose
-    runtime has `stream_parts()`; after a per-token exit, the rest as one stage."""
+def stages_of(plan, pool_bodies: bool = False) -> list[Stage]:
+    """The plan cut into stages: after every node where rows leave (`leaves_rows`: exits),
+    and at every part of a node whose runtime splits it (`stream_parts(pool_bodies)`: a
+    halting loop; a gate's body with `pool_bodies`); other nodes run inside a stage, as in a
+    batched pass. After a per-token exit, the rest runs as one stage."""
     stages: list[Stage] = []
-    pending: list[Callable] = []  # static segments waiting for the next decision
+    pending: list[Callable] = []  # steps waiting for the next boundary
     steps = plan.steps
     for i, step in enumerate(steps):
         if getattr(step, "freezes_tokens", False):
             pending += [_op(s) for s in steps[i:]]
             break
-        if isinstance(step, SegmentStep):
+        split = getattr(step, "stream_parts", None)
+        parts = split(pool_bodies) if split is not None else None
+        if parts is None:
             pending.append(_op(step))
+            if getattr(step, "leaves_rows", False):
+                stages.append(Stage(pending, len(stages) + 1, step.live_after))
+                pending = []
             continue
-        parts = step.stream_parts() if hasattr(step, "stream_parts") else [_op(step)]
         past = len(stages) + len(parts)
         for j, part in enumerate(parts):
             stages.append(Stage((pending if j == 0 else []) + [part], past, step.live_after))

@@ -11,9 +11,10 @@ from dyngraph.cli import main
 from dyngraph.forcing import forced
 from dyngraph.runtime import stream_lane
 
-from ..conftest import SPECS, compiled, forced_decisions, random_batch, spec_id
+from ..conftest import SPECS, compiled, forced_decisions, random_batch
 
 BY_NAME = {p.stem: p for p in SPECS}
+GATED = [p for p in SPECS if "gate:" in p.read_text()]  # (where pooled bodies differ)
 
 
 def pieces(x: torch.Tensor, sizes=(5, 37, 1, 60)):
@@ -36,20 +37,24 @@ def assert_same(model, got, want) -> None:
         assert torch.equal(got.trace.tokens[name], t), name
 
 
-@pytest.mark.parametrize("path", SPECS, ids=spec_id)
-def test_a_stream_gives_each_input_its_own_outputs_and_trace(path):
+@pytest.mark.parametrize(
+    "path, pool",
+    [(p, False) for p in SPECS] + [(p, True) for p in GATED],
+    ids=[p.stem for p in SPECS] + [f"{p.stem}-pooled_bodies" for p in GATED],
+)
+def test_a_stream_gives_each_input_its_own_outputs_and_trace(path, pool):
     # (decisions spread by the test models' weights and thresholds, which float noise of
     # another batch composition does not flip; forced draws would amplify it)
     model = compiled(path, "none")
     x = random_batch(model, 103, seed=5)
-    got = dg.stream(model, pieces(x), batch_size=16, max_rows=40)
+    got = dg.stream(model, pieces(x), batch_size=16, max_rows=40, pool_bodies=pool)
     assert_same(model, got, model(x))
     for i in (0, 37, 102):  # and each input run alone
         alone = model(x[i : i + 1])
         torch.testing.assert_close(got.logits[i : i + 1], alone.logits, atol=1e-5, rtol=1e-4)
         assert int(got.trace.path_id[i]) == int(alone.trace.path_id[0])
     assert got.stats["peak_rows"] <= 40 and got.latency.shape == (103,)
-    assert got.stats["runs"] > got.stats["full_runs"] > 0 or model._seq is not None
+    assert got.stats["full_runs"] > 0 or model._seq is not None
 
 
 def _queues(monkeypatch) -> list:
@@ -168,3 +173,16 @@ def test_eval_streams_unless_asked_for_batches(capsys, per_batch):
     out = capsys.readouterr().out
     assert ("in independent batches" if per_batch else "streamed (batch 512)") in out
     assert "latency per input (entry to result) p50" in out
+
+
+def test_pooled_gate_bodies_run_full_batches():
+    model = compiled(BY_NAME["skipnet_ff"], "none")
+    x = random_batch(model, 3000, seed=6)
+    b = 64
+    with forced_decisions(model):  # each body runs for 60% of the rows
+        pooled = dg.stream(model, x, batch_size=b, pool_bodies=True)
+        in_place = dg.stream(model, x, batch_size=b)
+    for g in model.gates:
+        sizes = _sizes(pooled.trace, g.body.index)
+        assert sizes and sum(n < b for n in sizes) <= 1, (g.name, sizes)
+        assert sum(n < b for n in _sizes(in_place.trace, g.body.index)) > 10
