@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli_args import Parser, UsageError, check_writable, fraction, positive
+from .cli_args import Parser, UsageError, check_rows, check_writable, fraction, positive
 from .cli_report import print_eval, print_profile, quality_text
 from .core.errors import SpecError
 
@@ -75,6 +75,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     if args.out:
         check_writable(args.out, folder=True)  # before any work
+    check_rows(args.max_rows, args.batch_size)
     torch.manual_seed(args.seed)
     model = _loaded_model(args).to(args.device)
     out = check_writable(args.out or Path("profiles") / model.name, folder=True)
@@ -102,6 +103,7 @@ def _profile(args: argparse.Namespace) -> int:
         n=args.n,
         progress=None if not args.no_progress else False,
         stream=not args.per_batch,
+        max_rows=args.max_rows,
     )
     print_profile(model, origin or data, prof, prof.save(out))
     return 0
@@ -189,7 +191,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     model = _loaded_model(args)
     data = _data(model, args.split, args.data)
-    print_eval(model, data, evaluate(model, data, stream=not args.per_batch))
+    check_rows(args.max_rows, 512)
+    res = evaluate(model, data, stream=not args.per_batch, max_rows=args.max_rows)
+    print_eval(model, data, res)
     return 0
 
 
@@ -219,6 +223,7 @@ def _blocks(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- parser
 PER_BATCH = "run the data in independent batches (default: a stream, every stage on full batches)"
+MAX_ROWS = "the stream's bound on rows waiting in its queues (default 16 x the batch size)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         pr := command("profile", _profile, "per-input MACs, per-path latency, report and plots"),
     ):
         c.add_argument("--per-batch", action="store_true", help=PER_BATCH)
+        c.add_argument("--max-rows", type=positive, help=MAX_ROWS)
     pr.add_argument("spec")
     pr.add_argument(
         "--checkpoint", help="weights (a checkpoint of `dyngraph train` or a state dict)"

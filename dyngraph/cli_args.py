@@ -62,3 +62,9 @@ def check_writable(path: str | Path, folder: bool) -> Path:
     if not os.access(target, os.W_OK) or str(target.resolve()).startswith(("/proc", "/sys")):
         raise UsageError(f"--out {p}: {target} is not writable")
     return p
+
+
+def check_rows(max_rows: int | None, batch_size: int) -> None:
+    """A stream's bound on waiting rows holds at least one batch."""
+    if max_rows is not None and max_rows < batch_size:
+        raise UsageError(f"--max-rows {max_rows}: at least the batch size ({batch_size})")

@@ -123,6 +123,7 @@ def profile(
     n: int | None = None,
     progress: bool | None = None,
     stream: bool = True,
+    max_rows: int | None = None,
 ) -> Profile:
     """Profile a compiled model on data.
 
@@ -143,6 +144,7 @@ def profile(
         n: use only the first n inputs.
         stream: run the data as a stream (`dg.stream`: every stage on full batches), or
             (False) in independent batches of `batch_size`.
+        max_rows: the stream's bound on rows waiting in its queues (default 16 x batch_size).
         progress: show a progress bar (default: on a terminal).
     """
     d = as_data(data, labels, model.spec, n)
@@ -162,7 +164,7 @@ def profile(
     # MACs and paths; its throughput and per-input latency (entry to result)
     path_ids, macs, logits, token = [], [], [], []
     with Progress(N, f"{model.name}: infer", progress) as bar:
-        outs, summary_pass = infer_pass(model, x, batch_size, stream)
+        outs, summary_pass = infer_pass(model, x, batch_size, stream, max_rows)
         for out in outs:
             path_ids.append(out.trace.path_id.cpu())
             macs.append(model.per_input_macs(out.trace, counter))

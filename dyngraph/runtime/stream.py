@@ -230,19 +230,21 @@ def stream(
     return StreamOutput(out.logits, out.trace, lat, stats)
 
 
-def infer_pass(model, x: torch.Tensor, batch_size: int, streamed: bool) -> tuple[list, dict]:
+def infer_pass(
+    model, x: torch.Tensor, batch_size: int, streamed: bool, max_rows: int | None = None
+) -> tuple[list, dict]:
     """The outputs of one infer pass over `x` (streamed, or in independent batches), and its
     statistics: how it ran, throughput, per-input latency from entry to result (per batch:
     each input's batch's time). A few batches run first, untimed, so that compiled units
-    have compiled for the sizes they meet."""
+    have compiled for the sizes they meet. `max_rows`: the stream's bound on waiting rows."""
     warm = x[: 3 * batch_size]
     if streamed:
-        stream(model, warm, batch_size=batch_size, latency=False)
+        stream(model, warm, batch_size=batch_size, max_rows=max_rows, latency=False)
     else:
         for i in range(0, warm.shape[0], batch_size):
             model(warm[i : i + batch_size])
     if streamed:
-        out = stream(model, x, batch_size=batch_size)
+        out = stream(model, x, batch_size=batch_size, max_rows=max_rows)
         st = {k: out.stats[k] for k in ("throughput", "latency_p50_ms", "latency_p99_ms")}
         return [out], {"mode": "stream", "batch_size": batch_size, **st,
                        "peak_rows": out.stats["peak_rows"], "max_rows": out.stats["max_rows"]}  # fmt: skip

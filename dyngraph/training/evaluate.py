@@ -14,18 +14,24 @@ from .measure import by_meta, quality
 
 @torch.no_grad()
 def evaluate(
-    model, data: Data, batch_size: int = 512, counter: str = "fvcore", stream: bool = True
+    model,
+    data: Data,
+    batch_size: int = 512,
+    counter: str = "fvcore",
+    stream: bool = True,
+    max_rows: int | None = None,
 ) -> dict[str, Any]:
     """Infer-mode metrics of `model` on `data`, streamed (`dg.stream`: every stage on full
     batches of `batch_size`) or with `stream=False` in independent batches of `batch_size`;
-    `pass`: how the pass ran, its throughput and per-input latency."""
+    `pass`: how the pass ran, its throughput and per-input latency. `max_rows`: the stream's
+    bound on rows waiting in its queues (default 16 x batch_size)."""
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     logits, macs, paths = [], [], []
     # constructs with one trace column for the whole graph (exits): how many took each value
     single = [c for c in model._constructs.values() if not c.column.per_node and model.nodes[c.key]]
     taken: dict[str, list] = {c.key: [] for c in single}
-    outs, stats = infer_pass(model, data.x.to(device), batch_size, stream)
+    outs, stats = infer_pass(model, data.x.to(device), batch_size, stream, max_rows)
     for out in outs:
         logits.append(out.logits.cpu())
         macs.append(model.per_input_macs(out.trace, counter))

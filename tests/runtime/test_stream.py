@@ -173,6 +173,8 @@ def test_eval_streams_unless_asked_for_batches(capsys, per_batch):
     out = capsys.readouterr().out
     assert ("in independent batches" if per_batch else "streamed (batch 512)") in out
     assert "latency per input (entry to result) p50" in out
+    assert main([*args, "--max-rows", "100"]) == 2  # a bound below one batch
+    assert capsys.readouterr().err.strip().endswith("at least the batch size (512)")
 
 
 def test_pooled_gate_bodies_run_full_batches():
