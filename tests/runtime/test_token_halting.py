@@ -74,15 +74,19 @@ def test_infer_equals_the_reference_definition(model):
 
 @pytest.mark.parametrize("mode", ["infer", "dense"])
 def test_partial_batches_equal_each_sequence_alone(model, mode):
+    # (the model's own halting, which its test weights spread over the steps: a forced draw
+    # from each position's state amplifies the float noise of another batch size 10^4-fold,
+    # and flipped a position on another CPU)
     x = random_batch(model, 24, seed=4)
-    with forced(model, halting=(1, 6)):
-        out = model(x, mode=mode)
-        macs = model.per_input_macs(out.trace)
-        for i in range(x.shape[0]):
-            one = model(x[i : i + 1], mode=mode)
-            torch.testing.assert_close(one.logits, out.logits[i : i + 1], atol=1e-5, rtol=1e-4)
-            assert torch.equal(one.trace.decisions()[0], out.trace.decisions()[i])
-            assert int(model.per_input_macs(one.trace)[0]) == int(macs[i])
+    out = model(x, mode=mode)
+    per = out.trace.tokens["halting 0"]
+    assert len(set(per[per > 0].tolist())) >= 3  # positions leave the loop at different steps
+    macs = model.per_input_macs(out.trace)
+    for i in range(x.shape[0]):
+        one = model(x[i : i + 1], mode=mode)
+        torch.testing.assert_close(one.logits, out.logits[i : i + 1], atol=1e-5, rtol=1e-4)
+        assert torch.equal(one.trace.decisions()[0], out.trace.decisions()[i])
+        assert int(model.per_input_macs(one.trace)[0]) == int(macs[i])
 
 
 def test_halted_positions_run_nothing_and_costs_are_exact(model):
