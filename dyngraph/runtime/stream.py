@@ -27,7 +27,6 @@ when the input has ended), so every stage runs full batches.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,23 +37,37 @@ from .stream_lane import Lane, last_of, stages_of
 from .trace import Trace
 
 
-@dataclass
 class StreamOutput:
     """What `stream` returns.
 
     Attributes:
         logits: [N, ...] each input's output, in input order.
         trace: the per-input record of decisions and executed units, as a batched pass's.
-        latency: [N] seconds from each input's entry (when the stream took it) to its result.
+        latency: [N] seconds from each input's entry (when the stream took it) to its result
+            (worked out from the stream's log when first read).
         stats: inputs, seconds, throughput (inputs/s), latency p50 / p99 (ms), batch_size,
             max_rows, peak_rows (most rows ever waiting in the queues), runs (stage runs) and
             full_runs (those on `batch_size` rows).
     """
 
-    logits: torch.Tensor
-    trace: Trace
-    latency: torch.Tensor
-    stats: dict[str, Any]
+    def __init__(self, logits: torch.Tensor, trace: Trace, streamer, stats: dict[str, Any]):
+        self.logits, self.trace = logits, trace
+        self._streamer, self._stats, self._latency = streamer, stats, None
+
+    @property
+    def latency(self) -> torch.Tensor:
+        if self._latency is None:
+            self._latency = self._streamer.latency()
+        return self._latency
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        if "latency_p50_ms" not in self._stats:
+            timed = self._streamer.log_rows
+            q = (self.latency * 1e3).quantile(torch.tensor([0.5, 0.99], dtype=torch.float64))
+            self._stats["latency_p50_ms"] = float(q[0]) if timed else None
+            self._stats["latency_p99_ms"] = float(q[1]) if timed else None
+        return self._stats
 
 
 class Streamer:
@@ -121,32 +134,33 @@ class Streamer:
                     self._run(lane, k)
 
     def result(self, lengths: torch.Tensor | None, per_token: bool, full: int):
-        """(outputs in input order, latency [N] seconds)."""
+        """The outputs and trace in input order."""
         keys = sorted(self.lanes)
         parts = [
             self.lanes[k].result(None if lengths is None else torch.full((self.lanes[k].n,), k))
             for k in keys
         ]
-        where = [torch.cat(self.lanes[k].where) for k in keys]
         if lengths is None:
-            out = parts[0]
-        else:
-            out = merged_output(parts, where, lengths, full, per_token)
+            return parts[0]
+        return merged_output(
+            parts, [torch.cat(self.lanes[k].where) for k in keys], lengths, full, per_token
+        )
+
+    def latency(self) -> torch.Tensor:
+        """[N] seconds from each input's entry to the end of the run it left in (zeros when
+        the stream kept no times)."""
         latency = torch.zeros(self.n, dtype=torch.float64)
-        if self.log_rows:  # each row's last run is the one it left in
-            t_in = torch.cat(
-                [torch.full((len(ids),), t, dtype=torch.float64) for ids, t in self.entered]
-            )
-            for k, w in zip(keys, where, strict=True):
-                done = self.lanes[k].done
-                t_out = torch.tensor([t for _, t in done], dtype=torch.float64)
-                sizes = torch.tensor([len(ids) for ids, _ in done])
-                t_out = t_out.repeat_interleave(sizes).index_select(
-                    0, last_of(done, self.lanes[k].n)
-                )
-                latency.index_copy_(0, w.cpu(), t_out)
-            latency -= t_in
-        return out, latency
+        if not self.log_rows:
+            return latency
+        t_in = torch.cat(
+            [torch.full((len(ids),), t, dtype=torch.float64) for ids, t in self.entered]
+        )
+        for lane in self.lanes.values():  # each row's last run is the one it left in
+            t_out = torch.tensor([t for _, t in lane.done], dtype=torch.float64)
+            sizes = torch.tensor([len(ids) for ids, _ in lane.done])
+            t_out = t_out.repeat_interleave(sizes).index_select(0, last_of(lane.done, lane.n))
+            latency.index_copy_(0, torch.cat(lane.where).cpu(), t_out)
+        return latency - t_in
 
 
 def _pieces(model, inputs: Any, b: int, lengths: Any):
@@ -212,22 +226,19 @@ def stream(
         raise ValueError(f"{model.name}: the stream held no inputs")
     n = torch.cat(seen_lengths) if seen_lengths else None
     full = model._in_shape[0] if n is not None else 0
-    out, lat = s.result(n, model.spec.task.per == "token", full)
+    out = s.result(n, model.spec.task.per == "token", full)
     seconds = time.perf_counter() - t0
-    q = (lat * 1e3).quantile(torch.tensor([0.5, 0.99], dtype=lat.dtype))
     stats = {
         "inputs": s.n,
         "seconds": seconds,
         "throughput": s.n / seconds,
-        "latency_p50_ms": float(q[0]) if latency else None,
-        "latency_p99_ms": float(q[1]) if latency else None,
         "batch_size": batch_size,
         "max_rows": max_rows,
         "peak_rows": s.peak,
         "runs": s.runs,
         "full_runs": s.full,
     }
-    return StreamOutput(out.logits, out.trace, lat, stats)
+    return StreamOutput(out.logits, out.trace, s, stats)
 
 
 def infer_pass(
