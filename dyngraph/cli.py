@@ -182,7 +182,9 @@ def _export(args: argparse.Namespace) -> int:
 
     check_writable(args.out, folder=True)
     out = export(_loaded_model(args), args.out, aot=args.aot)
-    print(f"wrote {out} (run it with torch alone: {out}/dyngraph_runner.py, or dg.load_exported)")
+    print(
+        f"wrote {out} (run it with torch alone: import dyngraph_runner from {out}, or dg.load_exported)"
+    )
     return 0
 
 

@@ -4,13 +4,13 @@ Each unit becomes a `torch.export` program (a dynamic batch dimension and, for a
 values, a dynamic length) saved as `units/NNN.pt2`; `manifest.json` (format
 `dyngraph.export/1`) holds the plan's steps with their decision settings (each step's
 `export_step()`), the trace's columns and every unit's MACs (per length for sequences); the
-standalone runner (runtime/standalone.py) is copied beside them as `dyngraph_runner.py`, which
-imports only torch. `aot=True` (`dyngraph export --aot`) also compiles each unit with
+standalone runner (the package runtime/runner) is copied beside them as `dyngraph_runner/`,
+which imports only torch. `aot=True` (`dyngraph export --aot`) also compiles each unit with
 AOTInductor into `units/NNN.aoti.pt2`, which the runner then runs. `dg.load_exported(DIR)`
 loads an export through its copy of the runner.
 
-Steps that export today: static segments, and exits, gates and halting per sample. Any other
-step (metalayers, halting through time, the per-token constructs) is a one-line `ExportError`
+Steps that export today: static segments, and exits, gates, halting and metalayers per sample.
+Any other step (halting through time, the per-token constructs) is a one-line `ExportError`
 naming it.
 Where the plan allows, `single.pt2` holds the whole model at batch 1 as one program with its
 decisions in `torch.cond` (`SingleGraph`; the manifest says why where it does not).
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from .compiler.units import IdsShape
-from .runtime import standalone
-from .runtime.standalone import FORMAT, RUNNER, ExportError
+from .runtime import runner
+from .runtime.runner import FORMAT, RUNNER, ExportError
 
 __all__ = ["ExportError", "export", "load_exported"]
 
@@ -54,10 +54,11 @@ def export(model, out: str | Path, aot: bool = False, single: bool = True) -> Pa
     steps = []
     for s in model._plan.steps:
         fn = getattr(s, "export_step", None)
-        if fn is None:
+        step = None if fn is None else fn()  # (None: this kind of node does not export yet)
+        if step is None:
             name = getattr(s, "name", type(s).__name__)
             raise ExportError(f"{model.name}: {name} ({type(s).__name__}) cannot be exported yet")
-        steps.append(fn())
+        steps.append(step)
     inp = model.spec.input
     length = inp.shape[0] if inp.is_sequence else None
     (out / "units").mkdir(parents=True, exist_ok=True)
@@ -92,6 +93,8 @@ def export(model, out: str | Path, aot: bool = False, single: bool = True) -> Pa
         },  # fmt: skip
         "out_column": plan.out_column,
         "output_id": plan.output_id,
+        # each metalayer controller's preferences, in the order its gamma values are fed
+        "preferences": {m.ctl_name: list(m.ctl.preferences) for m in model.metalayers},
         "columns": [
             {"name": g.name, "width": g.width, "empty": g.empty} for g in model.paths.groups
         ],  # fmt: skip
@@ -108,18 +111,23 @@ def export(model, out: str | Path, aot: bool = False, single: bool = True) -> Pa
         torch.export.save(program, str(out / "single.pt2"))
     manifest["single_graph"] = {"file": "single.pt2"} if program is not None else {"why": why}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    shutil.copyfile(standalone.__file__, out / RUNNER)
+    pkg = Path(runner.__file__).parent
+    (out / RUNNER).mkdir(exist_ok=True)
+    for f in ("__init__.py", "steps.py"):
+        shutil.copyfile(pkg / f, out / RUNNER / f)
     return out
 
 
 def load_exported(path: str | Path):
     """The export in `path`, run by the runner copied into it (what a deployment imports)."""
     root = Path(path)
-    runner = root / RUNNER
-    if not runner.exists():
-        raise ExportError(f"{root}: no {RUNNER} (not a dyngraph export)")
+    pkg = root / RUNNER
+    if not (pkg / "__init__.py").exists():
+        raise ExportError(f"{root}: no {RUNNER}/ (not a dyngraph export)")
     name = f"dyngraph_runner_{abs(hash(str(root.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, runner)
+    spec = importlib.util.spec_from_file_location(
+        name, pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # (dataclasses look their module up)
     spec.loader.exec_module(module)

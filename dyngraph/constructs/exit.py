@@ -102,7 +102,7 @@ class ExitRuntime:
         return positions(self.stays(logits, ctx, x)) if staying is None else staying
 
     def export_step(self) -> dict:
-        """Its step in an export's manifest (runtime/standalone.py runs it)."""
+        """Its step in an export's manifest (runtime/runner runs it)."""
         return {"kind": "exit", "index": self.index, "head": self.head.index,
                 "criterion": self.kind, "threshold": self.threshold,
                 "temperature": self.temperature, "patience": self.patience,

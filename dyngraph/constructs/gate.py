@@ -196,7 +196,7 @@ class GateRuntime:
         ctx.env[self.writes] = ctx.call(self.body, ctx.env[self.reads[0]])
 
     def export_step(self) -> dict:
-        """Its step in an export's manifest (runtime/standalone.py runs it)."""
+        """Its step in an export's manifest (runtime/runner runs it)."""
         return {"kind": "gate", "index": self.index, "style": self.style,
                 "policy": self.policy.index, "body": self.body.index,
                 "threshold": self.threshold, "key": self.key, "column": self.column,

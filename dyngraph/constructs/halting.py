@@ -171,7 +171,7 @@ class HaltingRuntime:
         g.assign(self.writes, f"{g.bind(self, f'halting{self.index}')}.infer(ctx, {x})")
 
     def export_step(self) -> dict:
-        """Its step in an export's manifest (runtime/standalone.py runs it)."""
+        """Its step in an export's manifest (runtime/runner runs it)."""
         return {"kind": "halting", "index": self.index, "rule": self.rule,
                 "max_steps": self.max_steps, "threshold": self.threshold,
                 "epsilon": self.epsilon, "steps": [u.index for u in self.steps],

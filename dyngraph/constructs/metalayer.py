@@ -15,7 +15,6 @@ changed on a compiled model with `model.set_gamma(...)` without recompiling.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,9 +24,8 @@ from pydantic import Field
 from ..core.types import ModuleRef, Strict
 from ..runtime import kernels
 from ..runtime.context import draw_scale, pseudo_uniform
-from ..runtime.model import checked_setting
-from . import token_metalayer
-from .api import Column, ConstructDef, Site, Sweep
+from . import metalayer_settings, token_metalayer
+from .api import Column, ConstructDef, Site
 from .metalayer_objective import metalayer_objective
 from .registry import register_construct
 
@@ -105,10 +103,7 @@ class MetalayerRuntime:
                 g = torch.stack(cols, dim=1) if cols else torch.zeros(n, 0)
                 ctx.states[key] = g.to(device=like.device, dtype=like.dtype)
             else:  # the test values: one tensor per (rows, values), reused across forward passes
-                test = self.gamma_test
-                values = tuple(
-                    float(test.get(k, p.gamma.test)) for k, p in self.ctl.preferences.items()
-                )
+                values = tuple(metalayer_settings.gamma_values(self))
                 ck = (n, values, like.device, like.dtype)
                 if self._gamma_cache.get("key") != ck:
                     g = (
@@ -183,6 +178,16 @@ class MetalayerRuntime:
 
     def run(self, ctx) -> None:
         ctx.env[self.writes] = self.apply(ctx, ctx.env[self.reads[0]])
+
+    def export_step(self) -> dict | None:
+        """Its step in an export's manifest (runtime/runner runs it); None per token."""
+        if self.per == "token":
+            return None
+        return {"kind": "metalayer", "index": self.index, "router": self.router.index,
+                "choices": [u.index for u in self.choices], "key": self.key,
+                "state_shape": list(self.state_shape), "controller": self.ctl_name,
+                "gamma": metalayer_settings.gamma_values(self),
+                "reads": list(self.reads), "writes": self.writes}  # fmt: skip
 
     def emit_infer(self, g) -> None:
         """Infer code (runtime/codegen.py): one call of `apply` on the local it reads."""
@@ -297,47 +302,6 @@ def build_metalayer(spec: MetalayerSpec, b, site: Site) -> tuple[MetalayerRuntim
 # ---------------------------------------------------------------- what generic code reads
 
 
-def set_gamma(
-    metalayers: list[MetalayerRuntime],
-    value: float,
-    preference: str | None = None,
-    controller: str | None = None,
-) -> None:
-    """Set the test-time preference value gamma of the controllers (`model.set_gamma`)."""
-    value = checked_setting(value, 0.0, math.inf, "gamma")
-    found = False
-    for m in metalayers:
-        if controller is not None and m.ctl_name != controller:
-            continue
-        for pref in m.ctl.preferences:
-            if preference is None or pref == preference:
-                m.gamma_test[pref] = float(value)
-                found = True
-    if not found:
-        raise ValueError(f"no preference {preference!r} on controller {controller!r}")
-
-
-def _save(metalayers: list[MetalayerRuntime]) -> dict:
-    return {m.key: dict(m.gamma_test) for m in metalayers if m.gamma_test}
-
-
-def _load(metalayers: list[MetalayerRuntime], values: dict) -> None:
-    for m in metalayers:
-        m.gamma_test.clear()
-    for m in metalayers:
-        m.gamma_test.update(values.get(m.key, {}))
-
-
-GAMMAS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0]
-
-
-def _sweep(model, metalayers: list[MetalayerRuntime]) -> Sweep:
-    saved = _save(metalayers)
-    return Sweep(
-        "gamma", GAMMAS, lambda v: set_gamma(metalayers, v), lambda: _load(metalayers, saved)
-    )
-
-
 def _start_stage(metalayers: list[MetalayerRuntime], options: MetalayerOptions) -> None:
     for m in metalayers:
         m.explore_override = options.explore
@@ -387,13 +351,13 @@ METALAYER = register_construct(
         legacy_options=LEGACY,
         start_stage=_start_stage,
         settings=("gamma", ()),
-        save_settings=_save,
-        load_settings=_load,
-        sweep=_sweep,
+        save_settings=metalayer_settings.save,
+        load_settings=metalayer_settings.load,
+        sweep=metalayer_settings.sweep,
         sweep_rank=1,
         paths=lambda m, done, going: (done, going * len(m.choices)),
         longest=_longest,
-        methods={"set_gamma": set_gamma},
+        methods={"set_gamma": metalayer_settings.set_gamma},
         force=force,
     )
 )

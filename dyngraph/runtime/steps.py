@@ -31,6 +31,6 @@ class SegmentStep:
         g.line(f"{g.define(self.outputs)}= {call}")
 
     def export_step(self) -> dict:
-        """Its step in an export's manifest (runtime/standalone.py runs it)."""
+        """Its step in an export's manifest (runtime/runner runs it)."""
         return {"kind": "segment", "unit": self.unit.index, "reads": list(self.reads),
                 "outputs": list(self.outputs)}  # fmt: skip

@@ -1,0 +1,223 @@
+"""dyngraph's standalone runner: runs an exported model (`dyngraph export`) with torch alone.
+
+An export is a folder: `manifest.json` (format `dyngraph.export/1`: the plan's steps, the
+decision settings, the trace's columns, each unit's MACs) and one `torch.export` program per
+unit (`units/*.pt2`, a dynamic batch dimension and, for sequences, a dynamic length), with
+`--aot` also its AOTInductor package (`units/*.aoti.pt2`), which the runner then runs. This
+package (`__init__` and `steps`) is copied into the folder as `dyngraph_runner/` and imports
+nothing but torch, so a deployment needs neither dyngraph nor its dependencies:
+
+    import sys; sys.path.insert(0, "DIR"); import dyngraph_runner
+    model = dyngraph_runner.load("DIR")
+    out = model(x)          # out.logits, out.columns, out.unit_counts, out.macs
+
+It runs the plan as dyngraph's infer mode does: rows that leave at an exit are compacted away,
+a gated body runs on the rows whose gate is on, each length of a batch of sequences runs as its
+own group. Steps it runs (steps.py): static segments, exits per sample (max_prob, entropy, patience),
+gates per sample (feed-forward, recurrent and one-shot policies), halting per sample (ACT,
+PonderNet, Learning to Stop) and metalayers per sample (Composer; `set_gamma`). A damaged or mismatched export (version, missing unit, wrong
+shapes) is a one-line `ExportError`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .steps import STEPS, Pass
+
+FORMAT = "dyngraph.export/1"
+RUNNER = "dyngraph_runner"  # (the package's folder in an export)
+
+
+class ExportError(ValueError):
+    """A damaged or mismatched export (one line)."""
+
+
+class Output:
+    """What a pass returns: `logits` [B, ...]; the trace, built when first read: `columns`
+    (each construct's decisions, as in dyngraph's trace), `unit_counts` [B, U], each input's
+    `macs` [B]; `lengths` [B] for sequences."""
+
+    def __init__(self, logits: torch.Tensor, build, lengths: torch.Tensor | None = None):
+        self.logits, self.lengths = logits, lengths
+        self._build, self._trace = build, None
+
+    def _get(self, i: int):
+        self._trace = self._trace or self._build()
+        return self._trace[i]
+
+    columns = property(lambda self: self._get(0))
+    unit_counts = property(lambda self: self._get(1))
+    macs = property(lambda self: self._get(2))
+
+
+class Exported:
+    """An exported model: `model(x)` runs it (module doc); `set_threshold` as dyngraph's."""
+
+    def __init__(self, root: Path, manifest: dict, units: list[Any]):
+        self.root, self.manifest, self.units = root, manifest, units
+        self.out_column = manifest["out_column"]
+        self.unit_macs = torch.tensor(manifest["unit_macs"], dtype=torch.long)
+        self.macs_by_length = manifest.get("unit_macs_by_length")
+        inp = manifest["input"]
+        self.ids = inp["dtype"] == "int64"
+        self.sequence, self.pad_id = inp["sequence"], inp.get("pad_id")
+
+    def set_threshold(self, value: float | list[float], kind: str = "exit") -> None:
+        """Set the thresholds of the exits (or `kind="gate"`): one value, or one per node
+        that has one."""
+        nodes = [s for s in self.manifest["steps"] if s["kind"] == kind and s.get("threshold")
+                 is not None and not s.get("last")]  # fmt: skip
+        values = value if isinstance(value, list | tuple) else [value] * len(nodes)
+        if len(values) != len(nodes):
+            raise ValueError(f"{len(values)} thresholds for {len(nodes)} {kind} nodes")
+        for s, v in zip(nodes, values, strict=True):
+            s["threshold"] = float(v)
+
+    def set_gamma(self, value: float, preference: str | None = None) -> None:
+        """Set the test-time preference value gamma of the metalayers' controllers (every
+        preference, or the one named), as dyngraph's `model.set_gamma`."""
+        steps = [s for s in self.manifest["steps"] if s["kind"] == "metalayer"]
+        names = self.manifest.get("preferences", {})
+        found = False
+        for s in steps:
+            for i, name in enumerate(names.get(s["controller"], [])):
+                if preference is None or name == preference:
+                    s["gamma"][i] = float(value)
+                    found = True
+        if not found:
+            raise ValueError(f"no preference {preference!r} on this export's metalayers")
+
+    def single(self):
+        """The batch-1 one-graph program (decisions in torch.cond): `program(x)` returns
+        (logits, decisions); an ExportError says why the export has none."""
+        info = self.manifest.get("single_graph", {})
+        if "file" not in info:
+            raise ExportError(f"{self.root}: no one-graph program: {info.get('why', 'not made')}")
+        return torch.export.load(str(self.root / info["file"])).module()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> Output:
+        x = self._checked(x)
+        if not self.sequence:
+            return self._pass(x, self.unit_macs)
+        lengths = self._lengths(x)
+        full = x.shape[1]
+        parts, order = [], []
+        for n in sorted(set(lengths.tolist())):
+            rows = torch.where(lengths == n)[0]
+            macs = torch.tensor(self.macs_by_length[n], dtype=torch.long)
+            parts.append(self._pass(x.index_select(0, rows)[:, :n], macs))
+            order.append(rows)
+        back = torch.argsort(torch.cat(order))
+        logits = [o.logits for o in parts]
+        if logits[0].dim() >= 3:  # per-token outputs: padded positions hold zeros
+            pad = [0, 0] * (logits[0].dim() - 2)
+            logits = [torch.nn.functional.pad(z, [*pad, 0, full - z.shape[1]]) for z in logits]
+
+        def build():
+            cols = {k: torch.cat([o.columns[k] for o in parts])[back] for k in parts[0].columns}
+            counts = torch.cat([o.unit_counts for o in parts])[back]
+            return cols, counts, torch.cat([o.macs for o in parts])[back]
+
+        return Output(torch.cat(logits).index_select(0, back), build, lengths)
+
+    def _pass(self, x: torch.Tensor, macs: torch.Tensor) -> Output:
+        p = Pass(self, x)
+        for s in self.manifest["steps"]:
+            if not p.rows:
+                break
+            STEPS[s["kind"]](p, s)
+        out = p.out if p.out is not None else p.env[self.manifest["output_id"]]
+        return Output(out, lambda: p.trace(macs))
+
+    def _checked(self, x: Any) -> torch.Tensor:
+        shape = tuple(self.manifest["input"]["shape"])
+        if not torch.is_tensor(x):
+            raise TypeError(
+                f"expected a tensor [B, {', '.join(map(str, shape))}], got {type(x).__name__}"
+            )
+        if tuple(x.shape[1:]) != shape:
+            raise ValueError(
+                f"expected input [B, {', '.join(map(str, shape))}], got {list(x.shape)}"
+            )
+        if self.ids:
+            if x.is_floating_point():
+                raise TypeError(f"expected token ids (an integer tensor), got {x.dtype}")
+            return x.long()
+        return x.float() if x.dtype != torch.float32 else x
+
+    def _lengths(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_id is None:
+            return torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+        real = x != self.pad_id
+        n = real.sum(1)
+        inside = (real & (torch.arange(x.shape[1]) >= n[:, None])).any(1)
+        if bool(inside.any()) or bool((n == 0).any()):
+            raise ValueError(f"pad with id {self.pad_id} at the end only; every row needs a token")
+        return n
+
+
+def load(path: str | Path) -> Exported:
+    """The export in folder `path` (one-line `ExportError` where it is damaged)."""
+    root = Path(path)
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{root}: no manifest.json (not a dyngraph export)") from None
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{root}/manifest.json is damaged: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise ExportError(
+            f"{root}: format {manifest.get('format')!r}; this runner reads {FORMAT!r}"
+        )
+    unknown = {s["kind"] for s in manifest["steps"]} - set(STEPS)
+    if unknown:
+        raise ExportError(f"{root}: steps of kind {sorted(unknown)} are not known to this runner")
+    units = []
+    for u in manifest["units"]:
+        f = root / u["file"]
+        if not f.exists():
+            raise ExportError(f"{root}: unit {u['index']} ({u['name']}) is missing: {u['file']}")
+        try:
+            ep = torch.export.load(str(f))
+        except Exception as e:  # a damaged program: any of torch's load errors
+            raise ExportError(f"{f}: cannot load the program ({type(e).__name__})") from None
+        _check_shapes(ep, u, root)
+        units.append(_runnable(ep, u, root))
+    return Exported(root, manifest, units)
+
+
+def _runnable(ep, u: dict, root: Path):
+    """The unit as a callable: its AOTInductor package where the export has one (`--aot`),
+    else the program's module's forward (no input guards or hooks: the runner checks the
+    model's input, and every unit gets what the compiled model gave it)."""
+    if u.get("aoti") is None:  # (its forward: the module's call hooks cost 2x the ops here)
+        return ep.module(check_guards=False).forward
+    f = root / u["aoti"]
+    if not f.exists():
+        raise ExportError(f"{root}: unit {u['index']} ({u['name']}) is missing: {u['aoti']}")
+    try:
+        return torch._inductor.aoti_load_package(str(f))
+    except Exception as e:  # a damaged package, or one built for another machine
+        raise ExportError(f"{f}: cannot load the compiled package ({type(e).__name__})") from None
+
+
+def _check_shapes(ep, u: dict, root: Path) -> None:
+    """The program takes the inputs the manifest says (its static dimensions after the
+    batch; a sequence's length is dynamic)."""
+    names = set(ep.graph_signature.user_inputs)
+    got = [list(n.meta["val"].shape[1:]) for n in ep.graph.nodes
+           if n.op == "placeholder" and n.name in names]  # fmt: skip
+    shown = [[a if isinstance(a, int) else "L" for a in g] for g in got]  # (L: dynamic)
+    want = u["in_shapes"]
+    if len(got) != len(want) or any(
+        len(g) != len(w) or any(a not in ("L", b) for a, b in zip(g, w, strict=True))
+        for g, w in zip(shown, want, strict=True)
+    ):
+        msg = f"unit {u['index']} ({u['name']}) takes inputs {shown}; the manifest says {want}"
+        raise ExportError(f"{root}: {msg}")

@@ -1,0 +1,223 @@
+"""The runner's steps (runtime/runner): one pass over rows, and what each kind of step of a
+manifest does to it, as dyngraph's infer mode does (rows that leave at an exit are compacted
+away, a gated body runs on the rows whose gate is on, a metalayer's choices each on the rows
+that chose them). Imports nothing but torch."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Pass:
+    """The state of one pass over rows (as dyngraph's RunContext in infer mode). Unit calls
+    and decisions are logged with the row map of the time; the trace is built from the log
+    when first read."""
+
+    def __init__(self, model, x: torch.Tensor):
+        b = x.shape[0]
+        self.m, self.batch, self.rows = model, b, b
+        self.idx: torch.Tensor | None = None  # the original row of each current row
+        self.env: dict[str, torch.Tensor] = {"input": x}
+        self.states: dict[str, torch.Tensor] = {}
+        self.out: torch.Tensor | None = None
+        self.calls: list[tuple] = []  # (unit, row map, positions among its rows or None)
+        self.decisions: list[tuple] = []  # (column, node, values, row map, positions)
+
+    def trace(self, macs: torch.Tensor) -> tuple:
+        """(columns, unit counts, MACs per input) from the log."""
+        b, m = self.batch, self.m
+        counts = torch.zeros(b, len(m.units), dtype=torch.long)
+        for u, g in ((u, _rows_of(idx, rows)) for u, idx, rows in self.calls):
+            if g is None:
+                counts[:, u] += 1
+            else:
+                counts[g.cpu(), u] += 1
+        columns = {
+            c["name"]: torch.full(
+                (b,) if c["width"] is None else (b, c["width"]), c["empty"], dtype=torch.long
+            )  # fmt: skip
+            for c in m.manifest["columns"]
+        }
+        for name, col, values, idx, rows in self.decisions:
+            g = _rows_of(idx, rows)
+            target = columns[name] if col is None else columns[name][:, col]
+            v = values.cpu().long() if torch.is_tensor(values) else values
+            if g is None:
+                target[:] = v
+            else:
+                target[g.cpu()] = v
+        return columns, counts, (counts * macs).sum(1)
+
+    def call(self, u: int, *args: torch.Tensor, rows: torch.Tensor | None = None):
+        self.calls.append((u, self.idx, rows))
+        return self.m.units[u](*args)
+
+    def record(self, name: str, col: int | None, values, rows: torch.Tensor | None = None):
+        self.decisions.append((name, col, values, self.idx, rows))
+
+    def leave(self, out: torch.Tensor, where: int) -> None:
+        """Every current row takes `out` (taken at exit `where`); rows that go on are written
+        again where they leave."""
+        self.record(self.m.out_column, None, where)
+        if self.out is None:
+            self.out = out.new_zeros((self.batch, *out.shape[1:]))
+        if self.idx is None:
+            self.out.copy_(out)
+        else:
+            self.out.index_copy_(0, self.idx, out)
+
+    def keep(self, rows: torch.Tensor, live: list[str]) -> None:
+        self.rows = rows.shape[0]
+        self.env = {k: v.index_select(0, rows) for k, v in self.env.items() if k in live}
+        self.states = {k: v.index_select(0, rows) for k, v in self.states.items()}
+        self.idx = rows if self.idx is None else self.idx.index_select(0, rows)
+
+
+def _rows_of(idx: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """The original rows of positions `rows` among the rows of row map `idx` (None: all)."""
+    if rows is None:
+        return idx
+    return rows if idx is None else idx.index_select(0, rows)
+
+
+def _segment(p: Pass, s: dict) -> None:
+    outs = p.call(s["unit"], *[p.env[r] for r in s["reads"]])
+    for k, v in zip(s["outputs"], outs, strict=True):
+        p.env[k] = v
+
+
+def _stays(p: Pass, s: dict, z: torch.Tensor) -> torch.Tensor:
+    """Which rows go on past a (not last) exit: the criterion of constructs/exit_criteria.py."""
+    kind, t = s["criterion"], s["temperature"]
+    if kind == "max_prob":
+        zt = z if t == 1.0 else z / t
+        score = (zt - zt.amax(dim=1, keepdim=True)).exp().sum(dim=1).reciprocal()
+        return score < s["threshold"]
+    if kind == "entropy":
+        q = torch.softmax(z if t == 1.0 else z / t, dim=1)
+        return -(q * torch.log(q.clamp_min(1e-12))).sum(dim=1) > s["threshold"]
+    pred = z.argmax(dim=1)  # patience (PABEE)
+    prev, count = p.states.get("exit/pred"), p.states.get("exit/count")
+    count = torch.zeros_like(pred) if prev is None else torch.where(pred == prev, count + 1, 0)
+    p.states["exit/pred"], p.states["exit/count"] = pred, count
+    return count < s["patience"]
+
+
+def _exit(p: Pass, s: dict) -> None:
+    z = p.call(s["head"], p.env[s["reads"][0]])
+    stay = z.new_zeros(0, dtype=torch.long) if s["last"] else torch.where(_stays(p, s, z))[0]
+    if stay.shape[0] == p.rows:  # nobody leaves here
+        return
+    p.leave(z, s["index"])  # (rows that stay are written again where they leave)
+    if stay.shape[0]:
+        p.keep(stay, s["live_after"])
+    else:
+        p.rows = 0
+
+
+def _gate(p: Pass, s: dict) -> None:
+    x = p.env[s["reads"][0]]
+    if s["style"] == "ff":
+        prob = p.call(s["policy"], x)
+    elif s["style"] == "recurrent":
+        h = p.states.get(s["key"])
+        if h is None:
+            h = x.new_zeros((x.shape[0], *s["state_shape"]))
+        prob, p.states[s["key"]] = p.call(s["policy"], x, h)
+    else:  # one-shot: the policy runs once, at its first gate
+        if s["column"] == 0:
+            p.states[s["key"]] = p.call(s["policy"], p.env[s["reads"][1]])
+        prob = p.states[s["key"]][:, s["column"]]
+    on = prob >= s["threshold"]
+    p.record("gates", s["index"], on)
+    run = torch.where(on)[0]
+    if run.shape[0] == x.shape[0]:
+        y = p.call(s["body"], x)
+    elif run.shape[0] == 0:
+        y = x
+    else:
+        y = x.clone().index_copy_(0, run, p.call(s["body"], x.index_select(0, run), rows=run))
+    p.env[s["writes"]] = y
+
+
+def _halting(p: Pass, s: dict) -> None:
+    """A step applied until each row halts (constructs/halting.py's infer loop): ACT's
+    halting sum, PonderNet's probability of having halted, or L2S's stop policy; halted rows
+    leave the loop, their output (ACT: the halting-weighted mean of the states) written once."""
+    x = p.env[s["reads"][0]]
+    n, rule, last = x.shape[0], s["rule"], s["max_steps"] - 1
+    init = s["init"]
+    h = p.call(init, x) if init is not None else x.new_zeros((n, *s["state_shape"]))
+    out, steps = torch.empty_like(h), torch.empty(n, dtype=torch.long)
+    carry = x.new_ones(n) if rule == "pondernet" else x.new_zeros(n)
+    acc = torch.zeros_like(h) if rule == "act" else None
+    pos, xa = None, x  # the rows still in the loop (positions among the pass's rows)
+    for t in range(s["max_steps"]):
+        unit = s["steps"][t if len(s["steps"]) > 1 else 0]
+        flag = [xa.new_full((xa.shape[0], 1), 1.0 if t == 0 else 0.0)] if s["flag"] else []
+        prev, h = h, p.call(unit, h, xa, *flag, rows=pos)
+        if rule == "act":
+            q = p.call(s["unit"], h, rows=pos)
+            new_carry = carry + q
+            halt = new_carry >= 1 - s["epsilon"]
+        elif rule == "l2s":
+            onehot = xa.new_zeros((xa.shape[0], s["max_steps"]))
+            onehot[:, t] = 1.0
+            q = p.call(s["unit"], xa, h, prev, onehot, rows=pos)
+            halt, new_carry = q >= s["threshold"], carry
+        else:  # pondernet
+            q = p.call(s["unit"], h, rows=pos)
+            new_carry = carry * (1 - q)
+            halt = 1 - new_carry >= s["threshold"]
+        if t == last:
+            halt = torch.ones_like(halt)
+        if acc is not None:
+            w = torch.where(halt, 1 - carry, q)
+            acc = torch.addcmul(acc, w.view(-1, *([1] * (h.dim() - 1))), h)
+        res = acc if acc is not None else h
+        going = torch.where(halt)[0]
+        if going.shape[0]:
+            rows = going if pos is None else pos.index_select(0, going)
+            out.index_copy_(0, rows, res.index_select(0, going))
+            steps.index_fill_(0, rows, t + 1)
+            stay = torch.where(~halt)[0]
+            if stay.shape[0] == 0:
+                break
+            pos = stay if pos is None else pos.index_select(0, stay)
+            h, xa, new_carry = h[stay], xa[stay], new_carry[stay]
+            acc = None if acc is None else acc[stay]
+        carry = new_carry
+    p.record("steps", s["index"], steps)
+    p.env[s["writes"]] = out
+
+
+def _metalayer(p: Pass, s: dict) -> None:
+    """Composer: the controller scores the choices from the rows, its state and the test-time
+    preferences (gamma); each row runs its top choice, rows grouped by choice
+    (constructs/metalayer.py's infer pass)."""
+    x = p.env[s["reads"][0]]
+    n = x.shape[0]
+    h = p.states.get(s["key"])
+    if h is None:  # (the controller's state goes on to its next metalayer)
+        h = x.new_zeros((n, *s["state_shape"]))
+    g = torch.tensor(s["gamma"], dtype=x.dtype, device=x.device).expand(n, len(s["gamma"]))
+    logits, p.states[s["key"]] = p.call(s["router"], x, h, g)
+    c = logits.argmax(dim=1)
+    p.record("choices", s["index"], c)
+    counts = torch.bincount(c, minlength=len(s["choices"])).tolist()
+    if max(counts) == n:
+        p.env[s["writes"]] = p.call(s["choices"][counts.index(n)], x)
+        return
+    order, y, start = torch.sort(c, stable=True).indices, None, 0
+    for u, k in zip(s["choices"], counts, strict=True):
+        if k:
+            rows = order[start : start + k]
+            out = p.call(u, x.index_select(0, rows), rows=rows)
+            y = out.new_empty((n, *out.shape[1:])) if y is None else y
+            y.index_copy_(0, rows, out)
+            start += k
+    p.env[s["writes"]] = y
+
+
+STEPS = {"segment": _segment, "exit": _exit, "gate": _gate, "halting": _halting,
+         "metalayer": _metalayer}  # fmt: skip
