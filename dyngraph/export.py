@@ -9,8 +9,8 @@ which imports only torch. `aot=True` (`dyngraph export --aot`) also compiles eac
 AOTInductor into `units/NNN.aoti.pt2`, which the runner then runs. `dg.load_exported(DIR)`
 loads an export through its copy of the runner.
 
-Steps that export today: static segments, and exits, gates, halting and metalayers per sample.
-Any other step (halting through time, the per-token constructs) is a one-line `ExportError`
+Steps that export today: static segments, and exits, gates, halting (also through time) and
+metalayers per sample. Any other step (the per-token constructs) is a one-line `ExportError`
 naming it.
 Where the plan allows, `single.pt2` holds the whole model at batch 1 as one program with its
 decisions in `torch.cond` (`SingleGraph`; the manifest says why where it does not).

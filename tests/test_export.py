@@ -158,7 +158,7 @@ def test_the_export_command_writes_a_folder_or_names_what_it_cannot(tmp_path, ca
 
     assert main(["export", str(BY_NAME["skipnet_ff"]), "--out", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "manifest.json").exists()
-    assert main(["export", str(BY_NAME["act_addition"]), "--out", str(tmp_path / "b")]) == 2
+    assert main(["export", str(BY_NAME["ut_tagger"]), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert "halting 0" in err and "cannot be exported yet" in err and "\n" not in err
 

@@ -60,8 +60,8 @@ class CarryRuntime:
     per = "token"
 
     def __getattr__(self, name: str) -> Any:
-        # (not its step's export or stream parts: a loop through time runs whole)
-        if name.startswith("__") or name in ("inner", "export_step", "stream_parts"):
+        # (not its step's stream parts: a loop through time runs whole in a stream)
+        if name.startswith("__") or name in ("inner", "stream_parts"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
@@ -131,6 +131,11 @@ class CarryRuntime:
 
     def run(self, ctx) -> None:
         ctx.env[self.writes] = self.apply(ctx, ctx.env[self.reads[0]])
+
+    def export_step(self) -> dict:
+        """Its step in an export's manifest (runtime/runner runs it): the step's loop, at
+        every position."""
+        return {**self.inner.export_step(), "kind": "halting_time"}
 
     def emit_infer(self, g) -> None:
         """Infer code (runtime/codegen.py): one call of `apply` on its input."""

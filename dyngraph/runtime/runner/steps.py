@@ -141,13 +141,36 @@ def _gate(p: Pass, s: dict) -> None:
 
 
 def _halting(p: Pass, s: dict) -> None:
+    out, steps = _ponder(p, s, p.env[s["reads"][0]], None)
+    p.record("steps", s["index"], steps)
+    p.env[s["writes"]] = out
+
+
+def _halting_time(p: Pass, s: dict) -> None:
+    """Halting through time (`carry: true`, constructs/halting_time.py): at every position of
+    the sequence the loop ponders from the previous position's output; each sample's steps
+    are the sum over its positions."""
+    x = p.env[s["reads"][0]]
+    h, outs, total = None, [], 0
+    for t in range(x.shape[1]):
+        h, steps = _ponder(p, s, x[:, t], h)
+        outs.append(h)
+        total = total + steps
+    p.record("steps", s["index"], total)
+    p.env[s["writes"]] = torch.stack(outs, 1)
+
+
+def _ponder(p: Pass, s: dict, x: torch.Tensor, h0: torch.Tensor | None) -> tuple:
     """A step applied until each row halts (constructs/halting.py's infer loop): ACT's
     halting sum, PonderNet's probability of having halted, or L2S's stop policy; halted rows
-    leave the loop, their output (ACT: the halting-weighted mean of the states) written once."""
-    x = p.env[s["reads"][0]]
+    leave the loop, their output (ACT: the halting-weighted mean of the states) written once.
+    Returns (output, steps per row); `h0`: the initial state (else init, or zeros)."""
     n, rule, last = x.shape[0], s["rule"], s["max_steps"] - 1
     init = s["init"]
-    h = p.call(init, x) if init is not None else x.new_zeros((n, *s["state_shape"]))
+    if h0 is not None:
+        h = h0
+    else:
+        h = p.call(init, x) if init is not None else x.new_zeros((n, *s["state_shape"]))
     out, steps = torch.empty_like(h), torch.empty(n, dtype=torch.long)
     carry = x.new_ones(n) if rule == "pondernet" else x.new_zeros(n)
     acc = torch.zeros_like(h) if rule == "act" else None
@@ -187,8 +210,7 @@ def _halting(p: Pass, s: dict) -> None:
             h, xa, new_carry = h[stay], xa[stay], new_carry[stay]
             acc = None if acc is None else acc[stay]
         carry = new_carry
-    p.record("steps", s["index"], steps)
-    p.env[s["writes"]] = out
+    return out, steps
 
 
 def _metalayer(p: Pass, s: dict) -> None:
@@ -220,4 +242,5 @@ def _metalayer(p: Pass, s: dict) -> None:
 
 
 STEPS = {"segment": _segment, "exit": _exit, "gate": _gate, "halting": _halting,
+         "halting_time": _halting_time,
          "metalayer": _metalayer}  # fmt: skip
