@@ -189,9 +189,11 @@ def stream(
     """Run a stream of inputs in infer mode, every stage on full batches (DESIGN §10).
 
     Args:
-        model: a DynamicModel (run in infer mode whatever its `training` flag).
+        model: a DynamicModel, run in infer mode and eval mode (its `training` flag is
+            restored afterwards).
         inputs: a tensor [N, *input.shape], or an iterable of such tensors (batches of any
-            size, a generator, a DataLoader's inputs), each checked as `model(x)` checks it.
+            size, a generator; of a DataLoader of (x, y), its inputs: `(x for x, _ in
+            loader)`), each checked as `model(x)` checks it.
         batch_size: the rows each stage runs at once.
         max_rows: the most rows that may wait in the queues together (default 16 x
             batch_size); at least batch_size.
@@ -214,14 +216,18 @@ def stream(
             f"max_rows must be an integer >= batch_size ({batch_size}), got {max_rows!r}"
         )
     s = Streamer(model, batch_size, max_rows, latency, pool_bodies)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        seen_lengths = []
-        for x, n in _pieces(model, inputs, batch_size, lengths):
-            s.admit(x, n)
-            if n is not None:
-                seen_lengths.append(n)
-        s.finish()
+    t0, training = time.perf_counter(), model.training
+    model.eval()  # (infer mode: dropout and the like off, as `model.eval()(x)`)
+    try:
+        with torch.no_grad():
+            seen_lengths = []
+            for x, n in _pieces(model, inputs, batch_size, lengths):
+                s.admit(x, n)
+                if n is not None:
+                    seen_lengths.append(n)
+            s.finish()
+    finally:
+        model.train(training)
     if s.n == 0:
         raise ValueError(f"{model.name}: the stream held no inputs")
     n = torch.cat(seen_lengths) if seen_lengths else None

@@ -123,6 +123,19 @@ def test_a_halting_loop_refills_freed_slots_with_new_inputs():
     assert sum(n < b for n in sizes) <= h.max_steps
 
 
+def test_a_model_in_training_mode_streams_in_eval_mode_and_stays_in_training():
+    model = compiled(BY_NAME["digits_early_exit"], "none")
+    x = random_batch(model, 50)
+    want = dg.stream(model, x, batch_size=16)
+    model.train()
+    try:
+        got = dg.stream(model, x, batch_size=16)
+        assert model.training
+    finally:
+        model.eval()
+    assert_same(model, got, want)
+
+
 def test_latency_and_throughput_are_reported():
     model = compiled(BY_NAME["digits_early_exit"], "none")
     out = dg.stream(model, random_batch(model, 200), batch_size=32)
