@@ -15,7 +15,7 @@ import torch
 import dyngraph as dg
 from dyngraph.export import ExportError, export, load_exported
 
-from .conftest import SPECS, compiled, random_batch, spec_id
+from .conftest import SPECS, compiled, diversify, random_batch, spec_id
 
 BY_NAME = {p.stem: p for p in SPECS}
 #: specs whose plans have a batch-1 one-graph form, of each kind (exits, gates, a sequence)
@@ -203,3 +203,23 @@ def test_an_aot_export_runs_as_the_compiled_model(tmp_path):
         torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-4)
         assert torch.equal(got.columns["exit"], want.trace.columns["exit"].cpu())
         assert torch.equal(got.macs, model.per_input_macs(want.trace))
+
+
+def test_tokens_over_a_threshold_export_too(tmp_path):
+    """Mixture-of-Depths by threshold (mod_tagger routes by capacity): sequences route
+    different numbers of tokens, which the body runs as sequences of those lengths."""
+    text = BY_NAME["mod_tagger"].read_text().replace("capacity: 0.125", "threshold: 0.5")
+    assert "threshold: 0.5" in text
+    (tmp_path / "spec.yaml").write_text(text)
+    torch.manual_seed(0)
+    model = dg.compile(tmp_path / "spec.yaml", backend="none").eval()
+    diversify(model)
+    runner = load_exported(export(model, tmp_path / "out", single=False))
+    x = random_batch(model, 64, seed=3)
+    want, got = model(x), runner(x)
+    counts = want.trace.columns["gates"]
+    assert len(set(counts.flatten().tolist())) > 3  # sequences routed different numbers
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-4)
+    assert torch.equal(got.columns["gates"], counts)
+    assert torch.equal(got.unit_counts, want.trace.unit_counts)
+    assert torch.equal(got.macs, model.per_input_macs(want.trace))

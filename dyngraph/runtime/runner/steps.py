@@ -5,6 +5,8 @@ that chose them). Imports nothing but torch."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -21,6 +23,9 @@ class Pass:
         self.states: dict[str, torch.Tensor] = {}
         self.out: torch.Tensor | None = None
         self.calls: list[tuple] = []  # (unit, row map, positions among its rows or None)
+        # (unit, row map, [rows] tokens): a unit that ran on some tokens of each sequence as a
+        # shorter sequence costs its cost at that many tokens (Mixture-of-Depths)
+        self.routed: list[tuple] = []
         self.decisions: list[tuple] = []  # (column, node, values, row map, positions)
 
     def trace(self, macs: torch.Tensor) -> tuple:
@@ -46,7 +51,13 @@ class Pass:
                 target[:] = v
             else:
                 target[g.cpu()] = v
-        return columns, counts, (counts * macs).sum(1)
+        cost = counts * macs
+        if self.routed:  # (a sequence model: the manifest has each unit's MACs per length)
+            table = torch.tensor(m.macs_by_length, dtype=torch.long)
+            for u, idx, k in self.routed:
+                g = slice(None) if idx is None else idx.cpu()
+                cost[g, u] = counts[g, u] * table[k.cpu(), u]
+        return columns, counts, cost.sum(1)
 
     def call(self, u: int, *args: torch.Tensor, rows: torch.Tensor | None = None):
         self.calls.append((u, self.idx, rows))
@@ -71,6 +82,50 @@ class Pass:
         self.env = {k: v.index_select(0, rows) for k, v in self.env.items() if k in live}
         self.states = {k: v.index_select(0, rows) for k, v in self.states.items()}
         self.idx = rows if self.idx is None else self.idx.index_select(0, rows)
+
+
+def _token_gate(p: Pass, s: dict) -> None:
+    """Mixture-of-Depths (constructs/token_gate.py): the router scores each token; the top
+    capacity·L of each sequence (or every token over the threshold) run the body as a shorter
+    sequence, in order, their update scaled by the router's weight; the others pass by."""
+    x = p.env[s["reads"][0]]
+    b, n, d = x.shape
+    prob = p.call(s["policy"], x)
+    if s["capacity"] is not None:
+        k = min(n, math.ceil(s["capacity"] * n - 1e-9))
+        idx = prob.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        mask = torch.zeros_like(prob, dtype=torch.bool).scatter_(1, idx, True)
+        p.record("gates", s["index"], k)
+        flat = (idx + torch.arange(b, device=x.device).unsqueeze(1) * n).view(-1)
+        groups = [(None, flat, k)]
+    else:
+        mask = prob >= s["threshold"]
+        p.record("gates", s["index"], mask.sum(1))
+        groups = _token_groups(mask, s["per_token"])
+    p.routed.append((s["body"], p.idx, mask.sum(1)))
+    out, rows_d = x.clone(), x.reshape(b * n, d)
+    for rows, flat, k in groups:
+        xk = rows_d.index_select(0, flat)
+        y = p.call(s["body"], xk.view(-1, k, d) if k else xk.view(1, -1, d), rows=rows)
+        w = prob.reshape(-1).index_select(0, flat).unsqueeze(1)
+        out.view(b * n, d).index_copy_(0, flat, torch.lerp(xk, y.reshape(-1, d), w))
+    p.env[s["writes"]] = out
+
+
+def _token_groups(mask: torch.Tensor, per_token: bool) -> list[tuple]:
+    """(rows, their tokens' rows of [b·L, D], tokens per row) per body call: every routed
+    token in one call for a body that acts per token, else sequences grouped by their count
+    (constructs/token_gate.py: token_groups)."""
+    b, n = mask.shape
+    counts = mask.sum(1)
+    if per_token:
+        return [(torch.where(counts > 0)[0], mask.reshape(-1).nonzero().flatten(), None)]
+    groups = []
+    for k in sorted(set(counts.tolist()) - {0}):
+        rows = torch.where(counts == k)[0]
+        idx = mask.index_select(0, rows).nonzero()[:, 1].view(-1, k)
+        groups.append((rows, (idx + rows.unsqueeze(1) * n).view(-1), k))
+    return groups
 
 
 def _rows_of(idx: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -243,4 +298,4 @@ def _metalayer(p: Pass, s: dict) -> None:
 
 STEPS = {"segment": _segment, "exit": _exit, "gate": _gate, "halting": _halting,
          "halting_time": _halting_time,
-         "metalayer": _metalayer}  # fmt: skip
+         "metalayer": _metalayer, "token_gate": _token_gate}  # fmt: skip
