@@ -10,8 +10,8 @@ AOTInductor into `units/NNN.aoti.pt2`, which the runner then runs. `dg.load_expo
 loads an export through its copy of the runner.
 
 Steps that export today: static segments; exits, gates, halting (also through time) and
-metalayers per sample; Mixture-of-Depths gates. Any other step (per-token exits, metalayers
-and halting) is a one-line `ExportError` naming it.
+metalayers per sample; Mixture-of-Depths gates and per-token metalayers. Any other step
+(per-token exits, halting over depth per position) is a one-line `ExportError` naming it.
 Where the plan allows, `single.pt2` holds the whole model at batch 1 as one program with its
 decisions in `torch.cond` (`SingleGraph`; the manifest says why where it does not).
 """

@@ -179,14 +179,13 @@ class MetalayerRuntime:
     def run(self, ctx) -> None:
         ctx.env[self.writes] = self.apply(ctx, ctx.env[self.reads[0]])
 
-    def export_step(self) -> dict | None:
-        """Its step in an export's manifest (runtime/runner runs it); None per token."""
-        if self.per == "token":
-            return None
+    def export_step(self) -> dict:
+        """Its step in an export's manifest (runtime/runner runs it)."""
         return {"kind": "metalayer", "index": self.index, "router": self.router.index,
                 "choices": [u.index for u in self.choices], "key": self.key,
                 "state_shape": list(self.state_shape), "controller": self.ctl_name,
-                "gamma": metalayer_settings.gamma_values(self),
+                "gamma": metalayer_settings.gamma_values(self), "per": self.per,
+                "length": self.length, "per_token": [bool(u.per_token) for u in self.choices],
                 "reads": list(self.reads), "writes": self.writes}  # fmt: skip
 
     def emit_infer(self, g) -> None:

@@ -15,8 +15,8 @@ It runs the plan as dyngraph's infer mode does: rows that leave at an exit are c
 a gated body runs on the rows whose gate is on, each length of a batch of sequences runs as its
 own group. Steps it runs (steps.py): static segments, exits per sample (max_prob, entropy, patience),
 gates per sample (feed-forward, recurrent and one-shot policies), halting per sample (ACT,
-PonderNet, Learning to Stop; also through time), metalayers per sample (Composer;
-`set_gamma`) and Mixture-of-Depths gates (per token, by capacity or threshold). A damaged or mismatched export (version, missing unit, wrong
+PonderNet, Learning to Stop; also through time), metalayers (Composer, per sample or per
+token; `set_gamma`) and Mixture-of-Depths gates (per token, by capacity or threshold). A damaged or mismatched export (version, missing unit, wrong
 shapes) is a one-line `ExportError`.
 """
 

@@ -84,6 +84,31 @@ class Pass:
         self.idx = rows if self.idx is None else self.idx.index_select(0, rows)
 
 
+def _choices_per_token(p: Pass, s: dict, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Composer per token (constructs/token_metalayer.py): each choice runs on the tokens that
+    picked it as a shorter sequence, each sequence charged the choice at its count; the trace
+    records each sequence's counts per choice as one code (base L + 1)."""
+    b, n, d = x.shape
+    masks = [c == j for j in range(len(s["choices"]))]
+    counts = torch.stack([m.sum(1) for m in masks], 1)
+    base = torch.tensor([(s["length"] + 1) ** j for j in range(counts.shape[1])])
+    p.record("choices", s["index"], (counts.cpu() * base).sum(1))
+    for u, k in zip(s["choices"], counts.unbind(1), strict=True):
+        p.routed.append((u, p.idx, k))
+    whole = (counts == n).all(0).nonzero().flatten().tolist()
+    if whole:  # every token of the pass picked one choice
+        return p.call(s["choices"][whole[0]], x)
+    out = None
+    for u, mask, per_token in zip(s["choices"], masks, s["per_token"], strict=True):
+        for rows, flat, k in _token_groups(mask, per_token):
+            xk = x.reshape(b * n, d).index_select(0, flat)
+            y = p.call(u, xk.view(-1, k, d) if k else xk.view(1, -1, d), rows=rows)
+            y = y.reshape(-1, y.shape[-1])
+            out = y.new_empty((b * n, y.shape[1])) if out is None else out
+            out.index_copy_(0, flat, y)
+    return out.view(b, n, -1)
+
+
 def _token_gate(p: Pass, s: dict) -> None:
     """Mixture-of-Depths (constructs/token_gate.py): the router scores each token; the top
     capacity·L of each sequence (or every token over the threshold) run the body as a shorter
@@ -275,10 +300,13 @@ def _metalayer(p: Pass, s: dict) -> None:
     x = p.env[s["reads"][0]]
     n = x.shape[0]
     h = p.states.get(s["key"])
-    if h is None:  # (the controller's state goes on to its next metalayer)
-        h = x.new_zeros((n, *s["state_shape"]))
+    if h is None:  # (the controller's state goes on to its next metalayer; per token: one each)
+        h = x.new_zeros((*x.shape[: 2 if s["per"] == "token" else 1], *s["state_shape"]))
     g = torch.tensor(s["gamma"], dtype=x.dtype, device=x.device).expand(n, len(s["gamma"]))
     logits, p.states[s["key"]] = p.call(s["router"], x, h, g)
+    if s["per"] == "token":
+        p.env[s["writes"]] = _choices_per_token(p, s, x, logits.argmax(dim=2))
+        return
     c = logits.argmax(dim=1)
     p.record("choices", s["index"], c)
     counts = torch.bincount(c, minlength=len(s["choices"])).tolist()
