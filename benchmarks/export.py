@@ -3,7 +3,8 @@
     python benchmarks/export.py            # writes benchmarks/RESULTS-export.md
 
 For specs whose every step exports (exits and gates per sample, a transformer with exits on
-sequences of mixed lengths), at B = 1 and 256, one thread: the compiled model's infer pass
+sequences of mixed lengths, a Composer metalayer per sample and per token, ACT through time,
+Mixture-of-Depths), at B = 1 and 256, one thread: the compiled model's infer pass
 (`backend: none`: eager units, the generated infer function, the fused decision kernels) and
 the exported runner's (`torch.export` programs, the manifest's steps, torch alone) and, for
 two specs, the runner of an `--aot` export (AOTInductor packages), timed in interleaved rounds
@@ -34,6 +35,10 @@ SPECS = (
     "skipnet_ff",
     "skipnet_rnn",
     "deebert_transformer",
+    "composer_wide_digits",  # a metalayer per sample
+    "act_addition",  # halting through time
+    "mod_tagger",  # Mixture-of-Depths
+    "composer_tokens",  # a metalayer per token
 )
 AOT = ("digits_early_exit", "skipnet_ff")  # also exported with --aot (minutes of compiling)
 

@@ -121,13 +121,15 @@ def export(model, out: str | Path, aot: bool = False, single: bool = True) -> Pa
 def load_exported(path: str | Path):
     """The export in `path`, run by the runner copied into it (what a deployment imports)."""
     root = Path(path)
-    pkg = root / RUNNER
-    if not (pkg / "__init__.py").exists():
+    pkg, name = root / RUNNER, f"dyngraph_runner_{abs(hash(str(root.resolve())))}"
+    if (pkg / "__init__.py").exists():
+        spec = importlib.util.spec_from_file_location(
+            name, pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+        )
+    elif (root / "dyngraph_runner.py").exists():  # an export written before the package
+        spec = importlib.util.spec_from_file_location(name, root / "dyngraph_runner.py")
+    else:
         raise ExportError(f"{root}: no {RUNNER}/ (not a dyngraph export)")
-    name = f"dyngraph_runner_{abs(hash(str(root.resolve())))}"
-    spec = importlib.util.spec_from_file_location(
-        name, pkg / "__init__.py", submodule_search_locations=[str(pkg)]
-    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # (dataclasses look their module up)
     spec.loader.exec_module(module)

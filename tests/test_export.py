@@ -223,3 +223,22 @@ def test_tokens_over_a_threshold_export_too(tmp_path):
     assert torch.equal(got.columns["gates"], counts)
     assert torch.equal(got.unit_counts, want.trace.unit_counts)
     assert torch.equal(got.macs, model.per_input_macs(want.trace))
+
+
+def test_an_export_written_before_the_runner_package_still_loads(exports, tmp_path):
+    """Exports used to hold the runner as one file, dyngraph_runner.py (same format)."""
+    old = tmp_path / "old"
+    shutil.copytree(exports(BY_NAME["digits_early_exit"]), old)
+    pkg = old / "dyngraph_runner"
+    init = (pkg / "__init__.py").read_text()
+    init = init.replace("from __future__ import annotations\n", "")
+    init = init.replace("from .steps import STEPS, Pass\n", "")
+    (old / "dyngraph_runner.py").write_text((pkg / "steps.py").read_text() + init)
+    shutil.rmtree(pkg)
+    model = compiled(BY_NAME["digits_early_exit"], "none")
+    x = random_batch(model, 9)
+    torch.testing.assert_close(load_exported(old)(x).logits, model(x).logits, atol=1e-5, rtol=1e-4)
+    shutil.rmtree(old)
+    old.mkdir()
+    with pytest.raises(ExportError, match="no dyngraph_runner/"):
+        load_exported(old)
