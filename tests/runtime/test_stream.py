@@ -201,3 +201,32 @@ def test_pooled_gate_bodies_run_full_batches():
         sizes = _sizes(pooled.trace, g.body.index)
         assert sizes and sum(n < b for n in sizes) <= 1, (g.name, sizes)
         assert sum(n < b for n in _sizes(in_place.trace, g.body.index)) > 10
+
+
+def test_float_sequences_stream_with_their_lengths():
+    spec = {
+        "dyngraph": 1,
+        "name": "float_seq_exits",
+        "input": {"shape": [6, 4], "sequence": True},
+        "task": {"type": "classification", "classes": 3},
+        "graph": [
+            {"type": "linear", "out": 8},
+            {"type": "transformer_block", "heads": 2},
+            {"exit": {"head": {"type": "classifier", "classes": 3},
+                      "criterion": {"type": "max_prob", "threshold": 0.4}}},
+            {"type": "transformer_block", "heads": 2},
+            {"exit": {"head": {"type": "classifier", "classes": 3}}},
+        ],
+    }  # fmt: skip
+    torch.manual_seed(0)
+    model = dg.compile(spec, backend="none").eval()
+    x = torch.randn(90, 6, 4)
+    n = torch.randint(1, 7, (90,), generator=torch.Generator().manual_seed(1))
+    want = model(x, lengths=n)
+    assert 0 < int((want.trace.exit == 0).sum()) < 90  # some sequences leave early
+    got = dg.stream(model, x, batch_size=8, lengths=n)
+    assert_same(model, got, want)
+    assert torch.equal(got.trace.lengths, n)
+    with pytest.raises(ValueError, match="lengths go with one tensor") as e:
+        dg.stream(model, [x[:10], x[10:]], batch_size=8, lengths=n)
+    assert "\n" not in str(e.value)
