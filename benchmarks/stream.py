@@ -2,6 +2,8 @@
 
     python benchmarks/stream.py            # writes benchmarks/RESULTS-stream.md (~10 minutes)
     python benchmarks/stream.py --quick    # B = 256, c = 0.3 only; RESULTS-stream-quick.md
+    python benchmarks/stream.py --sequences  # sequence models of mixed lengths (~1 minute);
+                                           # RESULTS-stream-sequences.md
 
 The cases of benchmarks/run.py (d = 512: 8 residual MLP blocks with an exit after each, 8 gated
 blocks, an ACT loop of a GRU step with at most 20 steps), their decisions forced (a draw fixed
@@ -167,12 +169,60 @@ def write(rows: list[dict], path: Path) -> str:
     return text
 
 
+SEQUENCES = ("deebert_transformer", "state_tagger", "mod_tagger", "composer_tokens")
+
+
+@torch.no_grad()
+def sequences(path: Path) -> str:
+    """Sequence models on token ids of mixed lengths (uniform in 1..L, padded at the end):
+    a batched pass runs each length of a batch as its own group, so a batch of 256 over L
+    lengths runs groups of about 256 / L; the stream pools each length across the data. The
+    specs' models, untrained (decisions spread as the test suite spreads them), B = 256, N =
+    2048, streamed and per batch timed in interleaved rounds."""
+    from tests.conftest import SPECS, compiled, random_batch
+
+    by_name, rows = {p.stem: p for p in SPECS}, []
+    for name in SEQUENCES:
+        model = compiled(by_name[name], "none")
+        x, b = random_batch(model, 2048, seed=7), 256
+        out = dg.stream(model, x, batch_size=b)
+        fns = {
+            "batch": lambda m=model, x=x, b=b: [m(x[i : i + b]) for i in range(0, len(x), b)],
+            "stream": lambda m=model, x=x, b=b: dg.stream(m, x, batch_size=b),
+        }
+        t = time_interleaved(fns, 1.0)
+        rows.append(
+            f"| {name} | {model.spec.input.shape[0]} | {1e3 * t['batch']:.1f} | "
+            f"{1e3 * t['stream']:.1f} | {t['batch'] / t['stream']:.2f}x | "
+            f"{out.stats['full_runs']}/{out.stats['runs']} |"
+        )
+        print(rows[-1], flush=True)
+    text = "\n".join(
+        [
+            "# Streaming sequences of mixed lengths",
+            "",
+            f"`python benchmarks/{Path(__file__).name} --sequences` — {platform.machine()}, "
+            f"1 thread, torch {torch.__version__}. " + " ".join(sequences.__doc__.split()),
+            "",
+            "| spec | L | per batch ms | stream ms | stream / per batch (speed) | full runs |",
+            "|---|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+    path.write_text(text + "\n")
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--sequences", action="store_true", help="only the sequence models")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.sequences:
+        print(sequences(HERE / "RESULTS-stream-sequences.md"))
+        return
     fractions, sizes = ((0.3,), (256,)) if args.quick else ((0.9, 0.6, 0.3), (256, 64))
     rows = [
         measure(kind, c, b, 16, 0.3 if args.quick else 1.0)
