@@ -64,10 +64,15 @@ class StreamOutput:
     def stats(self) -> dict[str, Any]:
         if "latency_p50_ms" not in self._stats:
             timed = self._streamer.log_rows
-            q = (self.latency * 1e3).quantile(torch.tensor([0.5, 0.99], dtype=torch.float64))
-            self._stats["latency_p50_ms"] = float(q[0]) if timed else None
-            self._stats["latency_p99_ms"] = float(q[1]) if timed else None
+            p50, p99 = percentiles_ms(self.latency) if timed else (None, None)
+            self._stats.update(latency_p50_ms=p50, latency_p99_ms=p99)
         return self._stats
+
+
+def percentiles_ms(seconds: torch.Tensor) -> tuple[float, float]:
+    """(p50, p99) of per-input latencies in seconds, in milliseconds."""
+    q = (seconds.double() * 1e3).quantile(torch.tensor([0.5, 0.99], dtype=torch.float64))
+    return float(q[0]), float(q[1])
 
 
 class Streamer:
@@ -252,14 +257,16 @@ def infer_pass(
 ) -> tuple[list, dict]:
     """The outputs of one infer pass over `x` (streamed, or in independent batches), and its
     statistics: how it ran, throughput, per-input latency from entry to result (per batch:
-    each input's batch's time). A few batches run first, untimed, so that compiled units
-    have compiled for the sizes they meet. `max_rows`: the stream's bound on waiting rows."""
-    warm = x[: 3 * batch_size]
-    if streamed:
-        stream(model, warm, batch_size=batch_size, max_rows=max_rows, latency=False)
-    else:
-        for i in range(0, warm.shape[0], batch_size):
-            model(warm[i : i + batch_size])
+    each input's batch's time). A compiled model first runs a few batches, untimed, so that
+    its units have compiled for the sizes they meet (eager units have nothing to warm: the
+    pass runs once). `max_rows`: the stream's bound on waiting rows."""
+    if model.backend != "none":
+        warm = x[: 3 * batch_size]
+        if streamed:
+            stream(model, warm, batch_size=batch_size, max_rows=max_rows, latency=False)
+        else:
+            for i in range(0, warm.shape[0], batch_size):
+                model(warm[i : i + batch_size])
     if streamed:
         out = stream(model, x, batch_size=batch_size, max_rows=max_rows)
         st = {k: out.stats[k] for k in ("throughput", "latency_p50_ms", "latency_p99_ms")}
@@ -270,11 +277,7 @@ def infer_pass(
         t = time.perf_counter()
         outs.append(model(x[i : i + batch_size]))
         times += [time.perf_counter() - t] * outs[-1].logits.shape[0]
-    q = (
-        torch.tensor(times, dtype=torch.float64)
-        .mul(1e3)
-        .quantile(torch.tensor([0.5, 0.99], dtype=torch.float64))
-    )
+    p50, p99 = percentiles_ms(torch.tensor(times))
     return outs, {"mode": "per_batch", "batch_size": batch_size,
                   "throughput": x.shape[0] / (time.perf_counter() - t0),
-                  "latency_p50_ms": float(q[0]), "latency_p99_ms": float(q[1])}  # fmt: skip
+                  "latency_p50_ms": p50, "latency_p99_ms": p99}  # fmt: skip
