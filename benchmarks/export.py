@@ -2,9 +2,9 @@
 
     python benchmarks/export.py            # writes benchmarks/RESULTS-export.md
 
-For specs whose every step exports (exits and gates per sample, a transformer with exits on
+For specs of every kind of step (exits and gates per sample, a transformer with exits on
 sequences of mixed lengths, a Composer metalayer per sample and per token, ACT through time,
-Mixture-of-Depths), at B = 1 and 256, one thread: the compiled model's infer pass
+Mixture-of-Depths, per-token exits, halting per position), at B = 1 and 256, one thread: the compiled model's infer pass
 (`backend: none`: eager units, the generated infer function, the fused decision kernels) and
 the exported runner's (`torch.export` programs, the manifest's steps, torch alone) and, for
 two specs, the runner of an `--aot` export (AOTInductor packages), timed in interleaved rounds
@@ -39,6 +39,8 @@ SPECS = (
     "act_addition",  # halting through time
     "mod_tagger",  # Mixture-of-Depths
     "composer_tokens",  # a metalayer per token
+    "calm_tagger",  # per-token exits: the layers after them run partial queries
+    "ut_tagger",  # halting over depth per position
 )
 AOT = ("digits_early_exit", "skipnet_ff")  # also exported with --aot (minutes of compiling)
 

@@ -10,8 +10,10 @@ AOTInductor into `units/NNN.aoti.pt2`, which the runner then runs. `dg.load_expo
 loads an export through its copy of the runner.
 
 Steps that export today: static segments; exits, gates, halting (also through time) and
-metalayers per sample; Mixture-of-Depths gates and per-token metalayers. Any other step
-(per-token exits, halting over depth per position) is a one-line `ExportError` naming it.
+metalayers per sample; Mixture-of-Depths gates, per-token metalayers, per-token exits and
+halting over depth per position (whose layers also export their partial queries,
+`forward_rows`, as `units/NNN.rows.pt2`). A node that does not export yet (a Mixture-of-Depths
+gate routing by its causal predictor) is a one-line `ExportError` naming it.
 Where the plan allows, `single.pt2` holds the whole model at batch 1 as one program with its
 decisions in `torch.cond` (`SingleGraph`; the manifest says why where it does not).
 """
@@ -27,9 +29,11 @@ from typing import Any
 
 import torch
 
+from .blocks.sequence import QueryGrid, query_grid
 from .compiler.units import IdsShape
 from .runtime import runner
-from .runtime.runner import FORMAT, RUNNER, ExportError
+from .runtime.lengths import causal_units, frozen_macs
+from .runtime.runner import FILES, FORMAT, RUNNER, ExportError
 
 __all__ = ["ExportError", "export", "load_exported"]
 
@@ -51,6 +55,8 @@ def export(model, out: str | Path, aot: bool = False, single: bool = True) -> Pa
     runner then runs instead of the program; `single`: also the batch-1 one-graph program
     where the plan has one (`single_graph`)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is not a folder (the export writes one)")
     steps = []
     for s in model._plan.steps:
         fn = getattr(s, "export_step", None)
@@ -79,6 +85,15 @@ def export(model, out: str | Path, aot: bool = False, single: bool = True) -> Pa
                 torch._inductor.aoti_compile_and_package(ep, package_path=str(out / aoti))
             units.append({"index": u.index, "name": u.name, "file": file, "aoti": aoti,
                           "in_shapes": [list(s) for s in u.in_shapes]})  # fmt: skip
+            if u.rows is not None:  # its partial queries (after a per-token exit or halting)
+                ep = _rows_program(u.rows, length)
+                units[-1]["rows"] = f"units/{u.index:03d}.rows.pt2"
+                torch.export.save(ep, str(out / units[-1]["rows"]))
+                if aot:
+                    units[-1]["rows_aoti"] = f"units/{u.index:03d}.rows.aoti.pt2"
+                    torch._inductor.aoti_compile_and_package(
+                        ep, package_path=str(out / units[-1]["rows_aoti"])
+                    )
     finally:
         model.train(was)
     plan = model._plan
@@ -106,6 +121,12 @@ def export(model, out: str | Path, aot: bool = False, single: bool = True) -> Pa
         manifest["unit_macs_by_length"] = [[0] * len(model.units)] + [
             model.unit_macs("fvcore", n).tolist() for n in range(1, length + 1)
         ]
+        causal = causal_units(model)  # (a token's cost with partial queries: runtime/lengths.py)
+        manifest["token_costs"] = {
+            str(u.index): {"frozen": frozen_macs(u, "fvcore"), "causal": causal[u.index]}
+            for u in model.units
+            if u.rows is not None
+        }
     program, why = single_graph(model) if single else (None, "not made (single=False)")
     if program is not None:
         torch.export.save(program, str(out / "single.pt2"))
@@ -113,9 +134,37 @@ def export(model, out: str | Path, aot: bool = False, single: bool = True) -> Pa
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     pkg = Path(runner.__file__).parent
     (out / RUNNER).mkdir(exist_ok=True)
-    for f in ("__init__.py", "steps.py"):
+    for f in FILES:
         shutil.copyfile(pkg / f, out / RUNNER / f)
     return out
+
+
+class _RowsProgram(torch.nn.Module):
+    """A block's partial queries (`forward_rows`) over plain tensors: every token's states
+    x [b, L, D] and the running tokens' query grid (rows, slots, mask: `query_grid`)."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, rows, slots, mask):
+        return self.block.forward_rows(x, QueryGrid(rows, slots, mask.shape[2], mask))
+
+
+def _rows_program(block: torch.nn.Module, length: int):
+    """`block`'s partial queries as a program, every size dynamic (sequences, length, running
+    tokens, grid width), exported on two sequences of 3 and 1 running tokens."""
+    active = torch.zeros(2, length, dtype=torch.bool)
+    active[0, : min(3, length)] = True
+    active[1, length - 1] = True
+    g = query_grid(active)
+    w = next(block.parameters())
+    x = torch.randn(2, length, block.dim, dtype=w.dtype)
+    dyn = torch.export.Dim.DYNAMIC
+    shapes = ({0: dyn, 1: dyn}, {0: dyn}, {0: dyn}, {0: dyn, 2: dyn, 3: dyn})
+    with torch.no_grad():
+        return torch.export.export(_RowsProgram(block).eval(), (x, g.rows, g.slots, g.mask),
+                                   dynamic_shapes=shapes, strict=False)  # fmt: skip
 
 
 def load_exported(path: str | Path):

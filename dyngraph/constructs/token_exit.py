@@ -76,6 +76,13 @@ class TokenExitRuntime:
         if stay is not None:
             ctx.part(stay, out, self.index, self.live_after)
 
+    def export_step(self) -> dict:
+        """Its step in an export's manifest (runtime/runner/tokens.py runs it)."""
+        return {"kind": "token_exit", "index": self.index, "head": self.head.index,
+                "criterion": self.kind, "threshold": self.threshold,
+                "temperature": self.temperature, "reads": list(self.reads),
+                "live_after": sorted(self.live_after), "last": self.last}  # fmt: skip
+
     def emit_infer(self, g) -> None:
         """Infer code (runtime/codegen.py), as `run`: `decide`, then `ctx.part`'s work."""
         x = g.var(self.reads[0])

@@ -87,6 +87,12 @@ class TokenHaltingRuntime:
         x = ctx.env[self.reads[0]]
         ctx.env[self.writes] = self.infer(ctx, x) if ctx.compacting else self._dense(ctx, x)
 
+    def export_step(self) -> dict:
+        """Its step in an export's manifest (runtime/runner/tokens.py runs it)."""
+        return {"kind": "token_halting", "index": self.index, "unit": self.unit.index,
+                "max_steps": self.max_steps, "epsilon": self.epsilon,
+                "reads": list(self.reads), "writes": self.writes}  # fmt: skip
+
     def emit_infer(self, g) -> None:
         """Infer code (runtime/codegen.py): one call of `infer` on the local it reads."""
         x = g.var(self.reads[0])

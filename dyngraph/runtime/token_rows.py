@@ -113,6 +113,11 @@ class RowsStep:
         self._record(ctx, t)
         ctx.env[self.writes] = y
 
+    def export_step(self) -> dict:
+        """Its step in an export's manifest (runtime/runner/tokens.py runs it)."""
+        return {"kind": "token_rows", "unit": self.unit.index, "per_token": self.unit.per_token,
+                "reads": list(self.reads), "writes": self.writes}  # fmt: skip
+
     def emit_infer(self, g) -> None:
         """Infer code (runtime/codegen.py): one call of `apply`."""
         x, live = g.var(self.reads[0]), g.values(g.live(self.live_after))

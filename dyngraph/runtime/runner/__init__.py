@@ -4,7 +4,7 @@ An export is a folder: `manifest.json` (format `dyngraph.export/1`: the plan's s
 decision settings, the trace's columns, each unit's MACs) and one `torch.export` program per
 unit (`units/*.pt2`, a dynamic batch dimension and, for sequences, a dynamic length), with
 `--aot` also its AOTInductor package (`units/*.aoti.pt2`), which the runner then runs. This
-package (`__init__` and `steps`) is copied into the folder as `dyngraph_runner/` and imports
+package (`__init__`, `steps` and `tokens`) is copied into the folder as `dyngraph_runner/` and imports
 nothing but torch, so a deployment needs neither dyngraph nor its dependencies:
 
     import sys; sys.path.insert(0, "DIR"); import dyngraph_runner
@@ -16,7 +16,8 @@ a gated body runs on the rows whose gate is on, each length of a batch of sequen
 own group. Steps it runs (steps.py): static segments, exits per sample (max_prob, entropy, patience),
 gates per sample (feed-forward, recurrent and one-shot policies), halting per sample (ACT,
 PonderNet, Learning to Stop; also through time), metalayers (Composer, per sample or per
-token; `set_gamma`) and Mixture-of-Depths gates (per token, by capacity or threshold). A damaged or mismatched export (version, missing unit, wrong
+token; `set_gamma`) and Mixture-of-Depths gates (per token, by capacity or threshold); and in
+tokens.py per-token exits (CALM) and halting over depth per position (Universal Transformer). A damaged or mismatched export (version, missing unit, wrong
 shapes) is a one-line `ExportError`.
 """
 
@@ -28,10 +29,14 @@ from typing import Any
 
 import torch
 
-from .steps import STEPS, Pass
+from .steps import STEPS as _STEPS
+from .steps import Pass
+from .tokens import TOKEN_STEPS
 
 FORMAT = "dyngraph.export/1"
 RUNNER = "dyngraph_runner"  # (the package's folder in an export)
+FILES = ("__init__.py", "steps.py", "tokens.py")  # (what an export copies)
+STEPS = {**_STEPS, **TOKEN_STEPS}
 
 
 class ExportError(ValueError):
@@ -59,8 +64,9 @@ class Output:
 class Exported:
     """An exported model: `model(x)` runs it (module doc); `set_threshold` as dyngraph's."""
 
-    def __init__(self, root: Path, manifest: dict, units: list[Any]):
+    def __init__(self, root: Path, manifest: dict, units: list[Any], rows: dict | None = None):
         self.root, self.manifest, self.units = root, manifest, units
+        self.rows = rows or {}  # {unit: its partial-queries program} (runner/tokens.py)
         self.out_column = manifest["out_column"]
         self.unit_macs = torch.tensor(manifest["unit_macs"], dtype=torch.long)
         self.macs_by_length = manifest.get("unit_macs_by_length")
@@ -71,7 +77,8 @@ class Exported:
     def set_threshold(self, value: float | list[float], kind: str = "exit") -> None:
         """Set the thresholds of the exits (or `kind="gate"`): one value, or one per node
         that has one."""
-        nodes = [s for s in self.manifest["steps"] if s["kind"] == kind and s.get("threshold")
+        kinds = (kind, f"token_{kind}")  # (per sample, per token)
+        nodes = [s for s in self.manifest["steps"] if s["kind"] in kinds and s.get("threshold")
                  is not None and not s.get("last")]  # fmt: skip
         values = value if isinstance(value, list | tuple) else [value] * len(nodes)
         if len(values) != len(nodes):
@@ -179,33 +186,47 @@ def load(path: str | Path) -> Exported:
     unknown = {s["kind"] for s in manifest["steps"]} - set(STEPS)
     if unknown:
         raise ExportError(f"{root}: steps of kind {sorted(unknown)} are not known to this runner")
-    units = []
+    units, rows = [], {}
     for u in manifest["units"]:
-        f = root / u["file"]
-        if not f.exists():
-            raise ExportError(f"{root}: unit {u['index']} ({u['name']}) is missing: {u['file']}")
-        try:
-            ep = torch.export.load(str(f))
-        except Exception as e:  # a damaged program: any of torch's load errors
-            raise ExportError(f"{f}: cannot load the program ({type(e).__name__})") from None
+        ep = _load_program(root, u, u["file"])
         _check_shapes(ep, u, root)
-        units.append(_runnable(ep, u, root))
-    return Exported(root, manifest, units)
+        units.append(_runnable(ep, root, u, u.get("aoti")))
+        if u.get("rows") is not None:  # its partial queries (runner/tokens.py)
+            ep = _load_program(root, u, u["rows"])
+            rows[u["index"]] = _runnable(ep, root, u, u.get("rows_aoti"))
+    return Exported(root, manifest, units, rows)
 
 
-def _runnable(ep, u: dict, root: Path):
-    """The unit as a callable: its AOTInductor package where the export has one (`--aot`),
+def _load_program(root: Path, u: dict, file: str):
+    f = root / file
+    if not f.exists():
+        raise ExportError(f"{root}: unit {u['index']} ({u['name']}) is missing: {file}")
+    try:
+        return torch.export.load(str(f))
+    except Exception as e:  # a damaged program: any of torch's load errors
+        raise ExportError(f"{f}: cannot load the program ({type(e).__name__})") from None
+
+
+def _runnable(ep, root: Path, u: dict, aoti: str | None):
+    """The program as a callable: its AOTInductor package where the export has one (`--aot`),
     else the program's module's forward (no input guards or hooks: the runner checks the
     model's input, and every unit gets what the compiled model gave it)."""
-    if u.get("aoti") is None:  # (its forward: the module's call hooks cost 2x the ops here)
+    if aoti is None:  # (its forward: the module's call hooks cost 2x the ops here)
         return ep.module(check_guards=False).forward
-    f = root / u["aoti"]
+    f = root / aoti
     if not f.exists():
-        raise ExportError(f"{root}: unit {u['index']} ({u['name']}) is missing: {u['aoti']}")
+        raise ExportError(f"{root}: unit {u['index']} ({u['name']}) is missing: {aoti}")
     try:
-        return torch._inductor.aoti_load_package(str(f))
+        fn = torch._inductor.aoti_load_package(str(f))
     except Exception as e:  # a damaged package, or one built for another machine
         raise ExportError(f"{f}: cannot load the compiled package ({type(e).__name__})") from None
+
+    def run(*args: torch.Tensor):
+        # the compiled code reads its inputs at the strides it was compiled for (contiguous)
+        # and does not check them: a sequence's slice to its length would be read wrongly
+        return fn(*[a.contiguous() for a in args])
+
+    return run
 
 
 def _check_shapes(ep, u: dict, root: Path) -> None:

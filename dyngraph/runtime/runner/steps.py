@@ -27,6 +27,11 @@ class Pass:
         # shorter sequence costs its cost at that many tokens (Mixture-of-Depths)
         self.routed: list[tuple] = []
         self.decisions: list[tuple] = []  # (column, node, values, row map, positions)
+        # (unit, row map, [rows, L]: 1 ran its query, 0 a key and a value only): partial
+        # queries after a per-token exit or halting (runner/tokens.py); each token's own cost
+        self.queries: list[tuple] = []
+        self.every_token = True  # no token has left a per-token exit yet
+        self.length = x.shape[1] if x.dim() > 1 else 0
 
     def trace(self, macs: torch.Tensor) -> tuple:
         """(columns, unit counts, MACs per input) from the log."""
@@ -57,6 +62,12 @@ class Pass:
             for u, idx, k in self.routed:
                 g = slice(None) if idx is None else idx.cpu()
                 cost[g, u] = counts[g, u] * table[k.cpu(), u]
+        for u in {u for u, _, _ in self.queries}:
+            cost[:, u] = 0
+        for u, idx, running in self.queries:
+            share, frozen = _token_shares(m, u, self.length)
+            per = torch.where(running == 1, share, torch.where(running == 0, frozen, 0))
+            cost[slice(None) if idx is None else idx.cpu(), u] += per.cpu().sum(1)
         return columns, counts, cost.sum(1)
 
     def call(self, u: int, *args: torch.Tensor, rows: torch.Tensor | None = None):
@@ -151,6 +162,22 @@ def _token_groups(mask: torch.Tensor, per_token: bool) -> list[tuple]:
         idx = mask.index_select(0, rows).nonzero()[:, 1].view(-1, k)
         groups.append((rows, (idx + rows.unsqueeze(1) * n).view(-1), k))
     return groups
+
+
+def _token_shares(m, u: int, n: int) -> tuple[torch.Tensor, int]:
+    """([n] what a running token at each position of a length-n sequence pays in unit `u`
+    run with partial queries, what a frozen one pays: its keys and values), as dyngraph's
+    runtime/lengths.py: C(i + 1) - C(i) under a causal mask (C: the cost at a length), else an
+    equal share of C(n) beyond the frozen cost, a remainder to the last."""
+    info = m.manifest["token_costs"][str(u)]
+    frozen = info["frozen"]
+    c = [m.macs_by_length[i][u] for i in range(n + 1)]
+    if info["causal"]:
+        return torch.tensor([c[i + 1] - c[i] for i in range(n)]), frozen
+    each, rest = divmod(c[n] - n * frozen, n)
+    share = torch.full((n,), frozen + each)
+    share[-1] += rest
+    return share, frozen
 
 
 def _rows_of(idx: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
