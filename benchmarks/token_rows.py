@@ -10,8 +10,8 @@ whole model), `TransformerBlock.forward_rows`, on one causal pre-LN layer (d = 1
 threshold would choose them: each token independently with probability c, so sequences run
 different numbers of tokens. Timed in interleaved rounds, in the same run:
   static   = the layer on every token
-  dyngraph = the query grid from the mask (`query_grid`: rebuilt per layer, as with an exit
-             after every layer), `forward_rows`, the new states written back in place
+  dyngraph = the query grid from the mask (`grid_of`, the fused kernel: rebuilt per layer,
+             as with an exit after every layer), `forward_rows`, the new states written back in place
   masking  = the layer on every token, then `where(active, new, old)`
   oracle   = the same GEMMs at their sizes on pre-made inputs: LN1 and the KV projection on
              every token, the Q projection on the running tokens, attention on the padded query
@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from dyngraph.blocks.sequence import TransformerBlock, query_grid
+from dyngraph.runtime import kernels
+from dyngraph.runtime.token_rows import grid_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import token_cli  # noqa: E402
@@ -85,7 +87,7 @@ def measure(length: int, c: float, min_run_time: float) -> dict:
     state = x.clone()
 
     def dyngraph():
-        grid = query_grid(active)  # an exit after every layer: a new grid each time
+        grid = grid_of(active)  # an exit after every layer: a new grid each time (the kernel)
         new = blk.forward_rows(state, grid)
         state.view(-1, D).index_copy_(0, grid.rows, new)
 
@@ -129,6 +131,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    kernels.load()  # (as dg.compile does: the query grid's fused kernel)
     token_cli.main(
         __doc__,
         "Per-token threshold exits, the layer kernel (benchmarks/token_rows.py)",

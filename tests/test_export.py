@@ -224,11 +224,12 @@ def test_plans_without_a_one_graph_form_say_why(exports):
 
 
 @pytest.mark.slow  # AOTInductor compiles each unit to C++ (about a minute a spec here)
-@pytest.mark.parametrize("name", ["digits_early_exit", "calm_tagger"])
-def test_an_aot_export_runs_as_the_compiled_model(name, tmp_path):
-    """Also sequences of mixed lengths (each length's slice of the batch is not contiguous,
-    which compiled code would misread) and the per-token exits' rows programs."""
-    model = compiled(BY_NAME[name], "none")
+@pytest.mark.parametrize("path", SPECS, ids=spec_id)
+def test_an_aot_export_runs_as_the_compiled_model(path, tmp_path):
+    """Every spec, with its units (and rows programs) compiled: also sequences of mixed
+    lengths, whose slice of the batch to a length is not contiguous (compiled code would
+    misread it)."""
+    model = compiled(path, "none")
     runner = load_exported(export(model, tmp_path / "aot", aot=True, single=False))
     assert all(u["aoti"] for u in runner.manifest["units"])
     assert all(u["rows_aoti"] for u in runner.manifest["units"] if u.get("rows"))

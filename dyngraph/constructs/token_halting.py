@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..runtime.context import const, positions, pseudo_uniform
+from ..runtime.token_rows import grid_of
 from .api import Site
 
 
@@ -109,8 +110,6 @@ class TokenHaltingRuntime:
     def infer(self, ctx, x: torch.Tensor) -> torch.Tensor:
         """Infer: only running positions compute (queries, MLP, halting unit); sequences
         whose positions have all halted leave the loop, their outputs written once."""
-        from ..blocks.sequence import query_grid
-
         b, n, d = x.shape
         out, all_steps = torch.empty_like(x), torch.empty(b, n, dtype=torch.long, device=x.device)
         steps = torch.zeros(b, n, dtype=torch.long, device=x.device)
@@ -128,7 +127,7 @@ class TokenHaltingRuntime:
                 new, p = self.unit(s)
                 new, p = new.reshape(bn, d), p.reshape(bn)
             else:
-                grid = query_grid(running)
+                grid = grid_of(running)
                 new, p = self.unit.module.forward_rows(s, grid)
                 ctx.query_padding.append((self.unit.module.step, running, grid.width))
             c = cum.reshape(-1).index_select(0, flat)
@@ -137,7 +136,7 @@ class TokenHaltingRuntime:
             )
             w = torch.where(halt, 1 - c, p)
             acc.view(bn, d).index_add_(0, flat, new * w.unsqueeze(1))
-            s.view(bn, d).index_copy_(0, flat, new)
+            ctx.put(s.view(bn, d), flat, new)  # (one memcpy per row)
             cum.view(-1).index_copy_(0, flat, c + p)
             steps.view(-1).index_add_(0, flat, torch.ones_like(flat))
             running = running.reshape(-1).index_fill(0, flat[halt], False).view_as(running)

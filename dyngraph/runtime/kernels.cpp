@@ -9,6 +9,7 @@
 //   gather_rows(tensors, rows) -> each tensor's rows at `rows` (index_select, all in one call)
 //   copy_rows_(dst, dst_rows, src, src_rows) -> dst[dst_rows] = src[src_rows] (index_copy_)
 //   choose(t, rule, edges, a) -> (choice per row, rows grouped by choice, count per choice)
+//   query_grid(active) -> (rows, slots, mask, width): the running tokens' query grid
 //
 // The scores are computed by the same inline functions in both ops, so a threshold chosen on
 // `confidence` (calibration) splits the samples exactly as `rows_where` does.
@@ -18,6 +19,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -243,6 +245,49 @@ std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> choose(const at::Tensor
   return {c, order, counts};
 }
 
+// The query grid of the running tokens `active` [b, L] (bool), as blocks/sequence.py's
+// `query_grid` builds it in ~15 ATen ops: their flat positions `rows` (sample x L + position,
+// in order), their `slots` in a [b, width] grid (width: the most any sample runs), and the
+// additive causal mask [b, 1, width, L] (float32) by original position: 0 where a query reads
+// a key (key <= its position), -inf elsewhere; a padded query reads position 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> query_grid(const at::Tensor& active_in) {
+  TORCH_CHECK(active_in.dim() == 2 && active_in.scalar_type() == at::kBool,
+              "dyngraph::query_grid: a bool tensor [b, L]");
+  const at::Tensor active = active_in.contiguous();
+  const int64_t b = active.size(0), n = active.size(1);
+  const bool* a = active.data_ptr<bool>();
+  int64_t total = 0, width = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    int64_t c = 0;
+    for (int64_t j = 0; j < n; ++j) c += a[i * n + j];
+    total += c;
+    width = std::max(width, c);
+  }
+  auto rows = at::empty({total}, active.options().dtype(at::kLong));
+  auto slots = at::empty({total}, rows.options());
+  auto mask = at::empty({b, 1, width, n}, active.options().dtype(at::kFloat));
+  int64_t* r = rows.data_ptr<int64_t>();
+  int64_t* s = slots.data_ptr<int64_t>();
+  float* m = mask.data_ptr<float>();
+  const float inf = std::numeric_limits<float>::infinity();
+  int64_t k = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    int64_t q = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (!a[i * n + j]) continue;
+      r[k] = i * n + j;
+      s[k++] = i * width + q;
+      float* row = m + (i * width + q++) * n;
+      for (int64_t key = 0; key < n; ++key) row[key] = key <= j ? 0.0f : -inf;
+    }
+    for (; q < width; ++q) {  // padding: reads position 0 only
+      float* row = m + (i * width + q) * n;
+      for (int64_t key = 0; key < n; ++key) row[key] = key == 0 ? 0.0f : -inf;
+    }
+  }
+  return {rows, slots, mask, width};
+}
+
 }  // namespace
 
 // A Python module of plain functions (pybind11), not torch.ops: a call through torch.ops
@@ -254,4 +299,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_rows", &gather_rows, "each tensor's rows at `rows`");
   m.def("choose", &choose, "choice per row, rows grouped by choice, count per choice");
   m.def("copy_rows_", &copy_rows_, "dst[dst_rows] = src[src_rows], in place");
+  m.def("query_grid", &query_grid, "the running tokens' query grid");
 }

@@ -45,6 +45,7 @@ class Ops:
         self.gather_rows = module.gather_rows
         self.choose = module.choose
         self.copy_rows_ = module.copy_rows_
+        self.query_grid = module.query_grid
 
 
 _state: dict = {"tried": False, "ops": None, "enabled": True}

@@ -216,7 +216,8 @@ class DynamicModel(nn.Module):
                 f"{self.name}: expected ids [B, {self._in_shape[0]}], got {list(x.shape)}"
             )
         x = x.long()
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+        lo, hi = torch.aminmax(x) if x.numel() else (0, 0)  # (one pass over the ids)
+        if int(lo) < 0 or int(hi) >= vocab:
             bad = ((x < 0) | (x >= vocab)).any(1).nonzero().flatten().tolist()
             raise ValueError(f"{self.name}: rows {bad[:8]} hold ids outside [0, {vocab})")
         return x

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from . import kernels
+
 
 @dataclass
 class TokenRows:
@@ -62,9 +64,7 @@ class TokenRows:
     def grid(self):
         """The running tokens' query grid (blocks/sequence.py), built once per running set."""
         if self._grid is None:
-            from ..blocks.sequence import query_grid
-
-            self._grid = query_grid(self.active)
+            self._grid = grid_of(self.active)
         return self._grid
 
     def stop(self, leaving: torch.Tensor, where: int) -> None:
@@ -81,6 +81,19 @@ class TokenRows:
         self.active, self.exit_at = self.active[rows], self.exit_at[rows]
         self.out = None if self.out is None else self.out[rows]
         self._flat = self._grid = None
+
+
+def grid_of(active: torch.Tensor):
+    """The query grid of the running tokens `active` [b, L] (blocks/sequence.py's
+    `query_grid`), built in one call of the fused kernel where it applies (~15 ATen ops,
+    0.3 ms at B = 32, L = 64 here, otherwise)."""
+    from ..blocks.sequence import QueryGrid, query_grid
+
+    k = kernels.for_device(active.device)
+    if k is None or torch.get_default_dtype() != torch.float32:
+        return query_grid(active)
+    rows, slots, mask, width = k.query_grid(active)
+    return QueryGrid(rows, slots, width, mask)
 
 
 @dataclass
@@ -139,7 +152,7 @@ class RowsStep:
             new = self.block.forward_rows(x, t.grid)
             ctx.query_padding.append((self.block, t.active, t.grid.width))  # (counted later)
         y = x if ctx.free(x, live) else x.clone()
-        y.view(b * n, d).index_copy_(0, flat, new.reshape(-1, d))
+        ctx.put(y.view(b * n, d), flat, new.reshape(-1, d))  # (one memcpy per row)
         return y
 
     def _record(self, ctx, t: TokenRows) -> None:

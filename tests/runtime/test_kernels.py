@@ -187,6 +187,23 @@ def test_confidence_uses_the_kernel_numbers_on_cpu():
     )
 
 
+@pytest.mark.parametrize("shape", [(32, 64), (5, 1), (3, 16), (0, 8)])
+def test_the_query_grid_equals_the_aten_one(ops, shape):
+    """The running tokens' grid (rows, slots, width, causal mask) as blocks/sequence.py's
+    query_grid builds it, including sequences with no running token (all padding)."""
+    from dyngraph.blocks.sequence import query_grid
+
+    g = torch.Generator().manual_seed(shape[0])
+    active = torch.rand(shape, generator=g) < 0.4
+    if shape[0] > 2:
+        active[1] = False  # a sequence with nothing running
+    want = query_grid(active)
+    rows, slots, mask, width = ops.query_grid(active)
+    assert width == want.width
+    assert torch.equal(rows, want.rows) and torch.equal(slots, want.slots)
+    assert torch.equal(mask, want.mask) and mask.dtype == want.mask.dtype
+
+
 def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path, monkeypatch):
     """torch's builder waits for ever on a lock file; one older than 10 minutes is stale."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
