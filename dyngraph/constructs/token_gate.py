@@ -92,8 +92,8 @@ class TokenGateRuntime:
             y = ctx.call(self.body, xk.view(-1, k, d) if k else xk.view(1, -1, d), count=rows)
             w = p.reshape(-1).index_select(0, flat).unsqueeze(1)
             new = torch.lerp(xk, y.reshape(-1, d), w)  # xk + p·(y - xk)
-            if ctx.compacting:
-                out.view(b * n, d).index_copy_(0, flat, new)
+            if ctx.compacting:  # (one memcpy per row)
+                ctx.put(out.view(b * n, d), flat, new)
             else:
                 out = out.reshape(b * n, d).index_copy(0, flat, new).view(b, n, d)
         return out

@@ -20,12 +20,17 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
+import math  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ..compiler.compile import compile as compile_spec  # noqa: E402
+from ..runtime.lengths import frozen_macs  # noqa: E402
 from ..training.evaluate import evaluate  # noqa: E402
 from .common import (  # noqa: E402
+    ROOT,
     claim,
     curve_stats,
     label,
@@ -68,6 +73,35 @@ def fixed_exits(model, data) -> list[dict]:
         r = evaluate(model, data)
         out.append({"exit": k, "accuracy": r["quality"], "macs": r["mean_macs"]})
     return out
+
+
+def needed_exit(position: int) -> int:
+    """The first exit that can hold the state at `position`: it composes position + 1 steps,
+    and each causal layer at best doubles the steps a token holds."""
+    return max(0, math.ceil(math.log2(position + 1)) - 1)
+
+
+def policy_fraction(exit_of: list[int]) -> float:
+    """The MACs of specs/calm_tagger.yaml when the token at each position leaves at exit
+    `exit_of[position]`, over the static 4-layer model's, counted as the trace counts them
+    (runtime/lengths.py): a layer after an exit charges each running token its causal share
+    and each frozen token its keys and values while any token of the sequence runs; each head
+    its cost at the tokens that reach it."""
+    model = compile_spec(ROOT / "specs" / f"{SPEC}.yaml", backend="none")
+    n = len(exit_of)
+    c = [[0] * len(model.units)] + [model.unit_macs("fvcore", k).tolist() for k in range(1, n + 1)]
+    heads = [e.head.index for e in model.exits]
+    layers = [u.index for u in model.units if u.rows is not None]  # after exits 0..2
+    total = c[n][0]  # the embedding and the first layer, every token
+    for e, head in enumerate(heads):
+        reach = sum(x >= e for x in exit_of)
+        total += c[reach][head]
+        if e < len(layers) and any(x > e for x in exit_of):
+            u = layers[e]
+            frozen = frozen_macs(model.units[u], "fvcore")
+            total += sum(c[p + 1][u] - c[p][u] if x > e else frozen for p, x in enumerate(exit_of))
+    static = c[n][0] + sum(c[n][u] for u in layers) + c[n][heads[-1]]
+    return total / static
 
 
 def _versus(point: dict, curve: list[dict]) -> dict:

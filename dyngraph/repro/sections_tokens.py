@@ -3,6 +3,7 @@ Mixture-of-Depths and per-token exits (sections.py holds the others)."""
 
 from __future__ import annotations
 
+from .calm import needed_exit, policy_fraction
 from .common import pm
 from .sections import _minutes, _pct, _seeds, claims_table
 
@@ -124,6 +125,7 @@ def section_calm(r) -> list[str]:
         f"{pm(c['gain_points'], 1, '+.2f')} points against static depth): keys and values of "
         "every frozen token at every later layer cost a quarter of a running token's, so a mix "
         "of exits costs over 70% of the MACs here; no threshold lands between.",
+        _why_not_half(len(e)),
         "- Fixed exits of the same model (MACs, accuracy): "
         + ", ".join(
             f"exit {f['exit']} {100 * f['macs_fraction']:.0f}% {_pct(f['accuracy'])}"
@@ -144,6 +146,35 @@ def section_calm(r) -> list[str]:
         f"Regenerate: `python -m dyngraph.repro calm` ({_minutes(r)}).",
         "",
     ]
+
+
+def _why_not_half(length: int) -> str:
+    """What a per-token exit policy costs on this task (calm.policy_fraction): why no
+    confidence threshold meets the 50% budget, and what could."""
+    need = [needed_exit(p) for p in range(length)]
+    half = length // 2
+    give_up = [x if p < half else 0 for p, x in enumerate(need)]
+    groups = {}
+    for p, x in enumerate(need):
+        groups.setdefault(x, []).append(p)
+    spans = "; ".join(f"{g[0]}-{g[-1]}: {x}" for x, g in groups.items())
+    return (
+        "- Why no confidence threshold meets the 50% budget here, and what could (each "
+        "policy's MACs counted as the trace counts them, frozen keys and values included; "
+        "`calm.policy_fraction`): a position p composes p + 1 steps, and a causal layer at best "
+        "doubles the steps a token holds, so it needs exit max(0, ceil(log2(p + 1)) - 1) "
+        f"(positions {spans}). Giving every token exactly that depth costs "
+        f"{100 * policy_fraction(need):.1f}% of the static 4-layer model's MACs. Giving "
+        f"positions 0-{half - 1} their depth and stopping {half}-{length - 1} at the first exit "
+        f"costs {100 * policy_fraction(give_up):.1f}%: at that doubling it holds positions "
+        f"0-{half - 1}, where two layers for every token (every token at exit 1: "
+        f"{100 * policy_fraction([1] * length):.1f}%) hold 0-3. A confidence "
+        "criterion (max_prob, entropy: CALM's) cannot choose that: a token that no depth will "
+        "solve never becomes confident, so it runs to the last exit. A stop decision trained on "
+        "which depth helps each token (an oracle depth that trades likelihood against depth, as "
+        "the Depth-Adaptive Transformer, Elbayad et al. 2020, trains its per-token halting) "
+        "could; dyngraph has no such criterion yet."
+    )
 
 
 SECTIONS = {"act_time": section_act_time, "mod": section_mod, "calm": section_calm}

@@ -208,9 +208,7 @@ class DynamicModel(nn.Module):
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{self.name}: expected token ids (an integer tensor), got {x.dtype}")
         if ref is not None and x.device != ref.device:
-            raise ValueError(
-                f"{self.name}: the ids are on {x.device} and the model on {ref.device}"
-            )
+            raise ValueError(f"{self.name}: the ids are on {x.device}, the model on {ref.device}")
         if x.dim() != 2 or x.shape[1] != self._in_shape[0]:
             raise ValueError(
                 f"{self.name}: expected ids [B, {self._in_shape[0]}], got {list(x.shape)}"
