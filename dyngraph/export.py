@@ -12,10 +12,10 @@ loads an export through its copy of the runner.
 Steps that export today: static segments; exits, gates, halting (also through time) and
 metalayers per sample; Mixture-of-Depths gates, per-token metalayers, per-token exits and
 halting over depth per position (whose layers also export their partial queries,
-`forward_rows`, as `units/NNN.rows.pt2`). A node that does not export yet (a Mixture-of-Depths
-gate routing by its causal predictor) is a one-line `ExportError` naming it.
-Where the plan allows, `single.pt2` holds the whole model at batch 1 as one program with its
-decisions in `torch.cond` (`SingleGraph`; the manifest says why where it does not).
+`forward_rows`, as `units/NNN.rows.pt2`). A construct without an export step (a plugin's)
+is a one-line `ExportError` naming it. Where the plan allows, `single.pt2` holds the whole
+model at batch 1 as one program with its decisions in `torch.cond` (`SingleGraph`; the
+manifest says why where it does not).
 """
 
 from __future__ import annotations

@@ -131,15 +131,14 @@ class TokenGateRuntime:
         live = None if key in self.live_after else [env[k] for k in self.live_after if k in env]
         env[self.writes] = self.apply(ctx, env[key], live)
 
-    def export_step(self) -> dict | None:
-        """Its step in an export's manifest (runtime/runner runs it); None while decoding
-        (the causal predictor's routing does not export yet)."""
-        if self.decode:
-            return None
+    def export_step(self) -> dict:
+        """Its step in an export's manifest (runtime/runner runs it), decoding or not."""
         return {"kind": "token_gate", "index": self.index, "policy": self.policy.index,
                 "body": self.body.index, "capacity": self.capacity,
                 "threshold": self.threshold, "per_token": bool(self.body.per_token),
-                "reads": list(self.reads), "writes": self.writes}  # fmt: skip
+                "predictor": None if self.predictor is None else self.predictor.index,
+                "decode": self.decode, "reads": list(self.reads),
+                "writes": self.writes}  # fmt: skip
 
     def emit_infer(self, g) -> None:
         """Infer code (runtime/codegen.py): one call of `apply` on its input."""

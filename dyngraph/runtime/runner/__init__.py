@@ -100,6 +100,16 @@ class Exported:
         if not found:
             raise ValueError(f"no preference {preference!r} on this export's metalayers")
 
+    def set_decode(self, on: bool = True) -> None:
+        """Mixture-of-Depths gates route by their causal predictors (decoding) or by the
+        top-k, as dyngraph's `model.set_decode`."""
+        steps = [s for s in self.manifest["steps"] if s["kind"] == "token_gate" and
+                 s.get("predictor") is not None]  # fmt: skip
+        if not steps:
+            raise ValueError("set_decode: no per-token gate of this export has a predictor")
+        for s in steps:
+            s["decode"] = bool(on)
+
     def single(self):
         """The batch-1 one-graph program (decisions in torch.cond): `program(x)` returns
         (logits, decisions); an ExportError says why the export has none."""

@@ -122,12 +122,17 @@ def _choices_per_token(p: Pass, s: dict, x: torch.Tensor, c: torch.Tensor) -> to
 
 def _token_gate(p: Pass, s: dict) -> None:
     """Mixture-of-Depths (constructs/token_gate.py): the router scores each token; the top
-    capacity·L of each sequence (or every token over the threshold) run the body as a shorter
-    sequence, in order, their update scaled by the router's weight; the others pass by."""
+    capacity·L of each sequence (or every token over the threshold, or while decoding those
+    the causal predictor picks) run the body as a shorter sequence, in order, their update
+    scaled by the router's weight; the others pass by."""
     x = p.env[s["reads"][0]]
     b, n, d = x.shape
     prob = p.call(s["policy"], x)
-    if s["capacity"] is not None:
+    if s.get("decode"):  # routed by the causal predictor (decoding): p >= 0.5
+        mask = p.call(s["predictor"], x) >= 0.5
+        p.record("gates", s["index"], mask.sum(1))
+        groups = _token_groups(mask, s["per_token"])
+    elif s["capacity"] is not None:
         k = min(n, math.ceil(s["capacity"] * n - 1e-9))
         idx = prob.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
         mask = torch.zeros_like(prob, dtype=torch.bool).scatter_(1, idx, True)
