@@ -108,6 +108,97 @@ def test_a_node_without_an_export_step_is_named_in_one_line(tmp_path, monkeypatc
     assert "\n" not in str(e.value)
 
 
+def test_thresholds_are_settable_on_an_export(exports):
+    path = BY_NAME["digits_early_exit"]
+    model, runner = compiled(path, "none"), load_exported(exports(path))
+    x = random_batch(model, 64)
+    runner.set_threshold(0.0)  # every sample leaves at the first exit
+    assert (runner(x).columns["exit"] == 0).all()
+    runner.set_threshold(1.01)  # none leaves early
+    assert (runner(x).columns["exit"] == len(model.exits) - 1).all()
+
+
+def test_loading_and_running_an_export_imports_only_torch_and_the_runner(exports, tmp_path):
+    folder = exports(BY_NAME["skipnet_ff"])
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(folder)!r})
+        import torch, dyngraph_runner
+        model = dyngraph_runner.load({str(folder)!r})
+        out = model(torch.randn(5, *model.manifest["input"]["shape"]))
+        assert out.logits.shape[0] == 5 and out.macs.shape == (5,)
+        print(sorted(m for m in sys.modules if m.startswith("dyngraph")))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (
+        r.stdout.strip() == "['dyngraph_runner', 'dyngraph_runner.steps', 'dyngraph_runner.tokens']"
+    )
+
+
+def _damaged(folder, tmp_path, damage) -> str:
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    damage(copy)
+    with pytest.raises(ExportError) as e:
+        load_exported(copy)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def _manifest(edit):
+    def damage(copy):
+        m = json.loads((copy / "manifest.json").read_text())
+        edit(m)
+        (copy / "manifest.json").write_text(json.dumps(m))
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda c: (c / "manifest.json").unlink(), "no manifest.json"),
+        (lambda c: (c / "manifest.json").write_text("{not json"), "manifest.json is damaged"),
+        (_manifest(lambda m: m.update(format="dyngraph.export/0")), "this runner reads"),
+        (lambda c: (c / "units" / "001.pt2").unlink(), "is missing"),
+        (lambda c: (c / "units" / "001.pt2").write_bytes(b"garbage"), "cannot load the program"),
+        (_manifest(lambda m: m["units"][1].update(in_shapes=[[7]])), "the manifest says [[7]]"),
+        (_manifest(lambda m: m["steps"][0].update(kind="teleport")), "not known to this runner"),
+    ],
+    ids=["no-manifest", "bad-json", "version", "missing-unit", "bad-unit", "shapes", "kind"],
+)
+def test_a_damaged_export_is_a_one_line_error(exports, tmp_path, damage, message):
+    folder = exports(BY_NAME["digits_early_exit"])
+    assert message in _damaged(folder, tmp_path, damage)
+
+
+def test_a_wrong_input_is_a_one_line_error(exports):
+    runner = load_exported(exports(BY_NAME["digits_early_exit"]))
+    with pytest.raises(ValueError, match="expected input"):
+        runner(torch.randn(3, 5))
+
+
+def test_gamma_is_settable_on_an_export(exports):
+    path = BY_NAME["composer_wide_digits"]
+    model, runner = compiled(path, "none"), load_exported(exports(path))
+    x = random_batch(model, 200)
+    seen = []
+    try:
+        for gamma in (0.0, 4.0):
+            model.set_gamma(gamma)
+            runner.set_gamma(gamma)
+            want, got = model(x), runner(x)
+            assert torch.equal(got.columns["choices"], want.trace.columns["choices"])
+            assert torch.equal(got.macs, model.per_input_macs(want.trace))
+            seen.append(got.columns["choices"])
+        assert not torch.equal(*seen)  # the preference reached the controller
+        with pytest.raises(ValueError, match="no preference"):
+            runner.set_gamma(1.0, preference="speed of light")
+    finally:
+        model.load_decision_settings({"gamma": {}})
+
+
 def test_export_is_part_of_the_public_api():
     assert dg.export is export and dg.load_exported is load_exported
 
