@@ -199,6 +199,27 @@ def test_gamma_is_settable_on_an_export(exports):
         model.load_decision_settings({"gamma": {}})
 
 
+def test_a_program_runs_as_a_function_of_the_same_structure():
+    """The runner calls each program as a plain function (runner._direct: no pytree packing,
+    torch's own op bindings) and gets what the module returns: a tensor, a tuple, or nested
+    states (an LSTM's (h, c)), with the same values."""
+    from dyngraph.runtime.runner import _direct
+
+    class Nested(torch.nn.Module):
+        def forward(self, x, h):
+            return torch.nn.functional.linear(x, torch.ones(3, 3)) + 1, (h.tanh(), h * 2)
+
+    x = torch.randn(4, 3)
+    cases = [(Nested(), (x, x)), (torch.nn.ReLU(), (x,)), (torch.nn.LSTMCell(3, 3), (x,))]
+    tree = torch.utils._pytree
+    for module, args in cases:
+        f = _direct(torch.export.export(module.eval(), args))
+        got, want = f(*args), module(*args)
+        assert tree.tree_structure(got) == tree.tree_structure(want)
+        for a, b in zip(tree.tree_leaves(got), tree.tree_leaves(want), strict=True):
+            torch.testing.assert_close(a, b)
+
+
 def test_export_is_part_of_the_public_api():
     assert dg.export is export and dg.load_exported is load_exported
 
