@@ -4,8 +4,8 @@ An export is a folder: `manifest.json` (format `dyngraph.export/1`: the plan's s
 decision settings, the trace's columns, each unit's MACs) and one `torch.export` program per
 unit (`units/*.pt2`, a dynamic batch dimension and, for sequences, a dynamic length), with
 `--aot` also its AOTInductor package (`units/*.aoti.pt2`), which the runner then runs. This
-package (`__init__`, `steps` and `tokens`) is copied into the folder as `dyngraph_runner/` and imports
-nothing but torch, so a deployment needs neither dyngraph nor its dependencies:
+package (`__init__`, `steps` and `tokens`) is copied into the folder as `dyngraph_runner/`
+and imports nothing but torch, so a deployment needs neither dyngraph nor its dependencies:
 
     import sys; sys.path.insert(0, "DIR"); import dyngraph_runner
     model = dyngraph_runner.load("DIR")
@@ -13,12 +13,13 @@ nothing but torch, so a deployment needs neither dyngraph nor its dependencies:
 
 It runs the plan as dyngraph's infer mode does: rows that leave at an exit are compacted away,
 a gated body runs on the rows whose gate is on, each length of a batch of sequences runs as its
-own group. Steps it runs (steps.py): static segments, exits per sample (max_prob, entropy, patience),
-gates per sample (feed-forward, recurrent and one-shot policies), halting per sample (ACT,
-PonderNet, Learning to Stop; also through time), metalayers (Composer, per sample or per
-token; `set_gamma`) and Mixture-of-Depths gates (per token, by capacity or threshold); and in
-tokens.py per-token exits (CALM) and halting over depth per position (Universal Transformer). A damaged or mismatched export (version, missing unit, wrong
-shapes) is a one-line `ExportError`.
+own group. Steps it runs (steps.py): static segments, exits per sample (max_prob, entropy,
+patience), gates per sample (feed-forward, recurrent and one-shot policies), halting per
+sample (ACT, PonderNet, Learning to Stop; also through time), metalayers (Composer, per
+sample or per token; `set_gamma`) and Mixture-of-Depths gates (per token, by capacity,
+threshold or, decoding, the causal predictor: `set_decode`); and in tokens.py per-token exits
+(CALM) and halting over depth per position (Universal Transformer). A damaged or mismatched
+export (version, missing unit, wrong shapes) is a one-line `ExportError`.
 """
 
 from __future__ import annotations
@@ -219,8 +220,8 @@ def _load_program(root: Path, u: dict, file: str):
 
 def _runnable(ep, root: Path, u: dict, aoti: str | None):
     """The program as a callable: its AOTInductor package where the export has one (`--aot`),
-    else the program's module's forward (no input guards or hooks: the runner checks the
-    model's input, and every unit gets what the compiled model gave it)."""
+    else the program's module as a plain function (`_direct`; no input guards: the runner
+    checks the model's input, and every unit gets what the compiled model gave it)."""
     if aoti is None:
         return _direct(ep)
     f = root / aoti
