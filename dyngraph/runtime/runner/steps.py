@@ -81,6 +81,9 @@ class Pass:
         """Every current row takes `out` (taken at exit `where`); rows that go on are written
         again where they leave."""
         self.record(self.m.out_column, None, where)
+        if self.out is None and self.idx is None:  # every row: a unit's fresh output, kept
+            self.out = out  # (later exits write their rows into it)
+            return
         if self.out is None:
             self.out = out.new_zeros((self.batch, *out.shape[1:]))
         if self.idx is None:
@@ -203,7 +206,7 @@ def _stays(p: Pass, s: dict, z: torch.Tensor) -> torch.Tensor:
     kind, t = s["criterion"], s["temperature"]
     if kind == "max_prob":
         zt = z if t == 1.0 else z / t
-        score = (zt - zt.amax(dim=1, keepdim=True)).exp().sum(dim=1).reciprocal()
+        score = (zt - zt.amax(dim=1, keepdim=True)).exp_().sum(dim=1).reciprocal_()
         return score < s["threshold"]
     if kind == "entropy":
         q = torch.softmax(z if t == 1.0 else z / t, dim=1)
