@@ -20,6 +20,7 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
+import functools  # noqa: E402
 import math  # noqa: E402
 
 import matplotlib.pyplot as plt  # noqa: E402
@@ -81,25 +82,34 @@ def needed_exit(position: int) -> int:
     return max(0, math.ceil(math.log2(position + 1)) - 1)
 
 
+@functools.cache
+def _costs(n: int) -> tuple[list, list[int], list[int], list[int]]:
+    """specs/calm_tagger.yaml's per-unit MACs at lengths 0..n, its heads, the layers after
+    its exits and what a frozen token costs each of them (compiled once per process)."""
+    model = compile_spec(ROOT / "specs" / f"{SPEC}.yaml", backend="none")
+    c = [[0] * len(model.units)] + [model.unit_macs("fvcore", k).tolist() for k in range(1, n + 1)]
+    layers = [u.index for u in model.units if u.rows is not None]  # after exits 0..2
+    frozen = [frozen_macs(model.units[u], "fvcore") for u in layers]
+    return c, [e.head.index for e in model.exits], layers, frozen
+
+
 def policy_fraction(exit_of: list[int]) -> float:
     """The MACs of specs/calm_tagger.yaml when the token at each position leaves at exit
     `exit_of[position]`, over the static 4-layer model's, counted as the trace counts them
     (runtime/lengths.py): a layer after an exit charges each running token its causal share
     and each frozen token its keys and values while any token of the sequence runs; each head
     its cost at the tokens that reach it."""
-    model = compile_spec(ROOT / "specs" / f"{SPEC}.yaml", backend="none")
     n = len(exit_of)
-    c = [[0] * len(model.units)] + [model.unit_macs("fvcore", k).tolist() for k in range(1, n + 1)]
-    heads = [e.head.index for e in model.exits]
-    layers = [u.index for u in model.units if u.rows is not None]  # after exits 0..2
+    c, heads, layers, frozen = _costs(n)
     total = c[n][0]  # the embedding and the first layer, every token
     for e, head in enumerate(heads):
         reach = sum(x >= e for x in exit_of)
         total += c[reach][head]
         if e < len(layers) and any(x > e for x in exit_of):
             u = layers[e]
-            frozen = frozen_macs(model.units[u], "fvcore")
-            total += sum(c[p + 1][u] - c[p][u] if x > e else frozen for p, x in enumerate(exit_of))
+            total += sum(
+                c[p + 1][u] - c[p][u] if x > e else frozen[e] for p, x in enumerate(exit_of)
+            )
     static = c[n][0] + sum(c[n][u] for u in layers) + c[n][heads[-1]]
     return total / static
 

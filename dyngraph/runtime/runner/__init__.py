@@ -68,6 +68,7 @@ class Exported:
     def __init__(self, root: Path, manifest: dict, units: list[Any], rows: dict | None = None):
         self.root, self.manifest, self.units = root, manifest, units
         self.rows = rows or {}  # {unit: its partial-queries program} (runner/tokens.py)
+        self.token_shares: dict[tuple[int, int], tuple] = {}  # (unit, length): steps.py
         self.out_column = manifest["out_column"]
         self.unit_macs = torch.tensor(manifest["unit_macs"], dtype=torch.long)
         self.macs_by_length = manifest.get("unit_macs_by_length")

@@ -177,14 +177,18 @@ def _token_shares(m, u: int, n: int) -> tuple[torch.Tensor, int]:
     run with partial queries, what a frozen one pays: its keys and values), as dyngraph's
     runtime/lengths.py: C(i + 1) - C(i) under a causal mask (C: the cost at a length), else an
     equal share of C(n) beyond the frozen cost, a remainder to the last."""
+    if (u, n) in m.token_shares:  # (every record of every pass reads it)
+        return m.token_shares[u, n]
     info = m.manifest["token_costs"][str(u)]
     frozen = info["frozen"]
     c = [m.macs_by_length[i][u] for i in range(n + 1)]
     if info["causal"]:
-        return torch.tensor([c[i + 1] - c[i] for i in range(n)]), frozen
-    each, rest = divmod(c[n] - n * frozen, n)
-    share = torch.full((n,), frozen + each)
-    share[-1] += rest
+        share = torch.tensor([c[i + 1] - c[i] for i in range(n)])
+    else:
+        each, rest = divmod(c[n] - n * frozen, n)
+        share = torch.full((n,), frozen + each)
+        share[-1] += rest
+    m.token_shares[u, n] = share, frozen
     return share, frozen
 
 
