@@ -31,9 +31,9 @@ import torch
 
 from .blocks.sequence import QueryGrid, query_grid
 from .compiler.units import IdsShape
-from .runtime import runner
+from .runtime import kernels, runner
 from .runtime.lengths import causal_units, frozen_macs
-from .runtime.runner import FILES, FORMAT, RUNNER, ExportError
+from .runtime.runner import FILES, FORMAT, RUNNER, ExportError, fused
 
 __all__ = ["ExportError", "export", "load_exported"]
 
@@ -131,11 +131,15 @@ def export(model, out: str | Path, aot: bool = False, single: bool = True) -> Pa
     if program is not None:
         torch.export.save(program, str(out / "single.pt2"))
     manifest["single_graph"] = {"file": "single.pt2"} if program is not None else {"why": why}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     pkg = Path(runner.__file__).parent
     (out / RUNNER).mkdir(exist_ok=True)
     for f in FILES:
         shutil.copyfile(pkg / f, out / RUNNER / f)
+    built = kernels.built_file()
+    if built is not None:  # the fused decision kernels, as built here (runner/fused.py)
+        shutil.copyfile(built, out / fused.FILE)
+        manifest["kernels"] = fused.built_for()
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out
 
 

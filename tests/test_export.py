@@ -14,6 +14,8 @@ import torch
 
 import dyngraph as dg
 from dyngraph.export import ExportError, export, load_exported
+from dyngraph.runtime import kernels
+from dyngraph.runtime.runner import fused
 
 from .conftest import SPECS, compiled, diversify, random_batch, spec_id
 
@@ -128,12 +130,12 @@ def test_loading_and_running_an_export_imports_only_torch_and_the_runner(exports
         out = model(torch.randn(5, *model.manifest["input"]["shape"]))
         assert out.logits.shape[0] == 5 and out.macs.shape == (5,)
         print(sorted(m for m in sys.modules if m.startswith("dyngraph")))
+        print(("kernels" in model.manifest) == (model.kernels is not None))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (
-        r.stdout.strip() == "['dyngraph_runner', 'dyngraph_runner.steps', 'dyngraph_runner.tokens']"
-    )
+    runner = "['dyngraph_runner', 'dyngraph_runner.fused', 'dyngraph_runner.steps', "
+    assert r.stdout.split("\n")[:2] == [runner + "'dyngraph_runner.tokens']", "True"]
 
 
 def _damaged(folder, tmp_path, damage) -> str:
@@ -177,6 +179,52 @@ def test_a_wrong_input_is_a_one_line_error(exports):
     runner = load_exported(exports(BY_NAME["digits_early_exit"]))
     with pytest.raises(ValueError, match="expected input"):
         runner(torch.randn(3, 5))
+
+
+#: specs whose decisions the fused kernels take in the runner: max_prob and entropy exits,
+#: per-token exits and halting (query grids, row writes)
+KERNEL_SITES = ("msdnet_early_exit", "deebert_transformer", "calm_tagger", "ut_tagger",
+                "skipnet_ff", "blockdrop", "skipnet_rnn")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", KERNEL_SITES)
+def test_the_runner_gives_the_same_without_the_fused_kernels(name, exports, monkeypatch):
+    """`DYNGRAPH_KERNELS=0` (or kernels that do not load): the ATen ops, the same results."""
+    model = compiled(BY_NAME[name], "none")
+    folder = exports(BY_NAME[name])
+    if "kernels" not in json.loads((folder / "manifest.json").read_text()):
+        pytest.fail("the export has no kernels: the compiled model's could not be built here")
+    assert load_exported(folder).kernels is not None
+    assert (fused.MAX_PROB_BELOW, fused.ENTROPY_ABOVE, fused.AT_LEAST) == (
+        kernels.MAX_PROB_BELOW, kernels.ENTROPY_ABOVE, kernels.AT_LEAST)  # fmt: skip
+    monkeypatch.setenv("DYNGRAPH_KERNELS", "0")
+    runner = load_exported(folder)
+    assert runner.kernels is None
+    for b in (7, 256):
+        _same(model, runner, random_batch(model, b, seed=b))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _manifest(lambda m: m["kernels"].update(torch="1.0.0")),
+        lambda c: (c / "dyngraph_runner" / "dyngraph_kernels.so").write_bytes(b"garbage"),
+        lambda c: (c / "dyngraph_runner" / "dyngraph_kernels.so").unlink(),
+    ],
+    ids=["other-torch", "damaged", "missing"],
+)
+def test_kernels_that_do_not_load_leave_the_aten_ops(exports, tmp_path, damage):
+    """An export's kernels built for another torch or machine, damaged or missing: a warning
+    says why, and the runner still runs it as the compiled model."""
+    path = BY_NAME["msdnet_early_exit"]
+    copy = tmp_path / "copy"
+    shutil.copytree(exports(path), copy)
+    damage(copy)
+    with pytest.warns(UserWarning, match="fused decision kernels are not used"):
+        runner = load_exported(copy)
+    assert runner.kernels is None
+    model = compiled(path, "none")
+    _same(model, runner, random_batch(model, 64, seed=3))
 
 
 def test_gamma_is_settable_on_an_export(exports):
@@ -305,11 +353,17 @@ def test_an_export_written_before_the_runner_package_still_loads(exports, tmp_pa
     shutil.copytree(exports(BY_NAME["digits_early_exit"]), old)
     pkg = old / "dyngraph_runner"
     init = (pkg / "__init__.py").read_text()
-    init = init.replace("from __future__ import annotations\n", "")
+    init = init.replace("from . import fused\n", "fused = types.SimpleNamespace(load=load)\n")
     init = init.replace("from .steps import STEPS as _STEPS\n", "_STEPS = STEPS\n")
     init = init.replace("from .steps import Pass\n", "")
     init = init.replace("from .tokens import TOKEN_STEPS\n", "TOKEN_STEPS = {}\n")
-    (old / "dyngraph_runner.py").write_text((pkg / "steps.py").read_text() + init)
+    steps = "".join(
+        line for line in (pkg / "steps.py").read_text().splitlines(True)
+        if not line.startswith("from .fused import")
+    )  # fmt: skip
+    text = "import types\n" + (pkg / "fused.py").read_text() + steps + init
+    text = text.replace("from __future__ import annotations\n", "")
+    (old / "dyngraph_runner.py").write_text(text)
     shutil.rmtree(pkg)
     model = compiled(BY_NAME["digits_early_exit"], "none")
     x = random_batch(model, 9)

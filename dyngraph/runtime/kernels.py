@@ -46,6 +46,7 @@ class Ops:
         self.choose = module.choose
         self.copy_rows_ = module.copy_rows_
         self.query_grid = module.query_grid
+        self.file = getattr(module, "__file__", None)  # (an export copies it: runner/fused.py)
 
 
 _state: dict = {"tried": False, "ops": None, "enabled": True}
@@ -112,6 +113,11 @@ def _build_directory() -> Path:
         if time.time() - lock.stat().st_mtime > 600:
             lock.unlink()
     return path
+
+
+def built_file() -> str | None:
+    """The built kernels' file (None where they cannot be built), for an export to copy."""
+    return _state["ops"].file if load() else None
 
 
 def for_device(device: torch.device) -> Ops | None:

@@ -30,13 +30,14 @@ from typing import Any
 
 import torch
 
+from . import fused
 from .steps import STEPS as _STEPS
 from .steps import Pass
 from .tokens import TOKEN_STEPS
 
 FORMAT = "dyngraph.export/1"
 RUNNER = "dyngraph_runner"  # (the package's folder in an export)
-FILES = ("__init__.py", "steps.py", "tokens.py")  # (what an export copies)
+FILES = ("__init__.py", "steps.py", "tokens.py", "fused.py")  # (what an export copies)
 STEPS = {**_STEPS, **TOKEN_STEPS}
 
 
@@ -69,6 +70,7 @@ class Exported:
         self.root, self.manifest, self.units = root, manifest, units
         self.rows = rows or {}  # {unit: its partial-queries program} (runner/tokens.py)
         self.token_shares: dict[tuple[int, int], tuple] = {}  # (unit, length): steps.py
+        self.kernels = fused.load(root, manifest.get("kernels"))  # (None: ATen ops)
         self.out_column = manifest["out_column"]
         self.unit_macs = torch.tensor(manifest["unit_macs"], dtype=torch.long)
         self.macs_by_length = manifest.get("unit_macs_by_length")

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from .fused import AT_LEAST, FLOATS, RULES
+
 
 class Pass:
     """The state of one pass over rows (as dyngraph's RunContext in infer mode). Unit calls
@@ -18,6 +20,7 @@ class Pass:
     def __init__(self, model, x: torch.Tensor):
         b = x.shape[0]
         self.m, self.batch, self.rows = model, b, b
+        self.k = model.kernels if x.device.type == "cpu" else None  # (runner/fused.py)
         self.idx: torch.Tensor | None = None  # the original row of each current row
         self.env: dict[str, torch.Tensor] = {"input": x}
         self.states: dict[str, torch.Tensor] = {}
@@ -51,6 +54,7 @@ class Pass:
         for name, col, values, idx, rows in self.decisions:
             g = _rows_of(idx, rows)
             target = columns[name] if col is None else columns[name][:, col]
+            values = values() if callable(values) else values  # (made when the trace is read)
             v = values.cpu().long() if torch.is_tensor(values) else values
             if g is None:
                 target[:] = v
@@ -86,16 +90,36 @@ class Pass:
             return
         if self.out is None:
             self.out = out.new_zeros((self.batch, *out.shape[1:]))
-        if self.idx is None:
-            self.out.copy_(out)
-        else:
-            self.out.index_copy_(0, self.idx, out)
+        self.put(self.out, self.idx, out)
 
     def keep(self, rows: torch.Tensor, live: list[str]) -> None:
+        """Only the rows at positions `rows` go on: the live values, the states and the row
+        map compacted to them (one kernel call where the kernels apply)."""
         self.rows = rows.shape[0]
-        self.env = {k: v.index_select(0, rows) for k, v in self.env.items() if k in live}
-        self.states = {k: v.index_select(0, rows) for k, v in self.states.items()}
-        self.idx = rows if self.idx is None else self.idx.index_select(0, rows)
+        env = [k for k in self.env if k in live]
+        values = [self.env[k] for k in env] + list(self.states.values())
+        got = self.gather([*values, self.idx] if self.idx is not None else values, rows)
+        self.env = dict(zip(env, got[: len(env)], strict=True))
+        self.states = dict(zip(self.states, got[len(env) : len(values)], strict=True))
+        self.idx = rows if self.idx is None else got[-1]
+
+    def gather(self, values: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor]:
+        """The rows at positions `rows` of every value (as dyngraph's RunContext.gather)."""
+        if self.k is not None and len(values) > 1:
+            return self.k.gather_rows(values, rows)
+        return [v.index_select(0, rows) for v in values]
+
+    def put(self, dst: torch.Tensor, rows: torch.Tensor | None, src: torch.Tensor,
+            src_rows: torch.Tensor | None = None) -> None:  # fmt: skip
+        """`dst[rows] = src[src_rows]` in place (None: every row, in order), one memcpy per
+        row where the kernels apply (as dyngraph's RunContext.put)."""
+        k = self.k
+        if k is not None and dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous():
+            k.copy_rows_(dst, rows, src, src_rows)
+            return
+        if src_rows is not None:
+            src = src.index_select(0, src_rows)
+        dst.copy_(src) if rows is None else dst.index_copy_(0, rows, src)
 
 
 def _choices_per_token(p: Pass, s: dict, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -224,7 +248,13 @@ def _stays(p: Pass, s: dict, z: torch.Tensor) -> torch.Tensor:
 
 def _exit(p: Pass, s: dict) -> None:
     z = p.call(s["head"], p.env[s["reads"][0]])
-    stay = z.new_zeros(0, dtype=torch.long) if s["last"] else torch.where(_stays(p, s, z))[0]
+    k, rule = p.k, RULES.get(s["criterion"])
+    if s["last"]:
+        stay = z.new_zeros(0, dtype=torch.long)
+    elif k is not None and rule is not None and z.dtype in FLOATS and z.is_contiguous():
+        stay = k.rows_where(z, rule, s["threshold"], s["temperature"])  # (one call)
+    else:
+        stay = torch.where(_stays(p, s, z))[0]
     if stay.shape[0] == p.rows:  # nobody leaves here
         return
     p.leave(z, s["index"])  # (rows that stay are written again where they leave)
@@ -247,15 +277,23 @@ def _gate(p: Pass, s: dict) -> None:
         if s["column"] == 0:
             p.states[s["key"]] = p.call(s["policy"], p.env[s["reads"][1]])
         prob = p.states[s["key"]][:, s["column"]]
-    on = prob >= s["threshold"]
-    p.record("gates", s["index"], on)
-    run = torch.where(on)[0]
-    if run.shape[0] == x.shape[0]:
+    n, k = x.shape[0], p.k
+    scores, col = (p.states[s["key"]], s["column"]) if s["style"] == "oneshot" else (prob, 0)
+    if k is not None and scores.dtype in FLOATS and scores.is_contiguous():
+        run = k.rows_where(scores, AT_LEAST, s["threshold"], col)  # (one call)
+        p.record("gates", s["index"], lambda: torch.zeros(n, dtype=torch.bool).index_fill_(
+            0, run.cpu(), True))  # fmt: skip
+    else:
+        on = prob >= s["threshold"]
+        p.record("gates", s["index"], on)
+        run = torch.where(on)[0]
+    if run.shape[0] == n:
         y = p.call(s["body"], x)
     elif run.shape[0] == 0:
         y = x
     else:
-        y = x.clone().index_copy_(0, run, p.call(s["body"], x.index_select(0, run), rows=run))
+        y = x.clone()
+        p.put(y, run, p.call(s["body"], x.index_select(0, run), rows=run))
     p.env[s["writes"]] = y
 
 
