@@ -4,8 +4,10 @@ An export is a folder: `manifest.json` (format `dyngraph.export/1`: the plan's s
 decision settings, the trace's columns, each unit's MACs) and one `torch.export` program per
 unit (`units/*.pt2`, a dynamic batch dimension and, for sequences, a dynamic length), with
 `--aot` also its AOTInductor package (`units/*.aoti.pt2`), which the runner then runs. This
-package (`__init__`, `steps` and `tokens`) is copied into the folder as `dyngraph_runner/`
-and imports nothing but torch, so a deployment needs neither dyngraph nor its dependencies:
+package (`__init__`, `steps`, `tokens` and `fused`) is copied into the folder as
+`dyngraph_runner/` and imports nothing but torch, so a deployment needs neither dyngraph nor
+its dependencies (with it, the fused decision kernels as the exporting machine built them,
+which fused.py loads where the machine and torch match, as `--aot` packages are machine code):
 
     import sys; sys.path.insert(0, "DIR"); import dyngraph_runner
     model = dyngraph_runner.load("DIR")
