@@ -208,10 +208,11 @@ def test_the_runner_gives_the_same_without_the_fused_kernels(name, exports, monk
     "damage",
     [
         _manifest(lambda m: m["kernels"].update(torch="1.0.0")),
+        _manifest(lambda m: m["kernels"].update(python="3.99")),
         lambda c: (c / "dyngraph_runner" / "dyngraph_kernels.so").write_bytes(b"garbage"),
         lambda c: (c / "dyngraph_runner" / "dyngraph_kernels.so").unlink(),
     ],
-    ids=["other-torch", "damaged", "missing"],
+    ids=["other-torch", "other-python", "damaged", "missing"],
 )
 def test_kernels_that_do_not_load_leave_the_aten_ops(exports, tmp_path, damage):
     """An export's kernels built for another torch or machine, damaged or missing: a warning

@@ -2,15 +2,17 @@
 positions of the rows that go on, gathering and writing rows, a per-token query grid, each
 in one call where ATen takes 5 to 15 ops of 1-3 us each. The exporting process copies its
 built kernels into the export (`dyngraph_runner/dyngraph_kernels.so`, compiled machine code
-like an `--aot` package: no compiler on the deployment); the runner loads them when the
-machine and torch are those they were built for, else runs the same rules as ATen ops (a
-warning says why). `DYNGRAPH_KERNELS=0` keeps the ATen ops. Imports nothing but torch."""
+like an `--aot` package: no compiler on the deployment); the runner loads them where the
+machine, Python and torch are those they were built for, and otherwise runs the same rules as
+ATen ops (a warning says why). `DYNGRAPH_KERNELS=0` keeps the ATen ops. Imports nothing but
+torch."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,11 @@ FLOATS = (torch.float32, torch.float64)
 
 
 def built_for() -> dict:
-    """What kernels built here run on (a manifest's `kernels` entry, beside the file)."""
-    return {"file": FILE, "torch": torch.__version__, "machine": platform.machine()}
+    """What kernels built here run on (a manifest's `kernels` entry, beside the file): a
+    CPython extension for this torch, Python and machine."""
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return {"file": FILE, "torch": torch.__version__, "python": python,
+            "machine": platform.machine()}  # fmt: skip
 
 
 def load(root: Path, info: dict | None) -> Any:
@@ -34,9 +39,9 @@ def load(root: Path, info: dict | None) -> Any:
     copied, built for another machine or torch, or `DYNGRAPH_KERNELS=0`."""
     if info is None or os.environ.get("DYNGRAPH_KERNELS", "1") == "0":
         return None
-    here = built_for()
-    if (info["torch"], info["machine"]) != (here["torch"], here["machine"]):
-        why = f"built for torch {info['torch']} on {info['machine']}"
+    here, keys = built_for(), ("torch", "python", "machine")
+    if any(info.get(k) != here[k] for k in keys):
+        why = "built for " + ", ".join(f"{k} {info.get(k)}" for k in keys)
     else:
         spec = importlib.util.spec_from_file_location(NAME, root / info["file"])
         try:  # (not put in sys.modules: the runner's own copy)
