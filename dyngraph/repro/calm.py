@@ -114,6 +114,53 @@ def policy_fraction(exit_of: list[int]) -> float:
     return total / static
 
 
+@torch.no_grad()
+def correct_by_exit(model, data) -> torch.Tensor:
+    """[exits, N, L] 1 where a token's prediction is right with every token leaving at exit k."""
+    n = len(model.exits) - 1
+    out = []
+    for k in range(n + 1):
+        model.set_threshold([1.01] * k + [0.0] * (n - k))
+        out.append((model(data.x).logits.argmax(-1) == data.y).float())
+    return torch.stack(out)
+
+
+def position_stop(model, val, test) -> dict:
+    """What a stop decided by position alone reaches within the budget (reported, not
+    claimed): the policy `stop_policy` picks on the validation split, its test accuracy. A
+    learned stop that reads a token's state (its position embedded in it) could express such
+    a policy; no confidence criterion can."""
+    v, t = correct_by_exit(model, val).mean(1), correct_by_exit(model, test).mean(1)  # [E, L]
+    policy = stop_policy(v)
+    return {"exit_by_position": policy, "accuracy": _accuracy(policy, t),
+            "macs_fraction": policy_fraction(policy)}  # fmt: skip
+
+
+def stop_policy(acc: torch.Tensor, budget: float = BUDGET) -> list[int]:
+    """The exit of each position, from `acc` [exits, L] (each exit's accuracy by position):
+    from the first exit everywhere, move one position to a deeper exit at a time (any deeper
+    one: an exit that gains nothing may lead to one that does), the move that gains the most
+    accuracy per MAC (`policy_fraction`), while the policy stays within `budget`."""
+    policy = [0] * acc.shape[1]
+    while True:
+        best, base = None, (_accuracy(policy, acc), policy_fraction(policy))
+        for i in range(len(policy)):
+            for e in range(policy[i] + 1, acc.shape[0]):
+                q = policy[:i] + [e] + policy[i + 1 :]
+                if (f := policy_fraction(q)) > budget:
+                    break  # (deeper costs more)
+                gain = (_accuracy(q, acc) - base[0]) / (f - base[1])
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, q)
+        if best is None:
+            return policy
+        policy = best[1]
+
+
+def _accuracy(policy: list[int], acc: torch.Tensor) -> float:
+    return float(sum(acc[e, i] for i, e in enumerate(policy)) / len(policy))
+
+
 def _versus(point: dict, curve: list[dict]) -> dict:
     """`point`'s accuracy against `curve`'s interpolated at its MACs (points gained)."""
     same = float(np.interp(point["macs"], [c["macs"] for c in curve],
@@ -140,6 +187,8 @@ def run_seed(seed: int, quick: bool = False) -> dict:
     out = {"static": static, "fixed": fixed,
            "curve": [c | {"macs_fraction": c["macs"] / full} for c in curve],
            "full_depth_accuracy": curve[-1]["accuracy"]}  # fmt: skip
+    ps = position_stop(calm, val, test)
+    out["position_stop"] = ps | _versus(ps | {"macs": ps["macs_fraction"] * full}, static)
     for key, threshold in (("chosen", chosen), ("spec", SPEC_THRESHOLD)):
         b = next(c for c in curve if c["threshold"] == threshold)
         calm.set_threshold(threshold)
@@ -212,9 +261,12 @@ def summarize(runs: dict[int, dict], quick: bool = False) -> dict:
             f"position {len(mean_exit) - 1}",
         ),
     }
+    stop = {k: stats([r["position_stop"][k] for r in rs]) for k in
+            ("accuracy", "same_macs", "gain_points", "macs_fraction")}  # fmt: skip
+    stop["policies"] = [r["position_stop"]["exit_by_position"] for r in rs]
     return {"static": static, "fixed": fixed, "chosen": ch, "spec": sp,
             "exit_by_position": curve_stats(exits), "exit_spearman": rho,
-            "full_depth_accuracy": full, "claims": claims}  # fmt: skip
+            "full_depth_accuracy": full, "position_stop": stop, "claims": claims}  # fmt: skip
 
 
 def plot(result: dict, path) -> None:

@@ -126,6 +126,7 @@ def section_calm(r) -> list[str]:
         "every frozen token at every later layer cost a quarter of a running token's, so a mix "
         "of exits costs over 70% of the MACs here; no threshold lands between.",
         _why_not_half(len(e)),
+        *_position_stop(r),
         "- Fixed exits of the same model (MACs, accuracy): "
         + ", ".join(
             f"exit {f['exit']} {100 * f['macs_fraction']:.0f}% {_pct(f['accuracy'])}"
@@ -175,6 +176,26 @@ def _why_not_half(length: int) -> str:
         "the Depth-Adaptive Transformer, Elbayad et al. 2020, trains its per-token halting) "
         "could; dyngraph has no such criterion yet."
     )
+
+
+def _position_stop(r: dict) -> list[str]:
+    """The stop-by-position bound (calm.position_stop), where the results have it."""
+    ps = r.get("position_stop")
+    if ps is None:
+        return []
+    policies = "; ".join(" ".join(map(str, p)) for p in ps["policies"])
+    return [
+        "- What a learned stop could reach (reported, not claimed; `calm.position_stop`): a stop "
+        "decided by position alone, chosen on the validation split (one position moved to a "
+        "deeper exit at a time, the most accuracy per MAC, within 50%), gives on the test split "
+        f"{_pct(ps['accuracy'])} at {pm(ps['macs_fraction'], 100, '.1f', '%')} of the MACs "
+        f"against {_pct(ps['same_macs'])} for static depth at the same MACs: "
+        f"{pm(ps['gain_points'], 1, '+.2f')} points (worst seed {ps['gain_points']['worst']:+.2f}). "
+        f"Its exits by position (per seed): {policies} — the middle positions go deepest, the "
+        "ones no depth solves leave first. A per-token stop reading the token's state can "
+        "express such a policy (and more: it sees which token it is), so that is the route to "
+        "issue 16's (b)."
+    ]
 
 
 SECTIONS = {"act_time": section_act_time, "mod": section_mod, "calm": section_calm}
