@@ -9,11 +9,14 @@ Mixture-of-Depths, per-token exits, halting per position), at B = 1 and 256, one
 the exported runner's (`torch.export` programs, the manifest's steps, torch alone) and, for
 two specs, the runner of an `--aot` export (AOTInductor packages), timed in interleaved rounds
 in the same run, on the same inputs and weights (untrained, decisions spread as the test suite
-spreads them). Target: the runner <= 1.05 x the compiled model.
+spreads them). Target: the runner <= 1.05 x the compiled model. The runner takes its
+decisions with the export's copy of the fused kernels, as the compiled model does; the same
+export loaded with `DYNGRAPH_KERNELS=0` (decisions as ATen ops) is timed beside it.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import tempfile
@@ -55,6 +58,14 @@ def measure(name: str, batch: int, folder: Path, aot: bool) -> dict:
         where = folder / kind
         runner = load_exported(where if where.exists() else export(model, where, aot=on))
         fns[kind] = lambda r=runner: r(x)
+        if kind == "runner":  # the same export, its decisions as ATen ops (no kernels)
+            os.environ["DYNGRAPH_KERNELS"] = "0"
+            try:
+                aten = load_exported(where)
+            finally:
+                del os.environ["DYNGRAPH_KERNELS"]
+            assert aten.kernels is None and runner.kernels is not None
+            fns["aten"] = lambda r=aten: r(x)
     x = random_batch(model, batch, seed=11)
     t = time_interleaved(fns, 1.0)
     return {"spec": name, "B": batch, **{f"{k}_ms": v * 1e3 for k, v in t.items()}}
@@ -71,11 +82,13 @@ def main() -> None:
         "# Exported runner against the compiled model (benchmarks/export.py)",
         "",
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread. "
-        "Times are medians of interleaved rounds, every ratio taken in the same run.",
+        "Times are medians of interleaved rounds, every ratio taken in the same run. The runner "
+        "takes its decisions with the fused kernels the export carries (runner/fused.py); "
+        "'ATen decisions': the same export loaded with DYNGRAPH_KERNELS=0.",
         "",
-        "| spec | B | compiled ms | runner ms | runner / compiled | runner --aot ms | "
-        "--aot / compiled | best <= 1.05 |",
-        "|---|---:|---:|---:|---:|---:|---:|:---:|",
+        "| spec | B | compiled ms | runner ms | runner / compiled | runner, ATen decisions "
+        "/ compiled | runner --aot ms | --aot / compiled | best <= 1.05 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for r in rows:
         c, ratio = r["compiled_ms"], r["runner_ms"] / r["compiled_ms"]
@@ -83,6 +96,7 @@ def main() -> None:
         best = min(ratio, aot / c if aot else ratio)
         lines.append(
             f"| {r['spec']} | {r['B']} | {c:.3f} | {r['runner_ms']:.3f} | {ratio:.3f} | "
+            f"{r['aten_ms'] / c:.3f} | "
             + (f"{aot:.3f} | {aot / c:.3f} | " if aot else "- | - | ")
             + f"{'yes' if best <= 1.05 else 'NO'} |"
         )
