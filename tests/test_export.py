@@ -134,8 +134,9 @@ def test_loading_and_running_an_export_imports_only_torch_and_the_runner(exports
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    runner = "['dyngraph_runner', 'dyngraph_runner.fused', 'dyngraph_runner.steps', "
-    assert r.stdout.split("\n")[:2] == [runner + "'dyngraph_runner.tokens']", "True"]
+    runner = ("['dyngraph_runner', 'dyngraph_runner.fused', 'dyngraph_runner.state', "
+              "'dyngraph_runner.steps', 'dyngraph_runner.tokens']")  # fmt: skip
+    assert r.stdout.split("\n")[:2] == [runner, "True"]
 
 
 def _damaged(folder, tmp_path, damage) -> str:
@@ -356,13 +357,15 @@ def test_an_export_written_before_the_runner_package_still_loads(exports, tmp_pa
     init = (pkg / "__init__.py").read_text()
     init = init.replace("from . import fused\n", "fused = types.SimpleNamespace(load=load)\n")
     init = init.replace("from .steps import STEPS as _STEPS\n", "_STEPS = STEPS\n")
-    init = init.replace("from .steps import Pass\n", "")
+    init = init.replace("from .state import Pass\n", "")
     init = init.replace("from .tokens import TOKEN_STEPS\n", "TOKEN_STEPS = {}\n")
     steps = "".join(
-        line for line in (pkg / "steps.py").read_text().splitlines(True)
-        if not line.startswith("from .fused import")
-    )  # fmt: skip
-    text = "import types\n" + (pkg / "fused.py").read_text() + steps + init
+        line
+        for f in ("fused.py", "state.py", "steps.py")
+        for line in (pkg / f).read_text().splitlines(True)
+        if not line.startswith(("from .fused import", "from .state import"))
+    )
+    text = "import types\n" + steps + init
     text = text.replace("from __future__ import annotations\n", "")
     (old / "dyngraph_runner.py").write_text(text)
     shutil.rmtree(pkg)

@@ -4,10 +4,11 @@ An export is a folder: `manifest.json` (format `dyngraph.export/1`: the plan's s
 decision settings, the trace's columns, each unit's MACs) and one `torch.export` program per
 unit (`units/*.pt2`, a dynamic batch dimension and, for sequences, a dynamic length), with
 `--aot` also its AOTInductor package (`units/*.aoti.pt2`), which the runner then runs. This
-package (`__init__`, `steps`, `tokens` and `fused`) is copied into the folder as
+package (`__init__`, `state`, `steps`, `tokens` and `fused`) is copied into the folder as
 `dyngraph_runner/` and imports nothing but torch, so a deployment needs neither dyngraph nor
 its dependencies (with it, the fused decision kernels as the exporting machine built them,
-which fused.py loads where the machine and torch match, as `--aot` packages are machine code):
+which fused.py loads where the machine, Python and torch match, as `--aot` packages are
+machine code):
 
     import sys; sys.path.insert(0, "DIR"); import dyngraph_runner
     model = dyngraph_runner.load("DIR")
@@ -33,13 +34,13 @@ from typing import Any
 import torch
 
 from . import fused
+from .state import Pass
 from .steps import STEPS as _STEPS
-from .steps import Pass
 from .tokens import TOKEN_STEPS
 
 FORMAT = "dyngraph.export/1"
 RUNNER = "dyngraph_runner"  # (the package's folder in an export)
-FILES = ("__init__.py", "steps.py", "tokens.py", "fused.py")  # (what an export copies)
+FILES = ("__init__.py", "state.py", "steps.py", "tokens.py", "fused.py")  # (what an export copies)
 STEPS = {**_STEPS, **TOKEN_STEPS}
 
 

@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from .steps import Pass, _rows_of, _stays
+from .state import Pass, _rows_of
+from .steps import _stays
 
 ACTIVE, EXIT_AT, OUT = "tokens/active", "tokens/exit_at", "tokens/out"  # (states: compacted
 # with the rows, as dyngraph's TokenRows)
