@@ -36,7 +36,7 @@ def built_for() -> dict:
 
 def load(root: Path, info: dict | None) -> Any:
     """The kernels of the export in `root` (its manifest's `kernels` entry), or None: none
-    copied, built for another machine or torch, or `DYNGRAPH_KERNELS=0`."""
+    copied, built for another machine, Python or torch, or `DYNGRAPH_KERNELS=0`."""
     if info is None or os.environ.get("DYNGRAPH_KERNELS", "1") == "0":
         return None
     here, keys = built_for(), ("torch", "python", "machine")
