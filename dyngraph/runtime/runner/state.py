@@ -115,7 +115,10 @@ class Pass:
             return
         if src_rows is not None:
             src = src.index_select(0, src_rows)
-        dst.copy_(src) if rows is None else dst.index_copy_(0, rows, src)
+        if rows is None:
+            dst.copy_(src)
+        else:
+            dst.index_copy_(0, rows, src)
 
 
 def _token_shares(m, u: int, n: int) -> tuple[torch.Tensor, int]:
