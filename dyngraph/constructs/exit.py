@@ -86,7 +86,7 @@ class ExitRuntime:
 
     def stays(self, logits: torch.Tensor, ctx, x: torch.Tensor) -> torch.Tensor:
         """Which rows go on past this exit (bool, one per current row; not for the last exit)."""
-        return self.rule.stays(self, logits, ctx)
+        return self.rule.stays(self, logits, ctx, x)
 
     def staying(self, ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """Infer: positions of the rows that go on, in one fused kernel call (None where the
@@ -162,6 +162,13 @@ def build_exit(spec: ExitSpec, b, site: Site) -> tuple[ExitRuntime, tuple] | Non
     }
     if spec.per == "token":
         return build_token_exit(spec, b, site, index, crit)
+    if c is not None and c.type == "learned":
+        b.problem(
+            site.path + ("criterion",),
+            "criterion 'learned' (a stop unit on each token's state) decides per token: "
+            "add `per: token`, or use max_prob, entropy or patience per sample",
+        )
+        return None
     if spec.criterion is not None and (task.type != "classification" or task.per == "token"):
         b.problem(
             site.path + ("criterion",),
@@ -221,12 +228,33 @@ def exit_objective(lc) -> dict[str, torch.Tensor]:
             dims = f.shape[-1:] if token else f.shape[1:]
             gap = (norm(f, dims) - norm(last_feat, dims)).pow(2).mean()
             feat = feat + d.feature_weight * gap
+    if lc.out.extras.get("exit_stop"):
+        terms["stop"] = stop_loss(lc, logits, lc.out.extras["exit_stop"])
     if torch.is_tensor(kl):
         terms["distill_kl"] = kl / n
     if torch.is_tensor(feat):
         terms["distill_features"] = feat / n
     lc.task_replaced = True
     return terms
+
+
+def stop_loss(
+    lc, logits: list[torch.Tensor], stops: list[tuple[int, torch.Tensor]]
+) -> torch.Tensor:
+    """Criterion `learned` (per token): each stop unit's binary cross-entropy towards "going
+    deeper would not make this token right" (1 where its exit's prediction is correct or the
+    last exit's is wrong too), over the labelled tokens; a mean over the exits. The targets
+    are the model's own predictions, detached; the stop units read detached states."""
+    y = lc.y
+    labelled = y != IGNORE
+    last_wrong = logits[-1].detach().argmax(-1) != y
+    total = 0.0
+    for k, s in stops:
+        target = (logits[k].detach().argmax(-1) == y) | last_wrong
+        total = total + torch.nn.functional.binary_cross_entropy_with_logits(
+            s[labelled], target[labelled].to(s.dtype)
+        )
+    return total / len(stops)
 
 
 # ---------------------------------------------------------------- what generic code reads

@@ -1,7 +1,8 @@
 """The exit construct's criteria: when a sample leaves at an exit (constructs/exit.py).
 
-One class each: its schema (a `criterion:` mapping) and `stays(exit, logits, ctx)`, the rows
-that go on. A new criterion is one class marked @criterion here.
+One class each: its schema (a `criterion:` mapping) and `stays(exit, logits, ctx, x)`, the rows
+that go on (`x`: the exit's input, one row per sample or per token). A new criterion is one class
+marked @criterion here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, Union
 import torch
 from pydantic import Field
 
-from ..core.types import Strict
+from ..core.types import ModuleRef, Strict
 from ..runtime import kernels
 from ..runtime.context import const
 
@@ -52,7 +53,7 @@ class MaxProb(Strict):
         return (z - z.amax(dim=1, keepdim=True)).exp_().sum(dim=1).reciprocal_()
 
     @staticmethod
-    def stays(e: ExitRuntime, logits: torch.Tensor, ctx) -> torch.Tensor:
+    def stays(e: ExitRuntime, logits: torch.Tensor, ctx, x: torch.Tensor) -> torch.Tensor:
         score = confidence(logits, "max_prob", e.temperature)
         return score < const(e.threshold, score)
 
@@ -71,7 +72,7 @@ class Entropy(Strict):
         return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
 
     @staticmethod
-    def stays(e: ExitRuntime, logits: torch.Tensor, ctx) -> torch.Tensor:
+    def stays(e: ExitRuntime, logits: torch.Tensor, ctx, x: torch.Tensor) -> torch.Tensor:
         score = confidence(logits, "entropy", e.temperature)
         return score > const(e.threshold, score)
 
@@ -85,12 +86,34 @@ class Patience(Strict):
     patience: int = Field(ge=1)
 
     @staticmethod
-    def stays(e: ExitRuntime, logits: torch.Tensor, ctx) -> torch.Tensor:
+    def stays(e: ExitRuntime, logits: torch.Tensor, ctx, x: torch.Tensor) -> torch.Tensor:
         pred = logits.argmax(dim=1)
         prev, count = ctx.states.get("exit/pred"), ctx.states.get("exit/count")
         count = torch.zeros_like(pred) if prev is None else torch.where(pred == prev, count + 1, 0)
         ctx.states["exit/pred"], ctx.states["exit/count"] = pred, count
         return count < e.patience
+
+
+@criterion(kernel=None, lowest=0.0, grid=GRID_P)
+class Learned(Strict):
+    """Per token only: a learned stop (CALM's early-exit classifier, Schuster et al., 2022; the
+    Depth-Adaptive Transformer's, Elbayad et al., 2020). A stop unit reads the token's state at
+    the exit (its input) and gives p = sigmoid(unit(x)); the token leaves when p >= threshold.
+    It is trained beside the model on its input detached (it changes nothing else), by binary
+    cross-entropy towards "going deeper would not make this token right": 1 where this exit's
+    prediction is correct or the last exit's is wrong as well. It is a decision unit: its MACs
+    count for every token it reads."""
+
+    type: Literal["learned"]
+    threshold: float = Field(ge=0.0, le=1.0)
+    unit: ModuleRef | None = Field(
+        None, description="the stop unit, per token [L, D] -> [L, 1] (default: a "
+        "token_classifier with one class: LayerNorm and a linear map)")  # fmt: skip
+
+    @staticmethod
+    def stays(e, logits: torch.Tensor, ctx, x: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(e.stop_logits(ctx, x))
+        return p < const(e.threshold, p)
 
 
 Criterion = Annotated[Union[tuple(CRITERIA)], Field(discriminator="type")]  # noqa: UP007

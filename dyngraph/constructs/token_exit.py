@@ -2,7 +2,9 @@
 al., 2022; LayerSkip, Elhoushi et al., 2024).
 
 A per-token head (a `token_classifier`) reads the node's input for the tokens still running;
-each one whose prediction meets the criterion leaves with it, and its state is frozen: the
+each one whose prediction meets the criterion (max_prob, entropy; or `learned`: a stop unit on
+the token's state, CALM's early-exit classifier, trained by exit.py's `stop_loss`) leaves with
+it, and its state is frozen: the
 layers after the exit (runtime/token_rows.py) read it as a key and a value and compute nothing
 else for it. The last exit takes every token left. A sequence whose tokens have all left
 leaves the batch, so nothing of it runs afterwards.
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..core.types import InlineModule
 from ..runtime.context import positions
 from ..runtime.token_rows import TokenRows
 from .api import Site
@@ -47,6 +50,7 @@ class TokenExitRuntime:
     head_shape: tuple
     last: bool = False
     live_after: set[str] = field(default_factory=set)
+    stop: Any = None  # criterion `learned`: the stop unit, per token [b, L, D] -> [b, L, 1]
     per = "token"
     freezes_tokens = True  # the layers after it update running tokens only (compiler)
     token_decision = "exit"  # its trace.tokens record, part of the path
@@ -61,7 +65,20 @@ class TokenExitRuntime:
     def stays(self, logits: torch.Tensor, ctx, x: torch.Tensor) -> torch.Tensor:
         """Which tokens go on ([N] bool): `logits` [N, C] and states `x` [N, D] of the running
         tokens (forcing draws from the states)."""
-        return self.rule.stays(self, logits, ctx)
+        return self.rule.stays(self, logits, ctx, x)
+
+    def stop_logits(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        """Criterion `learned`: the stop unit's logits [N] for the running tokens' states `x`
+        [N, D] (every token's in dense and train mode), logged as the head is (it reads the
+        same tokens); dense and train mode keep them for the stop's loss (exit.py)."""
+        t = ctx.token_rows
+        ctx.record_tokens(self.stop.index, f"{self.name} stop tokens", t.active)
+        s = ctx.call(self.stop, x.view(1, -1, x.shape[-1])).view(-1)
+        if not ctx.compacting:  # (x is detached there: the loss trains the stop unit alone)
+            ctx.extras["exit_stop"].append(
+                (len(ctx.extras["exit_logits"]) - 1, s.view(t.active.shape))
+            )
+        return s.detach() if not ctx.compacting else s
 
     def run(self, ctx) -> None:
         x = ctx.env[self.reads[0]]
@@ -81,7 +98,8 @@ class TokenExitRuntime:
         return {"kind": "token_exit", "index": self.index, "head": self.head.index,
                 "criterion": self.kind, "threshold": self.threshold,
                 "temperature": self.temperature, "reads": list(self.reads),
-                "live_after": sorted(self.live_after), "last": self.last}  # fmt: skip
+                "live_after": sorted(self.live_after), "last": self.last,
+                "stop": None if self.stop is None else self.stop.index}  # fmt: skip
 
     def emit_infer(self, g) -> None:
         """Infer code (runtime/codegen.py), as `run`: `decide`, then `ctx.part`'s work."""
@@ -184,7 +202,8 @@ def build_token_exit(spec, b, site: Site, index: int, crit: dict):
     if spec.criterion is not None and spec.criterion.type == "patience":
         b.problem(
             site.path + ("criterion",),
-            "criterion 'patience' counts exits per sample; per token use max_prob or entropy",
+            "criterion 'patience' counts exits per sample; per token use max_prob, entropy "
+            "or learned",
         )
         return None
     got = exit_head(spec, b, site)
@@ -206,7 +225,27 @@ def build_token_exit(spec, b, site: Site, index: int, crit: dict):
             "a per: token exit's head must compute each token alone (e.g. token_classifier)",
         )
         return None
+    stop = None
+    if spec.criterion is not None and spec.criterion.type == "learned":
+        if not task.classifies:
+            b.problem(site.path + ("criterion",), "criterion 'learned' learns when a token's "
+                      "prediction is right: it needs a classification task")  # fmt: skip
+            return None
+        ref = spec.criterion.unit or InlineModule(type="token_classifier", classes=1)
+        path = site.path + ("criterion", "unit")
+        m = b.module(ref, path, [site.in_shape])
+        shape = None if m is None else b.shapes_of(m, [site.in_shape], path, "the stop unit")
+        if shape is None:
+            return None
+        if shape != (site.in_shape[0], 1):
+            b.problem(path, f"the stop unit outputs {list(shape)}; it must give [L, 1] (one "
+                      "logit per token)")  # fmt: skip
+            return None
+        stop = b.unit(f"{name} stop", m, [site.in_shape], construct=name)
+        if not stop.per_token:
+            b.problem(path, "the stop unit must compute each token alone (e.g. token_classifier)")
+            return None
     rt = TokenExitRuntime(index, unit, None if spec.criterion is None else spec.criterion.type,
                           **crit, weight=spec.weight, distill=spec.distill, reads=[site.in_id],
-                          writes=site.node_id, head_shape=out)  # fmt: skip
+                          writes=site.node_id, head_shape=out, stop=stop)  # fmt: skip
     return rt, site.in_shape

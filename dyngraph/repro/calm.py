@@ -12,7 +12,10 @@ self-distillation) against static models of depth 1..4 (mod.static_model), train
   test accuracy against static depth at the same MACs (interpolated) and against the same
   model with every token leaving at one fixed exit (CALM's static baseline); tokens at later
   positions leave later;
-- the infer time at those thresholds against the static 4-layer model (one thread, B = 256).
+- the infer time at those thresholds against the static 4-layer model (one thread, B = 256);
+- (b) with a learned stop (`learned_spec`: the same model with criterion `learned` at exits
+  0..2, CALM's early-exit classifier), its threshold chosen on the validation split within the
+  same budget: test accuracy against static depth at the same MACs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
+import copy  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 
@@ -38,6 +42,7 @@ from .common import (  # noqa: E402
     pm,
     save_figure,
     spearman,
+    spec_dict,
     splits,
     stats,
     train_spec,
@@ -50,6 +55,8 @@ BUDGET = 0.5  # of the static 4-layer model's MACs
 #: exit thresholds (top probability) swept on the validation split; 1.01: no early exit
 SPEC_THRESHOLD = 0.9  # specs/calm_tagger.yaml's
 GRID = [0.0, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01]
+#: stop thresholds (the learned stop's probability) swept on the validation split
+STOP_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01]
 
 
 @torch.no_grad()
@@ -157,6 +164,28 @@ def stop_policy(acc: torch.Tensor, budget: float = BUDGET) -> list[int]:
         policy = best[1]
 
 
+def learned_spec() -> dict:
+    """specs/calm_tagger.yaml with a learned stop at exits 0..2 (criterion `learned`: a stop
+    unit per exit on the token's state, trained beside the model on detached states)."""
+    d = copy.deepcopy(spec_dict(SPEC))
+    d["name"] = "calm_learned"
+    for node in d["graph"][1]["nodes"]:  # (the repeated layer and its exit)
+        if "exit" in node:
+            node["exit"]["criterion"] = {"type": "learned", "threshold": 0.5}
+    return d
+
+
+def learned_stop(model, val, test, static: list[dict]) -> dict:
+    """The learned stop at its most accurate threshold on the validation split within the
+    budget: test accuracy and MACs, against static depth at the same MACs."""
+    full = static[-1]["macs"]
+    sweep = [at_threshold(model, val, t) for t in STOP_GRID]
+    within = [s for s in sweep if s["macs"] <= BUDGET * full] or sweep[:1]
+    chosen = max(within, key=lambda s: s["accuracy"])["threshold"]
+    b = at_threshold(model, test, chosen)
+    return b | {"macs_fraction": b["macs"] / full} | _versus(b, static)
+
+
 def _accuracy(policy: list[int], acc: torch.Tensor) -> float:
     return float(sum(acc[e, i] for i, e in enumerate(policy)) / len(policy))
 
@@ -189,6 +218,10 @@ def run_seed(seed: int, quick: bool = False) -> dict:
            "full_depth_accuracy": curve[-1]["accuracy"]}  # fmt: skip
     ps = position_stop(calm, val, test)
     out["position_stop"] = ps | _versus(ps | {"macs": ps["macs_fraction"] * full}, static)
+    learned = train_spec(learned_spec(), quick, seed=seed)
+    out["learned"] = learned_stop(learned, val, test, static)
+    curve = [at_threshold(learned, test, t) for t in STOP_GRID]
+    out["learned"]["curve"] = [c | {"macs_fraction": c["macs"] / full} for c in curve]
     for key, threshold in (("chosen", chosen), ("spec", SPEC_THRESHOLD)):
         b = next(c for c in curve if c["threshold"] == threshold)
         calm.set_threshold(threshold)
@@ -264,9 +297,21 @@ def summarize(runs: dict[int, dict], quick: bool = False) -> dict:
     stop = {k: stats([r["position_stop"][k] for r in rs]) for k in
             ("accuracy", "same_macs", "gain_points", "macs_fraction")}  # fmt: skip
     stop["policies"] = [r["position_stop"]["exit_by_position"] for r in rs]
+    learned = {k: stats([r["learned"][k] for r in rs]) for k in
+               ("accuracy", "same_macs", "gain_points", "threshold")}  # fmt: skip
+    learned["macs_fraction"] = stats([r["learned"]["macs_fraction"] for r in rs], "lower")
+    learned["exit_by_position"] = curve_stats([r["learned"]["exit_by_position"] for r in rs])
+    claims["learned_beats_static_at_half"] = claim(
+        learned["gain_points"]["mean"] >= 3 and learned["macs_fraction"]["mean"] <= BUDGET,
+        "a learned per-token stop (criterion `learned`: CALM's early-exit classifier) beats "
+        "static models of the same MACs by >= 3 points (seed mean) at <= 50% of the static "
+        "4-layer model's MACs (issue 16's target)",
+        gain(learned, "gain_points"),
+    )
     return {"static": static, "fixed": fixed, "chosen": ch, "spec": sp,
             "exit_by_position": curve_stats(exits), "exit_spearman": rho,
-            "full_depth_accuracy": full, "position_stop": stop, "claims": claims}  # fmt: skip
+            "full_depth_accuracy": full, "position_stop": stop, "learned": learned,
+            "claims": claims}  # fmt: skip
 
 
 def plot(result: dict, path) -> None:
@@ -284,6 +329,12 @@ def plot(result: dict, path) -> None:
     a.errorbar([f["macs_fraction"] for f in fx], [100 * f["accuracy"]["mean"] for f in fx],
                yerr=[100 * f["accuracy"]["std"] for f in fx], fmt="s--", color="gray",
                capsize=2, label="the exit model, every token at one exit")  # fmt: skip
+    for i, run in enumerate(result["runs"].values()):
+        if "learned" in run:
+            c = run["learned"]["curve"]
+            a.plot([p["macs_fraction"] for p in c], [100 * p["accuracy"] for p in c], "x:",
+                   color="C4", alpha=0.7, label="learned stop (threshold sweep)" if i == 0
+                   else None)  # fmt: skip
     sp = result["spec"]
     a.errorbar([sp["macs_fraction"]["mean"]], [100 * sp["accuracy"]["mean"]],
                yerr=[100 * sp["accuracy"]["std"]], fmt="o", color="C3", capsize=2,

@@ -174,7 +174,7 @@ def _why_not_half(length: int) -> str:
         "solve never becomes confident, so it runs to the last exit. A stop decision trained on "
         "which depth helps each token (an oracle depth that trades likelihood against depth, as "
         "the Depth-Adaptive Transformer, Elbayad et al. 2020, trains its per-token halting) "
-        "could; dyngraph has no such criterion yet."
+        "can: criterion `learned`, below."
     )
 
 
@@ -193,8 +193,28 @@ def _position_stop(r: dict) -> list[str]:
         f"{pm(ps['gain_points'], 1, '+.2f')} points (worst seed {ps['gain_points']['worst']:+.2f}). "
         f"Its exits by position (per seed): {policies} — the middle positions go deepest, the "
         "ones no depth solves leave first. A per-token stop reading the token's state can "
-        "express such a policy (and more: it sees which token it is), so that is the route to "
-        "issue 16's (b)."
+        "express such a policy (and more: it sees which token it is).",
+        *_learned(r),
+    ]
+
+
+def _learned(r: dict) -> list[str]:
+    """The learned stop (calm.learned_stop), where the results have it."""
+    ls = r.get("learned")
+    if ls is None:
+        return []
+    e = ", ".join(f"{v:.2f}" for v in ls["exit_by_position"]["mean"])
+    return [
+        "- **A learned stop** (criterion `learned`, CALM's early-exit classifier: "
+        "`calm.learned_spec`, the same model with a stop unit at exits 0-2, a LayerNorm and a "
+        "linear map of the token's state, trained beside it on detached states towards "
+        '"going deeper would not make this token right": 1 where the exit\'s prediction is '
+        "right or the last exit's is wrong too), its threshold the most accurate on the "
+        f"validation split within 50% of the MACs ({pm(ls['threshold'], 1, '.2f')}): "
+        f"**{_pct(ls['accuracy'])}** at {pm(ls['macs_fraction'], 100, '.1f', '%')} of the "
+        f"MACs (stop units counted) against {_pct(ls['same_macs'])} for static depth at the "
+        f"same MACs: **{pm(ls['gain_points'], 1, '+.2f')} points** (worst seed "
+        f"{ls['gain_points']['worst']:+.2f}). Exit by position (seed mean): {e}.",
     ]
 
 

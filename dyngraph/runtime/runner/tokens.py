@@ -60,15 +60,15 @@ def _token_exit(p: Pass, s: dict) -> None:
     active = p.states[ACTIVE]
     p.routed.append((s["head"], p.idx, active.sum(1)))
     if p.every_token:
-        flat = torch.arange(b * n, device=x.device)
-        z = p.call(s["head"], x).reshape(b * n, -1)
+        flat, tokens = torch.arange(b * n, device=x.device), x
     else:
         flat = active.reshape(-1).nonzero().flatten()
-        xs = x.reshape(b * n, d).index_select(0, flat)
-        z = p.call(s["head"], xs.view(1, -1, d)).view(xs.shape[0], -1)
+        tokens = x.reshape(b * n, d).index_select(0, flat).view(1, -1, d)
+    z = p.call(s["head"], tokens).reshape(flat.shape[0], -1)
     go = None  # positions among the running tokens of those leaving (None: all)
     if not s["last"]:
-        go = torch.where(~_stays(p, s, z))[0]
+        go = torch.where(~(_stop_stays(p, s, tokens) if s.get("stop") is not None
+                           else _stays(p, s, z)))[0]  # fmt: skip
         if go.shape[0] == 0:
             return
         if go.shape[0] == z.shape[0]:
@@ -89,6 +89,14 @@ def _token_exit(p: Pass, s: dict) -> None:
     if stay.shape[0] < b:  # (rows that stay are written again where they leave)
         p.leave(out, s["index"])
         p.keep(stay, s["live_after"])
+
+
+def _stop_stays(p: Pass, s: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """Criterion `learned`: the stop unit on the running tokens (the head's input); those with
+    sigmoid(logit) < threshold go on."""
+    p.routed.append((s["stop"], p.idx, p.states[ACTIVE].sum(1)))
+    q = torch.sigmoid(p.call(s["stop"], tokens).reshape(-1))
+    return q < s["threshold"]
 
 
 def _token_rows(p: Pass, s: dict) -> None:
