@@ -33,6 +33,9 @@ def compiled(path: Path, backend: str) -> dg.DynamicModel:
         torch.manual_seed(0)
         model = dg.compile(path, backend=backend).eval()
         diversify(model)
+        if backend != "none":  # the eager model's thresholds: diversify reads them off the
+            # model's own outputs, where another backend's float noise can pick another gap
+            model.load_decision_settings(compiled(path, "none").decision_settings())
         _CACHE[key] = model
     return _CACHE[key]
 
@@ -57,7 +60,8 @@ def diversify(model: dg.DynamicModel) -> None:
     """Make an untrained model's decisions depend on its input, so that tests see many paths.
 
     Decision units get larger random weights and zero biases (probabilities spread around 0.5);
-    exit thresholds are set to the 70th percentile of each exit's confidence on a random batch.
+    exit thresholds are set to the 70th percentile of each exit's confidence (a learned stop's
+    probability) on a random batch.
     """
     g = torch.Generator().manual_seed(123)
     for u in model.units:
@@ -82,14 +86,20 @@ def diversify(model: dg.DynamicModel) -> None:
         from dyngraph.constructs.exit import confidence
 
         out = model(random_batch(model, 256, seed=99), mode="dense")
-        for e, logits in zip(model.exits[:-1], out.extras["exit_logits"], strict=False):
+        stops = dict(out.extras.get("exit_stop", []))  # (criterion `learned`: stop logits)
+        for k, (e, logits) in enumerate(
+            zip(model.exits[:-1], out.extras["exit_logits"], strict=False)
+        ):
             if e.kind == "patience":
                 continue
             z = logits.flatten(0, -2)  # (per-token exits: every token's logits)
-            c = confidence(z, e.kind, e.temperature).unique()  # sorted
+            if e.kind == "learned":  # leave where the stop probability >= threshold
+                c = torch.sigmoid(stops[k].flatten()).unique()
+            else:
+                c = confidence(z, e.kind, e.temperature).unique()  # sorted
             # halfway between two scores: an input seen here (short sequences repeat) must
             # not sit exactly on the threshold, where float noise of another batch flips it
-            i = int((0.7 if e.kind == "max_prob" else 0.3) * (len(c) - 1))
+            i = int((0.3 if e.kind == "entropy" else 0.7) * (len(c) - 1))
             if e.per == "token" and len(c) > 100:  # thousands of scores, close together:
                 # the widest gap near that rank, so that compiled units' float noise (1e-6)
                 # flips no token of another batch

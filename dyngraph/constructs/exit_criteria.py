@@ -36,6 +36,10 @@ def criterion(kernel: int | None, lowest: float, grid: list[float] | None):
 
 GRID_P = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1.01]  # 1.01: never leave
 GRID_H = [10.0, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001, -1.0]  # -1: never leave
+#: a learned stop's probability: finer in its middle, where a trained stop's MACs rise fastest
+GRID_STOP = (
+    [0.0, 0.2, 0.4, 0.5] + [round(0.55 + 0.025 * i, 3) for i in range(15)] + [0.95, 0.99, 1.01]
+)
 
 
 @criterion(kernel=kernels.MAX_PROB_BELOW, lowest=0.0, grid=GRID_P)
@@ -94,7 +98,7 @@ class Patience(Strict):
         return count < e.patience
 
 
-@criterion(kernel=None, lowest=0.0, grid=GRID_P)
+@criterion(kernel=None, lowest=0.0, grid=GRID_STOP)
 class Learned(Strict):
     """Per token only: a learned stop (CALM's early-exit classifier, Schuster et al., 2022; the
     Depth-Adaptive Transformer's, Elbayad et al., 2020). A stop unit reads the token's state at

@@ -2,11 +2,10 @@
 al., 2022; LayerSkip, Elhoushi et al., 2024).
 
 A per-token head (a `token_classifier`) reads the node's input for the tokens still running;
-each one whose prediction meets the criterion (max_prob, entropy; or `learned`: a stop unit on
-the token's state, CALM's early-exit classifier, trained by exit.py's `stop_loss`) leaves with
-it, and its state is frozen: the
-layers after the exit (runtime/token_rows.py) read it as a key and a value and compute nothing
-else for it. The last exit takes every token left. A sequence whose tokens have all left
+each one that meets the criterion (max_prob, entropy; or `learned`: a stop unit on the token's
+state, CALM's early-exit classifier, trained by exit.py's `stop_loss`) leaves with the head's
+prediction, and its state is frozen: the layers after the exit (runtime/token_rows.py) read it
+as a key and a value and compute nothing else for it. The last exit takes every token left. A sequence whose tokens have all left
 leaves the batch, so nothing of it runs afterwards.
 
 Training follows CALM and LayerSkip: every token runs every layer and every exit's per-token
@@ -16,7 +15,9 @@ Dense mode equals infer by a masked update (every token computed, frozen ones ke
 Trace: `trace.exit` [B] the last exit a sequence's tokens left at; `trace.tokens["exit"]`
 [B, L] each token's exit (part of the path: which positions run a later layer sets its cost
 under causal attention, not only how many); `trace.tokens["<layer> tokens"]` 1 where a token
-ran the layer, 0 where it was frozen. A token's MACs: runtime/lengths.py.
+ran the layer, 0 where it was frozen; `trace.tokens["exit k head tokens"]` (and, criterion
+`learned`, `"exit k stop tokens"`) 1 where a token reached exit k, so its head (its stop unit)
+read it. A token's MACs: runtime/lengths.py.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ self-distillation) against static models of depth 1..4 (mod.static_model), train
   model with every token leaving at one fixed exit (CALM's static baseline); tokens at later
   positions leave later;
 - the infer time at those thresholds against the static 4-layer model (one thread, B = 256);
-- (b) with a learned stop (`learned_spec`: the same model with criterion `learned` at exits
-  0..2, CALM's early-exit classifier), its threshold chosen on the validation split within the
+- (b) with a learned stop (specs/calm_learned.yaml: the same model with criterion `learned` at
+  exits 0..2, CALM's early-exit classifier), its threshold chosen on the validation split within the
   same budget: test accuracy against static depth at the same MACs.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import copy  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 
@@ -32,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ..compiler.compile import compile as compile_spec  # noqa: E402
+from ..constructs.exit_criteria import GRID_STOP  # noqa: E402
 from ..runtime.lengths import frozen_macs  # noqa: E402
 from ..training.evaluate import evaluate  # noqa: E402
 from .common import (  # noqa: E402
@@ -55,8 +55,9 @@ BUDGET = 0.5  # of the static 4-layer model's MACs
 #: exit thresholds (top probability) swept on the validation split; 1.01: no early exit
 SPEC_THRESHOLD = 0.9  # specs/calm_tagger.yaml's
 GRID = [0.0, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01]
-#: stop thresholds (the learned stop's probability) swept on the validation split
-STOP_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01]
+#: stop thresholds (the learned stop's probability) swept on the validation split: calibrate's
+#: grid, finer where the MACs cross the budget (from 26% to 85% between 0.5 and 0.9 here)
+STOP_GRID = GRID_STOP
 
 
 @torch.no_grad()
@@ -165,14 +166,10 @@ def stop_policy(acc: torch.Tensor, budget: float = BUDGET) -> list[int]:
 
 
 def learned_spec() -> dict:
-    """specs/calm_tagger.yaml with a learned stop at exits 0..2 (criterion `learned`: a stop
-    unit per exit on the token's state, trained beside the model on detached states)."""
-    d = copy.deepcopy(spec_dict(SPEC))
-    d["name"] = "calm_learned"
-    for node in d["graph"][1]["nodes"]:  # (the repeated layer and its exit)
-        if "exit" in node:
-            node["exit"]["criterion"] = {"type": "learned", "threshold": 0.5}
-    return d
+    """specs/calm_learned.yaml: specs/calm_tagger.yaml with a learned stop at exits 0..2
+    (criterion `learned`: a stop unit per exit on the token's state, trained beside the model
+    on detached states)."""
+    return spec_dict("calm_learned")
 
 
 def learned_stop(model, val, test, static: list[dict]) -> dict:
@@ -218,10 +215,6 @@ def run_seed(seed: int, quick: bool = False) -> dict:
            "full_depth_accuracy": curve[-1]["accuracy"]}  # fmt: skip
     ps = position_stop(calm, val, test)
     out["position_stop"] = ps | _versus(ps | {"macs": ps["macs_fraction"] * full}, static)
-    learned = train_spec(learned_spec(), quick, seed=seed)
-    out["learned"] = learned_stop(learned, val, test, static)
-    curve = [at_threshold(learned, test, t) for t in STOP_GRID]
-    out["learned"]["curve"] = [c | {"macs_fraction": c["macs"] / full} for c in curve]
     for key, threshold in (("chosen", chosen), ("spec", SPEC_THRESHOLD)):
         b = next(c for c in curve if c["threshold"] == threshold)
         calm.set_threshold(threshold)
@@ -235,6 +228,10 @@ def run_seed(seed: int, quick: bool = False) -> dict:
             "gain_over_fixed": vs_fixed["gain_points"],
             "time_fraction": t["calm"] / t["static"],
         }
+    learned = train_spec(learned_spec(), quick, seed=seed)
+    out["learned"] = learned_stop(learned, val, test, static)
+    stop_curve = [at_threshold(learned, test, t) for t in STOP_GRID]
+    out["learned"]["curve"] = [c | {"macs_fraction": c["macs"] / full} for c in stop_curve]
     return out
 
 

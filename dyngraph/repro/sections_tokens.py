@@ -206,7 +206,7 @@ def _learned(r: dict) -> list[str]:
     e = ", ".join(f"{v:.2f}" for v in ls["exit_by_position"]["mean"])
     return [
         "- **A learned stop** (criterion `learned`, CALM's early-exit classifier: "
-        "`calm.learned_spec`, the same model with a stop unit at exits 0-2, a LayerNorm and a "
+        "specs/calm_learned.yaml, the same model with a stop unit at exits 0-2, a LayerNorm and a "
         "linear map of the token's state, trained beside it on detached states towards "
         '"going deeper would not make this token right": 1 where the exit\'s prediction is '
         "right or the last exit's is wrong too), its threshold the most accurate on the "

@@ -28,6 +28,7 @@ TRAINABLE = [
 
 EXPECTED_TERMS = {
     "calm_tagger": {"task", "distill_kl"},
+    "calm_learned": {"task", "distill_kl", "stop"},
     "ut_tagger": {"task", "ponder_0"},
     "msdnet_early_exit": {"task"},
     "scan_early_exit": {"task", "distill_kl"},
@@ -241,6 +242,8 @@ FINGERPRINTS = {
     "state_tagger": "9e0fc0ac1702",
     "mod_tagger": "2c285e888fcc",
     "act_addition": "370218cf997f",
+    # issue 16's learned per-token stop, as first written
+    "calm_learned": "83a8ee8aa740",
 }
 
 

@@ -21,8 +21,9 @@ patience), gates per sample (feed-forward, recurrent and one-shot policies), hal
 sample (ACT, PonderNet, Learning to Stop; also through time), metalayers (Composer, per
 sample or per token; `set_gamma`) and Mixture-of-Depths gates (per token, by capacity,
 threshold or, decoding, the causal predictor: `set_decode`); and in tokens.py per-token exits
-(CALM: max_prob, entropy, a learned stop unit) and halting over depth per position (Universal Transformer). A damaged or mismatched
-export (version, missing unit, wrong shapes) is a one-line `ExportError`.
+(CALM: max_prob, entropy, a learned stop unit) and halting over depth per position (Universal
+Transformer). A damaged or mismatched export (version, missing unit, wrong shapes) is a
+one-line `ExportError`.
 """
 
 from __future__ import annotations
