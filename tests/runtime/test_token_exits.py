@@ -47,15 +47,21 @@ def _reference(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, where
 
 
+def assert_matches(reference, model, x: torch.Tensor, out) -> None:
+    """Each sequence of a pass `out` over `x` against `reference(model, ids)` on it alone:
+    every token's exit, and its logits."""
+    for i in range(x.shape[0]):
+        n = int((x[i] != 0).sum())
+        z, where = reference(model, x[i : i + 1, :n])
+        assert out.trace.tokens["exit"][i, :n].tolist() == where.tolist()
+        torch.testing.assert_close(out.logits[i, :n], z, atol=1e-5, rtol=1e-4)
+
+
 def test_infer_equals_the_reference_definition(model):
     x = random_batch(model, 24, seed=3)
     out = model(x)
     assert (out.trace.tokens["exit"] >= 1).any() and (out.trace.tokens["exit"] == 0).any()
-    for i in range(x.shape[0]):
-        n = int((x[i] != 0).sum())
-        z, where = _reference(model, x[i : i + 1, :n])
-        assert out.trace.tokens["exit"][i, :n].tolist() == where.tolist()
-        torch.testing.assert_close(out.logits[i, :n], z, atol=1e-5, rtol=1e-4)
+    assert_matches(_reference, model, x, out)
 
 
 @pytest.mark.parametrize("mode", ["infer", "dense"])
