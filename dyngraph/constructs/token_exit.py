@@ -5,8 +5,8 @@ A per-token head (a `token_classifier`) reads the node's input for the tokens st
 each one that meets the criterion (max_prob, entropy; or `learned`: a stop unit on the token's
 state, CALM's early-exit classifier, trained by exit.py's `stop_loss`) leaves with the head's
 prediction, and its state is frozen: the layers after the exit (runtime/token_rows.py) read it
-as a key and a value and compute nothing else for it. The last exit takes every token left. A sequence whose tokens have all left
-leaves the batch, so nothing of it runs afterwards.
+as a key and a value and compute nothing else for it. The last exit takes every token left. A
+sequence whose tokens have all left leaves the batch, so nothing of it runs afterwards.
 
 Training follows CALM and LayerSkip: every token runs every layer and every exit's per-token
 loss is weighted and summed (exit.py's objective, with SCAN-style distillation per token).

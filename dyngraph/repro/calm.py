@@ -14,8 +14,8 @@ self-distillation) against static models of depth 1..4 (mod.static_model), train
   positions leave later;
 - the infer time at those thresholds against the static 4-layer model (one thread, B = 256);
 - (b) with a learned stop (specs/calm_learned.yaml: the same model with criterion `learned` at
-  exits 0..2, CALM's early-exit classifier), its threshold chosen on the validation split within the
-  same budget: test accuracy against static depth at the same MACs.
+  exits 0..2, CALM's early-exit classifier), its threshold chosen on the validation split
+  within the same budget: test accuracy against static depth at the same MACs.
 """
 
 from __future__ import annotations
