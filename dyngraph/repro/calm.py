@@ -55,9 +55,6 @@ BUDGET = 0.5  # of the static 4-layer model's MACs
 #: exit thresholds (top probability) swept on the validation split; 1.01: no early exit
 SPEC_THRESHOLD = 0.9  # specs/calm_tagger.yaml's
 GRID = [0.0, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01]
-#: stop thresholds (the learned stop's probability) swept on the validation split: calibrate's
-#: grid, finer where the MACs cross the budget (from 26% to 85% between 0.5 and 0.9 here)
-STOP_GRID = GRID_STOP
 
 
 @torch.no_grad()
@@ -174,13 +171,25 @@ def learned_spec() -> dict:
 
 def learned_stop(model, val, test, static: list[dict]) -> dict:
     """The learned stop at its most accurate threshold on the validation split within the
-    budget: test accuracy and MACs, against static depth at the same MACs."""
+    budget (calibrate's grid for it, finer where the MACs cross the budget): test accuracy and
+    MACs, against static depth at the same MACs, and the test split's whole sweep (`curve`)."""
     full = static[-1]["macs"]
-    sweep = [at_threshold(model, val, t) for t in STOP_GRID]
+    chosen = _best_within([at_threshold(model, val, t) for t in GRID_STOP], full)
+    curve = [at_threshold(model, test, t) for t in GRID_STOP]
+    b = next(c for c in curve if c["threshold"] == chosen)
+    return (
+        b
+        | {"macs_fraction": b["macs"] / full}
+        | _versus(b, static)
+        | {"curve": [c | {"macs_fraction": c["macs"] / full} for c in curve]}
+    )
+
+
+def _best_within(sweep: list[dict], full: float) -> float:
+    """The threshold of the most accurate point of `sweep` within the budget (the cheapest
+    point where none is)."""
     within = [s for s in sweep if s["macs"] <= BUDGET * full] or sweep[:1]
-    chosen = max(within, key=lambda s: s["accuracy"])["threshold"]
-    b = at_threshold(model, test, chosen)
-    return b | {"macs_fraction": b["macs"] / full} | _versus(b, static)
+    return max(within, key=lambda s: s["accuracy"])["threshold"]
 
 
 def _accuracy(policy: list[int], acc: torch.Tensor) -> float:
@@ -205,9 +214,7 @@ def run_seed(seed: int, quick: bool = False) -> dict:
     full = static[-1]["macs"]
     calm = train_spec(SPEC, quick, seed=seed)
     val, test = splits(calm)
-    sweep = [at_threshold(calm, val, t) for t in GRID]
-    within = [s for s in sweep if s["macs"] <= BUDGET * full] or sweep[:1]
-    chosen = max(within, key=lambda s: s["accuracy"])["threshold"]
+    chosen = _best_within([at_threshold(calm, val, t) for t in GRID], full)
     fixed = fixed_exits(calm, test)
     curve = [at_threshold(calm, test, t) for t in GRID]
     out = {"static": static, "fixed": fixed,
@@ -228,10 +235,7 @@ def run_seed(seed: int, quick: bool = False) -> dict:
             "gain_over_fixed": vs_fixed["gain_points"],
             "time_fraction": t["calm"] / t["static"],
         }
-    learned = train_spec(learned_spec(), quick, seed=seed)
-    out["learned"] = learned_stop(learned, val, test, static)
-    stop_curve = [at_threshold(learned, test, t) for t in STOP_GRID]
-    out["learned"]["curve"] = [c | {"macs_fraction": c["macs"] / full} for c in stop_curve]
+    out["learned"] = learned_stop(train_spec(learned_spec(), quick, seed=seed), val, test, static)
     return out
 
 
