@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -89,10 +89,13 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(b, n, d))
 
-    def forward_rows(self, x: torch.Tensor, grid: QueryGrid) -> torch.Tensor:
+    def forward_rows(
+        self, x: torch.Tensor, grid: QueryGrid, xq: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The attention output [N, D] of the running tokens `grid` (`query_grid`) of `x`
-        [b, L, D], every token a key and a value: the KV rows of the QKV projection on every
-        token, the Q rows on the running ones. Attention runs on the query grid, padded to
+        [b, L, D] (`xq` [N, D]: their rows of `x`, if the caller holds them), every token a
+        key and a value: the KV rows of the QKV projection on every token, the Q rows on the
+        running ones. Attention runs on the query grid, padded to
         `grid.width` per sample (a padded query reads position 0's key and is dropped): its
         waste is (b·width - N) query rows of QK and AV products. No key or value is copied
         per query."""
@@ -100,12 +103,12 @@ class Attention(nn.Module):
         heads, dh = self.heads, d // self.heads
         w, bias = self.qkv.weight, self.qkv.bias
         k, v = F.linear(x, w[d:], bias[d:]).view(b, n, 2, heads, dh).permute(2, 0, 3, 1, 4)
-        q = F.linear(x.reshape(b * n, d).index_select(0, grid.rows), w[:d], bias[:d])
-        q = q.new_zeros((b * grid.width, d)).index_copy_(0, grid.slots, q)
-        q = q.view(b, grid.width, heads, dh).transpose(1, 2)
+        if xq is None:
+            xq = grid.take(x.reshape(b * n, d))
+        q = grid.to_grid(F.linear(xq, w[:d], bias[:d])).view(b, grid.width, heads, dh)
+        q = q.transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=grid.mask if self.causal else None)
-        y = y.transpose(1, 2).reshape(b * grid.width, d).index_select(0, grid.slots)
-        return self.proj(y)
+        return self.proj(grid.from_grid(y.transpose(1, 2).reshape(b * grid.width, d)))
 
 
 class AttentionParams(BlockParams):
@@ -145,9 +148,12 @@ class TransformerBlock(nn.Module):
         values read it), attention for the running rows (`Attention.forward_rows`), the MLP on
         those rows only."""
         b, n, d = x.shape
+        h = self.norm1(x)
         if xq is None:
-            xq = x.reshape(b * n, d).index_select(0, grid.rows)
-        xq = xq + self.attn.forward_rows(self.norm1(x), grid)
+            xq, hq = grid.take(x.reshape(b * n, d), h.reshape(b * n, d))
+        else:
+            hq = grid.take(h.reshape(b * n, d))
+        xq = xq + self.attn.forward_rows(h, grid, hq)
         return xq + self.fc2(self.act(self.fc1(self.norm2(xq))))
 
 
@@ -165,6 +171,30 @@ class QueryGrid:
     slots: torch.Tensor
     width: int
     mask: torch.Tensor
+    ops: Any = None  # the runtime's row kernels (runtime/kernels.py), where they apply
+
+    def take(self, *values: torch.Tensor):
+        """The running tokens' rows [N, D] of each [b·L, D] value (one value: a tensor)."""
+        if self.ops is not None and all(v.is_contiguous() for v in values):
+            got = self.ops.gather_rows(list(values), self.rows)
+        else:
+            got = [v.index_select(0, self.rows) for v in values]
+        return got[0] if len(values) == 1 else got
+
+    def to_grid(self, q: torch.Tensor) -> torch.Tensor:
+        """[N, D] rows of the running tokens in their grid slots [b·width, D] (zeros in the
+        padded ones)."""
+        g = q.new_zeros((self.mask.shape[0] * self.width, q.shape[1]))
+        if self.ops is not None and q.is_contiguous():
+            self.ops.copy_rows_(g, self.slots, q, None)
+            return g
+        return g.index_copy_(0, self.slots, q)
+
+    def from_grid(self, y: torch.Tensor) -> torch.Tensor:
+        """The running tokens' rows [N, D] of a grid [b·width, D]."""
+        if self.ops is not None and y.is_contiguous():
+            return self.ops.gather_rows([y], self.slots)[0]
+        return y.index_select(0, self.slots)
 
 
 def query_grid(active: torch.Tensor) -> QueryGrid:

@@ -347,7 +347,12 @@ def force(e: ExitRuntime, leave: float) -> dict:
         k, scale = ctx.kernels, draw_scale(e.index)
         return None if k is None else kernels.draw_rows(k, x, kernels.DRAW_AT_LEAST, leave, scale)
 
-    return {"stays": stays, "staying": staying}
+    def stay_rule(ctx, logits, x):  # (a per-token exit's, TokenExitRuntime.stay_rule)
+        if kernels.applies(x):
+            return x, kernels.DRAW_AT_LEAST, leave, draw_scale(e.index)
+        return stays(logits, ctx, x), kernels.TRUE, 0.0, 0.0
+
+    return {"stays": stays, "staying": staying, "stay_rule": stay_rule}
 
 
 EXIT = register_construct(

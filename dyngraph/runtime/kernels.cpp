@@ -10,6 +10,10 @@
 //   copy_rows_(dst, dst_rows, src, src_rows) -> dst[dst_rows] = src[src_rows] (index_copy_)
 //   choose(t, rule, edges, a) -> (choice per row, rows grouped by choice, count per choice)
 //   query_grid(active) -> (rows, slots, mask, width): the running tokens' query grid
+//   token_exit(t, rule, threshold, a, flat, active, exit_at, out, z, where) -> (go, active,
+//       exit_at, alive): a per-token exit's decision, its outputs and its bookkeeping
+//   id_range(ids) -> (smallest, largest); pad_lengths(ids, pad) -> (lengths, well formed):
+//       the checks of a batch of token ids (runtime/model.py, runtime/lengths.py)
 //
 // The scores are computed by the same inline functions in both ops, so a threshold chosen on
 // `confidence` (calibration) splits the samples exactly as `rows_where` does.
@@ -17,6 +21,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>  // pybind11 with the casters of at::Tensor and the STL
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -37,6 +42,7 @@ enum Rule : int64_t {
   kDrawAtLeast = 2,   // forced: the sample's pseudo-uniform draw >= threshold
   kDrawBelow = 3,     // forced: the draw < threshold
   kAtLeast = 4,       // gate: the probability in column `a` of the row >= threshold
+  kTrue = 5,          // token_exit: a bool per row, decided before (a criterion's own rule)
 };
 
 // sum(exp(z - max z)) with z = logits / temperature (the softmax's denominator); sets `m`.
@@ -77,6 +83,19 @@ inline T draw(T v, T scale) {
 }
 
 template <typename T>
+inline bool meets(const T* r, int64_t width, int64_t rule, T thr, T arg, int64_t col) {
+  switch (rule) {
+    case kMaxProbBelow: return max_prob(r, width, arg) < thr;
+    case kEntropyAbove: return entropy(r, width, arg) > thr;
+    case kDrawAtLeast: return draw(r[0], arg) >= thr;
+    case kDrawBelow: return draw(r[0], arg) < thr;
+    case kAtLeast: return r[col] >= thr;
+    default: TORCH_CHECK(false, "dyngraph: unknown rule ", rule);
+  }
+  return false;
+}
+
+template <typename T>
 at::Tensor rows_where_impl(const at::Tensor& t, int64_t rule, double threshold, double a) {
   const int64_t b = t.size(0);
   const int64_t width = b ? t.numel() / b : 0;
@@ -86,19 +105,8 @@ at::Tensor rows_where_impl(const at::Tensor& t, int64_t rule, double threshold, 
   auto out = at::empty({b}, t.options().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
   int64_t n = 0;
-  for (int64_t i = 0; i < b; ++i) {
-    const T* r = p + i * width;
-    bool keep = false;
-    switch (rule) {
-      case kMaxProbBelow: keep = max_prob(r, width, arg) < thr; break;
-      case kEntropyAbove: keep = entropy(r, width, arg) > thr; break;
-      case kDrawAtLeast: keep = draw(r[0], arg) >= thr; break;
-      case kDrawBelow: keep = draw(r[0], arg) < thr; break;
-      case kAtLeast: keep = r[col] >= thr; break;
-      default: TORCH_CHECK(false, "dyngraph::rows_where: unknown rule ", rule);
-    }
-    if (keep) o[n++] = i;
-  }
+  for (int64_t i = 0; i < b; ++i)
+    if (meets(p + i * width, width, rule, thr, arg, col)) o[n++] = i;
   return out.resize_({n});
 }
 
@@ -167,10 +175,10 @@ const int64_t* row_index(const std::optional<at::Tensor>& rows, int64_t b, const
   if (!rows.has_value()) return nullptr;
   const at::Tensor& r = *rows;
   TORCH_CHECK(r.dim() == 1 && r.scalar_type() == at::kLong && r.is_contiguous(),
-              "dyngraph::copy_rows_: ", what, " are int64 positions");
+              "dyngraph: ", what, " are int64 positions");
   const int64_t* p = r.data_ptr<int64_t>();
   for (int64_t i = 0; i < r.size(0); ++i)
-    TORCH_CHECK(p[i] >= 0 && p[i] < b, "dyngraph::copy_rows_: ", what, " ", p[i], " out of ", b);
+    TORCH_CHECK(p[i] >= 0 && p[i] < b, "dyngraph: ", what, " ", p[i], " out of ", b);
   return p;
 }
 
@@ -288,6 +296,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> query_grid(const at::Ten
   return {rows, slots, mask, width};
 }
 
+// The running tokens (rows of `t`, at flat positions `flat` of a [b, L] batch; none: every
+// token, in order) that do not meet `rule` (the rows that stay, as rows_where; kTrue: `t` is
+// bool) leave at exit `where`: each one's row of `z` is written to `out` [b·L, ...] at its
+// flat position, and copies of `active` / `exit_at` [b, L] mark it (the old tensors are left
+// as they were: the trace's log holds them; returned as they are when nobody leaves).
+// Returns (go: positions among the running tokens of those leaving, active, exit_at, alive:
+// the samples that keep a running token). constructs/token_exit.py's decide, in one call.
+template <typename T>
+void leaving(const at::Tensor& t, int64_t rule, double threshold, double a, int64_t n,
+             std::vector<int64_t>& go) {
+  const int64_t width = n ? t.numel() / n : 0;
+  const T* p = t.data_ptr<T>();
+  const T thr = static_cast<T>(threshold), arg = static_cast<T>(a);
+  const int64_t col = rule == kAtLeast ? static_cast<int64_t>(a) : 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (!meets(p + i * width, width, rule, thr, arg, col)) go.push_back(i);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_exit(
+    const at::Tensor& t, int64_t rule, double threshold, double a,
+    const std::optional<at::Tensor>& flat, const at::Tensor& active, const at::Tensor& exit_at,
+    const at::Tensor& out, const at::Tensor& z, int64_t where) {
+  TORCH_CHECK(active.dim() == 2 && active.scalar_type() == at::kBool && active.is_contiguous() &&
+                  exit_at.sizes() == active.sizes() && exit_at.scalar_type() == at::kLong &&
+                  exit_at.is_contiguous(),
+              "dyngraph::token_exit: active (bool) and exit_at (int64), contiguous [b, L]");
+  const int64_t b = active.size(0), len = active.size(1), n = t.dim() ? t.size(0) : 0;
+  TORCH_CHECK(t.dim() >= 1 && t.is_contiguous() && z.is_contiguous() && z.size(0) == n &&
+                  out.is_contiguous() && out.dim() == z.dim() && out.size(0) == b * len &&
+                  out.scalar_type() == z.scalar_type() && out.sizes().slice(1) == z.sizes().slice(1),
+              "dyngraph::token_exit: contiguous t [N, ...], z [N, ...] and out [b*L, ...]");
+  const int64_t* f = flat ? row_index(flat, b * len, "flat") : nullptr;
+  TORCH_CHECK(flat ? flat->size(0) == n : n == b * len, "dyngraph::token_exit: one row per token");
+  std::vector<int64_t> go;
+  if (rule == kTrue) {
+    TORCH_CHECK(t.scalar_type() == at::kBool, "dyngraph::token_exit: kTrue reads a bool tensor");
+    const bool* s = t.data_ptr<bool>();
+    for (int64_t i = 0; i < n; ++i)
+      if (!s[i]) go.push_back(i);
+  } else if (t.scalar_type() == at::kDouble) {
+    leaving<double>(t, rule, threshold, a, n, go);
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "dyngraph::token_exit: float32 or float64");
+    leaving<float>(t, rule, threshold, a, n, go);
+  }
+  const int64_t g = static_cast<int64_t>(go.size());
+  auto positions = at::empty({g}, exit_at.options());
+  std::memcpy(positions.data_ptr<int64_t>(), go.data(), g * sizeof(int64_t));
+  at::Tensor act = g ? active.clone() : active, at = g ? exit_at.clone() : exit_at;
+  bool* ap = act.data_ptr<bool>();
+  int64_t* ep = at.data_ptr<int64_t>();
+  const int64_t bytes = z.size(0) ? z.nbytes() / z.size(0) : 0;
+  char* o = static_cast<char*>(out.data_ptr());
+  const char* zp = static_cast<const char*>(z.data_ptr());
+  for (int64_t i : go) {
+    const int64_t pos = f ? f[i] : i;
+    ap[pos] = false;
+    ep[pos] = where;
+    std::memcpy(o + pos * bytes, zp + i * bytes, bytes);
+  }
+  auto alive = at::empty({b}, exit_at.options());
+  int64_t* al = alive.data_ptr<int64_t>();
+  int64_t k = 0;
+  for (int64_t i = 0; i < b; ++i)
+    if (std::find(ap + i * len, ap + (i + 1) * len, true) != ap + (i + 1) * len) al[k++] = i;
+  return {positions, act, at, alive.resize_({k})};
+}
+
+// The smallest and the largest of token ids (int64): the model's range check, one pass.
+std::tuple<int64_t, int64_t> id_range(const at::Tensor& ids) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.numel(),
+              "dyngraph::id_range: contiguous int64 ids");
+  const int64_t* p = ids.data_ptr<int64_t>();
+  int64_t lo = p[0], hi = p[0];
+  for (int64_t i = 1; i < ids.numel(); ++i) {
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
+  }
+  return {lo, hi};
+}
+
+// Each sequence's length before its trailing `pad` ids, and whether every sequence is well
+// formed (no pad before a token, not all padding): runtime/lengths.py's lengths_of, one pass.
+std::tuple<at::Tensor, bool> pad_lengths(const at::Tensor& ids, int64_t pad) {
+  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous(),
+              "dyngraph::pad_lengths: contiguous int64 ids [B, L]");
+  const int64_t b = ids.size(0), len = ids.size(1);
+  const int64_t* p = ids.data_ptr<int64_t>();
+  auto lengths = at::empty({b}, ids.options());
+  int64_t* out = lengths.data_ptr<int64_t>();
+  bool ok = true;
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t* r = p + i * len;
+    int64_t n = 0;
+    while (n < len && r[n] != pad) ++n;
+    for (int64_t j = n; j < len; ++j) ok &= r[j] == pad;
+    ok &= n > 0;
+    out[i] = n;
+  }
+  return {lengths, ok};
+}
+
 }  // namespace
 
 // A Python module of plain functions (pybind11), not torch.ops: a call through torch.ops
@@ -300,4 +410,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("choose", &choose, "choice per row, rows grouped by choice, count per choice");
   m.def("copy_rows_", &copy_rows_, "dst[dst_rows] = src[src_rows], in place");
   m.def("query_grid", &query_grid, "the running tokens' query grid");
+  m.def("token_exit", &token_exit, "a per-token exit's decision and bookkeeping");
+  m.def("id_range", &id_range, "the smallest and the largest token id");
+  m.def("pad_lengths", &pad_lengths, "lengths before the trailing padding, well formed");
 }

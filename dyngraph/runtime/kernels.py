@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-# rules of rows_where, as in kernels.cpp
-MAX_PROB_BELOW, ENTROPY_ABOVE, DRAW_AT_LEAST, DRAW_BELOW, AT_LEAST = range(5)
+# rules of rows_where, as in kernels.cpp (TRUE: token_exit only, a bool per row)
+MAX_PROB_BELOW, ENTROPY_ABOVE, DRAW_AT_LEAST, DRAW_BELOW, AT_LEAST, TRUE = range(6)
 # rules of choose
 ARGMAX, DRAW_BUCKET = range(2)
 
@@ -46,6 +46,9 @@ class Ops:
         self.choose = module.choose
         self.copy_rows_ = module.copy_rows_
         self.query_grid = module.query_grid
+        self.token_exit = module.token_exit
+        self.id_range = module.id_range
+        self.pad_lengths = module.pad_lengths
         self.file = getattr(module, "__file__", None)  # (an export copies it: runner/fused.py)
 
 

@@ -13,6 +13,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
+
+def checked_ids(x: torch.Tensor, vocab: int, length: int, device, name: str) -> torch.Tensor:
+    """Token ids [B, `length`] as int64 in [0, vocab) on `device` (None: any), or a one-line
+    error. The range is found in one pass (the fused kernel, on a CPU: no tensor to read back);
+    the rows out of it are named by ATen ops, only when there are some."""
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name}: expected token ids (an integer tensor), got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name}: the ids are on {x.device}, the model on {device}")
+    if x.dim() != 2 or x.shape[1] != length:
+        raise ValueError(f"{name}: expected ids [B, {length}], got {list(x.shape)}")
+    x = x.long()
+    k = kernels.for_device(x.device)
+    if not x.numel():
+        lo, hi = 0, 0
+    elif k is not None and x.is_contiguous():
+        lo, hi = k.id_range(x)
+    else:
+        lo, hi = (int(v) for v in torch.aminmax(x))
+    if lo < 0 or hi >= vocab:
+        bad = ((x < 0) | (x >= vocab)).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"{name}: rows {bad[:8]} hold ids outside [0, {vocab})")
+    return x
+
 
 def lengths_of(x: torch.Tensor, pad_id: int | None, given: Any, name: str) -> torch.Tensor:
     """[B] the length of each sequence of a batch `x` [B, L, ...]: `given` (a tensor or list),
@@ -33,6 +59,11 @@ def lengths_of(x: torch.Tensor, pad_id: int | None, given: Any, name: str) -> to
         return lengths
     if pad_id is None:
         return torch.full((b,), full, dtype=torch.long, device=x.device)
+    k = kernels.for_device(x.device)
+    if k is not None and x.dim() == 2 and x.dtype == torch.long and x.is_contiguous():
+        lengths, ok = k.pad_lengths(x, pad_id)  # (one pass; the ATen ops below name the rows)
+        if ok:
+            return lengths
     real = x != pad_id
     lengths = real.sum(1)
     # padding only at the end: no token right after a pad; and no sequence empty (a few ops

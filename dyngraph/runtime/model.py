@@ -13,7 +13,15 @@ from torch import nn
 
 from .codegen import generate
 from .context import RunContext
-from .lengths import LengthCosts, groups, lengths_of, merge, sample_unit_macs, unit_inputs
+from .lengths import (
+    LengthCosts,
+    checked_ids,
+    groups,
+    lengths_of,
+    merge,
+    sample_unit_macs,
+    unit_inputs,
+)
 from .trace import Group, PathTable, Trace
 
 
@@ -172,7 +180,8 @@ class DynamicModel(nn.Module):
                     f"got {type(x).__name__}"
                 )
         if self._seq is not None and self._seq[1] is not None:
-            return self._checked_ids(x)
+            device = ref.device if ref is not None else None
+            return checked_ids(x, self._seq[1], self._in_shape[0], device, self.name)
         if not x.is_floating_point():
             raise TypeError(
                 f"{self.name}: expected a floating-point input, got {x.dtype} (cast it: x.float())"
@@ -200,24 +209,6 @@ class DynamicModel(nn.Module):
                 f"{self.name}: {len(bad)} input row(s) hold NaN or inf (rows {shown}); clean them, "
                 "or set model.nonfinite = 'propagate' to run them anyway"
             )
-        return x
-
-    def _checked_ids(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, L] as int64 in [0, vocab), or a one-line error."""
-        vocab, ref = self._seq[1], self._ref[0] if self._ref else None
-        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-            raise TypeError(f"{self.name}: expected token ids (an integer tensor), got {x.dtype}")
-        if ref is not None and x.device != ref.device:
-            raise ValueError(f"{self.name}: the ids are on {x.device}, the model on {ref.device}")
-        if x.dim() != 2 or x.shape[1] != self._in_shape[0]:
-            raise ValueError(
-                f"{self.name}: expected ids [B, {self._in_shape[0]}], got {list(x.shape)}"
-            )
-        x = x.long()
-        lo, hi = torch.aminmax(x) if x.numel() else (0, 0)  # (one pass over the ids)
-        if int(lo) < 0 or int(hi) >= vocab:
-            bad = ((x < 0) | (x >= vocab)).any(1).nonzero().flatten().tolist()
-            raise ValueError(f"{self.name}: rows {bad[:8]} hold ids outside [0, {vocab})")
         return x
 
     def _run(self, ctx: RunContext) -> None:

@@ -56,8 +56,9 @@ class TokenRows:
     @property
     def flat(self) -> torch.Tensor:
         """[N] the running tokens' rows of a [rows·L, D] view, in order."""
-        if self._flat is None:
-            self._flat = self.active.reshape(-1).nonzero().flatten()
+        if self._flat is None:  # (the query grid's rows are these, where it is built)
+            g = self._grid
+            self._flat = self.active.reshape(-1).nonzero().flatten() if g is None else g.rows
         return self._flat
 
     @property
@@ -73,6 +74,12 @@ class TokenRows:
         shape = self.active.shape
         self.active = self.active.view(-1).index_fill(0, leaving, False).view(shape)
         self.exit_at = self.exit_at.view(-1).index_fill(0, leaving, where).view(shape)
+        self._flat = self._grid = None
+        self.everyone = False
+
+    def marked(self, active: torch.Tensor, exit_at: torch.Tensor) -> None:
+        """Some tokens left (their marks made by the fused kernel, in new tensors)."""
+        self.active, self.exit_at = active, exit_at
         self._flat = self._grid = None
         self.everyone = False
 
@@ -93,7 +100,7 @@ def grid_of(active: torch.Tensor):
     if k is None or torch.get_default_dtype() != torch.float32:
         return query_grid(active)
     rows, slots, mask, width = k.query_grid(active)
-    return QueryGrid(rows, slots, width, mask)
+    return QueryGrid(rows, slots, width, mask, k)
 
 
 @dataclass
@@ -144,12 +151,13 @@ class RowsStep:
         if t.everyone:
             return ctx.call(self.unit, x)[0]
         b, n, d = x.shape
+        grid = None if self.unit.per_token else t.grid  # (first: its rows are `flat`)
         flat = t.flat
         ctx.events.append((self.unit.index, ctx.idx, None))  # (ctx.call's log)
         if self.unit.per_token:
             new = self.unit(x.reshape(b * n, d).index_select(0, flat).view(1, -1, d))[0]
         else:
-            new = self.block.forward_rows(x, t.grid)
+            new = self.block.forward_rows(x, grid)
             ctx.query_padding.append((self.block, t.active, t.grid.width))  # (counted later)
         y = x if ctx.free(x, live) else x.clone()
         ctx.put(y.view(b * n, d), flat, new.reshape(-1, d))  # (one memcpy per row)

@@ -133,6 +133,62 @@ def test_copy_rows_refuses_what_index_copy_refuses(ops):
     assert torch.equal(dst, torch.zeros(4, 3)), "a refused copy wrote nothing"
 
 
+@pytest.mark.parametrize("everyone", [True, False], ids=["first-exit", "later-exit"])
+@pytest.mark.parametrize("rule", ["max_prob", "bool"])
+def test_token_exit_decides_and_marks_as_the_aten_ops_do(ops, everyone, rule):
+    """A per-token exit's kernel: the tokens that fail the rule leave (positions among the
+    running ones), their logits land at their flat rows, new active / exit_at tensors mark
+    them (the old ones untouched: the trace's log holds them), and the samples that keep a
+    running token are listed."""
+    g = torch.Generator().manual_seed(6)
+    b, n, c = 6, 9, 4
+    active = torch.ones(b, n, dtype=torch.bool) if everyone else torch.rand(b, n, generator=g) < 0.6
+    if not everyone:
+        active[2] = False  # a sequence whose tokens had all left
+    exit_at = torch.where(active, -1, 0)
+    before = (active.clone(), exit_at.clone())
+    flat = None if everyone else active.view(-1).nonzero().flatten()
+    rows = torch.arange(b * n) if everyone else flat
+    z = 2 * torch.randn(rows.numel(), c, generator=g)
+    if rule == "max_prob":
+        t, r, thr = z, kernels.MAX_PROB_BELOW, 0.6
+        stays = ops.confidence(z, kernels.MAX_PROB_BELOW, 1.0) < torch.tensor(0.6)
+    else:
+        stays = torch.rand(rows.numel(), generator=g) < 0.5
+        t, r, thr = stays, kernels.TRUE, 0.0
+    out = torch.zeros(b * n, c)
+    go, act, at, alive = ops.token_exit(t, r, thr, 1.0, flat, active, exit_at, out, z, 3)
+    want_go = torch.where(~stays)[0]
+    left = rows[want_go]
+    want_active = active.view(-1).index_fill(0, left, False).view(b, n)
+    assert torch.equal(go, want_go)
+    assert torch.equal(act, want_active)
+    assert torch.equal(at, exit_at.view(-1).index_fill(0, left, 3).view(b, n))
+    assert torch.equal(alive, torch.where(want_active.any(1))[0])
+    want_out = torch.zeros(b * n, c)
+    want_out[left] = z[want_go]
+    assert torch.equal(out, want_out)
+    assert torch.equal(active, before[0]) and torch.equal(exit_at, before[1])
+    none = torch.ones(rows.numel(), dtype=torch.bool)  # nobody leaves: the same tensors back
+    _, act, at, _ = ops.token_exit(none, kernels.TRUE, 0.0, 0.0, flat, active, exit_at, out, z, 1)
+    assert act is active and at is exit_at
+
+
+def test_the_id_checks_match_the_aten_ones(ops):
+    """The range of token ids, and each sequence's length before its trailing padding, with
+    the verdict that sends a malformed batch to the ATen ops that name its rows."""
+    ids = torch.randint(1, 30, (40, 12), generator=torch.Generator().manual_seed(4))
+    for i in range(40):
+        ids[i, 12 - i % 6 :] = 0
+    assert ops.id_range(ids) == (int(ids.min()), int(ids.max()))
+    lengths, ok = ops.pad_lengths(ids, 0)
+    assert ok and torch.equal(lengths, (ids != 0).sum(1))
+    inside, empty = ids.clone(), ids.clone()
+    inside[3, 2] = 0  # a pad before a token
+    empty[5] = 0  # all padding
+    assert not ops.pad_lengths(inside, 0)[1] and not ops.pad_lengths(empty, 0)[1]
+
+
 def _run_both(model, x):
     with torch.no_grad():
         fast = model(x)
@@ -151,6 +207,9 @@ def test_every_spec_decides_alike_with_and_without_kernels(spec_path, forced):
             fast, slow = _run_both(model, batch)
             assert torch.equal(fast.trace.decisions(), slow.trace.decisions())
             assert torch.equal(fast.trace.unit_counts, slow.trace.unit_counts)
+            assert fast.trace.tokens.keys() == slow.trace.tokens.keys()
+            for name, got in fast.trace.tokens.items():  # per-token decisions, token by token
+                assert torch.equal(got, slow.trace.tokens[name]), name
             torch.testing.assert_close(fast.logits, slow.logits, rtol=0, atol=0)
 
 
