@@ -132,7 +132,7 @@ class TokenExitRuntime:
             z = ctx.call(self.head, x).reshape(b * n, -1)
         else:
             ctx.events.append((self.head.index, ctx.idx, None))  # (ctx.call's log)
-            xs = x.reshape(b * n, d).index_select(0, t.flat)
+            xs = t.rows_of(x)
             z = self.head(xs.view(1, -1, d)).view(xs.shape[0], -1)
         if ctx.kernels is not None and z.is_contiguous():
             return self._decide_fused(ctx, t, z, xs)
@@ -162,7 +162,7 @@ class TokenExitRuntime:
         the criterion's own kernel rule on the logits `z` where it has one, else the bool
         answer of its `stays` (kernels.TRUE); the last exit keeps none."""
         if self.last:
-            return z.new_zeros(z.shape[0], dtype=torch.bool), kernels.TRUE, 0.0, 0.0
+            return z, kernels.NEVER, 0.0, 0.0
         if self.rule.kernel is not None and kernels.applies(z):
             return z, self.rule.kernel, self.threshold, self.temperature
         return self.stays(z, ctx, xs), kernels.TRUE, 0.0, 0.0

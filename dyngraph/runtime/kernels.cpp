@@ -12,7 +12,7 @@
 //   query_grid(active) -> (rows, slots, mask, width): the running tokens' query grid
 //   token_exit(t, rule, threshold, a, flat, active, exit_at, out, z, where) -> (go, active,
 //       exit_at, alive): a per-token exit's decision, its outputs and its bookkeeping
-//   id_range(ids) -> (smallest, largest); pad_lengths(ids, pad) -> (lengths, well formed):
+//   id_range(ids) -> (smallest, largest); pad_lengths(ids, pad) -> (lengths, well formed, whole):
 //       the checks of a batch of token ids (runtime/model.py, runtime/lengths.py)
 //
 // The scores are computed by the same inline functions in both ops, so a threshold chosen on
@@ -43,6 +43,7 @@ enum Rule : int64_t {
   kDrawBelow = 3,     // forced: the draw < threshold
   kAtLeast = 4,       // gate: the probability in column `a` of the row >= threshold
   kTrue = 5,          // token_exit: a bool per row, decided before (a criterion's own rule)
+  kNever = 6,         // token_exit: no row stays (the last exit)
 };
 
 // sum(exp(z - max z)) with z = logits / temperature (the softmax's denominator); sets `m`.
@@ -298,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> query_grid(const at::Ten
 
 // The running tokens (rows of `t`, at flat positions `flat` of a [b, L] batch; none: every
 // token, in order) that do not meet `rule` (the rows that stay, as rows_where; kTrue: `t` is
-// bool) leave at exit `where`: each one's row of `z` is written to `out` [b·L, ...] at its
+// bool; kNever: none stays) leave at exit `where`: each one's row of `z` is written to `out` [b·L, ...] at its
 // flat position, and copies of `active` / `exit_at` [b, L] mark it (the old tensors are left
 // as they were: the trace's log holds them; returned as they are when nobody leaves).
 // Returns (go: positions among the running tokens of those leaving, active, exit_at, alive:
@@ -330,7 +331,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_exit(
   const int64_t* f = flat ? row_index(flat, b * len, "flat") : nullptr;
   TORCH_CHECK(flat ? flat->size(0) == n : n == b * len, "dyngraph::token_exit: one row per token");
   std::vector<int64_t> go;
-  if (rule == kTrue) {
+  if (rule == kNever) {
+    for (int64_t i = 0; i < n; ++i) go.push_back(i);
+  } else if (rule == kTrue) {
     TORCH_CHECK(t.scalar_type() == at::kBool, "dyngraph::token_exit: kTrue reads a bool tensor");
     const bool* s = t.data_ptr<bool>();
     for (int64_t i = 0; i < n; ++i)
@@ -377,25 +380,27 @@ std::tuple<int64_t, int64_t> id_range(const at::Tensor& ids) {
   return {lo, hi};
 }
 
-// Each sequence's length before its trailing `pad` ids, and whether every sequence is well
-// formed (no pad before a token, not all padding): runtime/lengths.py's lengths_of, one pass.
-std::tuple<at::Tensor, bool> pad_lengths(const at::Tensor& ids, int64_t pad) {
+// Each sequence's length before its trailing `pad` ids, whether every sequence is well formed
+// (no pad before a token, not all padding) and whether every one is whole (no padding):
+// runtime/lengths.py's lengths_of, one pass.
+std::tuple<at::Tensor, bool, bool> pad_lengths(const at::Tensor& ids, int64_t pad) {
   TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous(),
               "dyngraph::pad_lengths: contiguous int64 ids [B, L]");
   const int64_t b = ids.size(0), len = ids.size(1);
   const int64_t* p = ids.data_ptr<int64_t>();
   auto lengths = at::empty({b}, ids.options());
   int64_t* out = lengths.data_ptr<int64_t>();
-  bool ok = true;
+  bool ok = true, whole = true;
   for (int64_t i = 0; i < b; ++i) {
     const int64_t* r = p + i * len;
     int64_t n = 0;
     while (n < len && r[n] != pad) ++n;
     for (int64_t j = n; j < len; ++j) ok &= r[j] == pad;
     ok &= n > 0;
+    whole &= n == len;
     out[i] = n;
   }
-  return {lengths, ok};
+  return {lengths, ok, whole};
 }
 
 }  // namespace
@@ -412,5 +417,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("query_grid", &query_grid, "the running tokens' query grid");
   m.def("token_exit", &token_exit, "a per-token exit's decision and bookkeeping");
   m.def("id_range", &id_range, "the smallest and the largest token id");
-  m.def("pad_lengths", &pad_lengths, "lengths before the trailing padding, well formed");
+  m.def("pad_lengths", &pad_lengths, "lengths before the trailing padding; checks");
 }

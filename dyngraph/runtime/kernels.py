@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-# rules of rows_where, as in kernels.cpp (TRUE: token_exit only, a bool per row)
-MAX_PROB_BELOW, ENTROPY_ABOVE, DRAW_AT_LEAST, DRAW_BELOW, AT_LEAST, TRUE = range(6)
+# rules of rows_where, as in kernels.cpp (TRUE, NEVER: token_exit only; a bool per row, none)
+MAX_PROB_BELOW, ENTROPY_ABOVE, DRAW_AT_LEAST, DRAW_BELOW, AT_LEAST, TRUE, NEVER = range(7)
 # rules of choose
 ARGMAX, DRAW_BUCKET = range(2)
 

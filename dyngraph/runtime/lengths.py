@@ -26,7 +26,7 @@ def checked_ids(x: torch.Tensor, vocab: int, length: int, device, name: str) -> 
         raise ValueError(f"{name}: the ids are on {x.device}, the model on {device}")
     if x.dim() != 2 or x.shape[1] != length:
         raise ValueError(f"{name}: expected ids [B, {length}], got {list(x.shape)}")
-    x = x.long()
+    x = x if x.dtype == torch.long else x.long()
     k = kernels.for_device(x.device)
     if not x.numel():
         lo, hi = 0, 0
@@ -40,10 +40,13 @@ def checked_ids(x: torch.Tensor, vocab: int, length: int, device, name: str) -> 
     return x
 
 
-def lengths_of(x: torch.Tensor, pad_id: int | None, given: Any, name: str) -> torch.Tensor:
-    """[B] the length of each sequence of a batch `x` [B, L, ...]: `given` (a tensor or list),
-    else for token ids the positions before the trailing `pad_id`s, else L. One-line errors
-    for padding inside a sequence, an empty sequence or lengths out of range."""
+def lengths_of(
+    x: torch.Tensor, pad_id: int | None, given: Any, name: str
+) -> tuple[torch.Tensor, bool]:
+    """([B] the length of each sequence of a batch `x` [B, L, ...], whether all are L): `given`
+    (a tensor or list), else for token ids the positions before the trailing `pad_id`s, else
+    L. One-line errors for padding inside a sequence, an empty sequence or lengths out of
+    range."""
     b, full = x.shape[0], x.shape[1]
     if given is not None:
         lengths = torch.as_tensor(given, device=x.device)
@@ -56,14 +59,14 @@ def lengths_of(x: torch.Tensor, pad_id: int | None, given: Any, name: str) -> to
                 f"{name}: lengths must lie in [1, {full}]; rows {bad[:8]} have "
                 f"{lengths[bad[:8]].tolist()}"
             )
-        return lengths
+        return lengths, bool((lengths == full).all())
     if pad_id is None:
-        return torch.full((b,), full, dtype=torch.long, device=x.device)
+        return torch.full((b,), full, dtype=torch.long, device=x.device), True
     k = kernels.for_device(x.device)
     if k is not None and x.dim() == 2 and x.dtype == torch.long and x.is_contiguous():
-        lengths, ok = k.pad_lengths(x, pad_id)  # (one pass; the ATen ops below name the rows)
-        if ok:
-            return lengths
+        lengths, ok, whole = k.pad_lengths(x, pad_id)  # (one pass; the ATen ops below name
+        if ok:  # the rows, only when one is wrong)
+            return lengths, whole
     real = x != pad_id
     lengths = real.sum(1)
     # padding only at the end: no token right after a pad; and no sequence empty (a few ops
@@ -77,7 +80,7 @@ def lengths_of(x: torch.Tensor, pad_id: int | None, given: Any, name: str) -> to
             )
         empty = (lengths == 0).nonzero().flatten().tolist()
         raise ValueError(f"{name}: rows {empty[:8]} are all padding (a sequence needs a token)")
-    return lengths
+    return lengths, bool((lengths == full).all())
 
 
 def groups(lengths: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

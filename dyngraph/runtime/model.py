@@ -136,8 +136,8 @@ class DynamicModel(nn.Module):
             if lengths is not None:
                 raise ValueError(f"{self.name}: lengths are for sequence inputs")
             return self._forward(x, mode, None)
-        n = lengths_of(x, self._seq[0], lengths, self.name)
-        if x.shape[0] == 0 or bool((n == x.shape[1]).all()):
+        n, whole = lengths_of(x, self._seq[0], lengths, self.name)
+        if x.shape[0] == 0 or whole:
             return self._forward(x, mode, n)
         parts, where = [], []
         for length, rows in groups(n):

@@ -177,7 +177,7 @@ def _pieces(model, inputs: Any, b: int, lengths: Any):
         raise ValueError(f"{model.name}: lengths go with one tensor of inputs")
     for item in inputs:
         x = model._checked_input(item)
-        n = None if seq is None else lengths_of(x, seq[0], lengths, model.name)
+        n = None if seq is None else lengths_of(x, seq[0], lengths, model.name)[0]
         for i in range(0, x.shape[0], b):
             yield x[i : i + b], None if n is None else n[i : i + b]
 

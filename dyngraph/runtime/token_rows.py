@@ -45,6 +45,7 @@ class TokenRows:
     out: torch.Tensor | None = None
     _flat: torch.Tensor | None = field(default=None, repr=False)
     _grid: Any = field(default=None, repr=False)
+    _kept: tuple | None = field(default=None, repr=False)  # (value, version, its running rows)
     everyone: bool = True  # every token of every row runs (no index is needed)
 
     @classmethod
@@ -68,26 +69,35 @@ class TokenRows:
             self._grid = grid_of(self.active)
         return self._grid
 
+    def rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The running tokens' rows [N, D] of `x` [rows, L, D]: the rows a layer just wrote
+        where `x` is its output, unchanged since (no gather); else gathered."""
+        kept = self._kept
+        if kept is not None and kept[0] is x and kept[1] == x._version:
+            return kept[2]
+        b, n, d = x.shape
+        return x.reshape(b * n, d).index_select(0, self.flat)
+
     def stop(self, leaving: torch.Tensor, where: int) -> None:
         """The tokens at flat rows `leaving` leave at exit `where`. New tensors, not in place:
         the trace's log holds the old ones (no copy per record)."""
         shape = self.active.shape
         self.active = self.active.view(-1).index_fill(0, leaving, False).view(shape)
         self.exit_at = self.exit_at.view(-1).index_fill(0, leaving, where).view(shape)
-        self._flat = self._grid = None
+        self._flat = self._grid = self._kept = None
         self.everyone = False
 
     def marked(self, active: torch.Tensor, exit_at: torch.Tensor) -> None:
         """Some tokens left (their marks made by the fused kernel, in new tensors)."""
         self.active, self.exit_at = active, exit_at
-        self._flat = self._grid = None
+        self._flat = self._grid = self._kept = None
         self.everyone = False
 
     def keep(self, rows: torch.Tensor) -> None:
         """Infer: only the rows at positions `rows` go on."""
         self.active, self.exit_at = self.active[rows], self.exit_at[rows]
         self.out = None if self.out is None else self.out[rows]
-        self._flat = self._grid = None
+        self._flat = self._grid = self._kept = None
 
 
 def grid_of(active: torch.Tensor):
@@ -159,8 +169,12 @@ class RowsStep:
         else:
             new = self.block.forward_rows(x, grid)
             ctx.query_padding.append((self.block, t.active, t.grid.width))  # (counted later)
+        t._kept = None  # (y may be x: its rows change now)
         y = x if ctx.free(x, live) else x.clone()
-        ctx.put(y.view(b * n, d), flat, new.reshape(-1, d))  # (one memcpy per row)
+        new = new.reshape(-1, d)
+        ctx.put(y.view(b * n, d), flat, new)  # (one memcpy per row)
+        if new.is_contiguous():  # an exit reading y next takes these rows without a gather
+            t._kept = (y, y._version, new)
         return y
 
     def _record(self, ctx, t: TokenRows) -> None:
