@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..runtime import kernels
 from ..runtime.context import positions
 from .api import Site
 
@@ -61,37 +62,41 @@ class TokenGateRuntime:
     def name(self) -> str:
         return f"gate {self.index}"
 
-    def routed(self, ctx, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """([b, L] bool: the tokens that run the body, and with a capacity the [b, k]
-        positions of those tokens in order; else None)."""
+    def routed(self, ctx, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, Any, Any]:
+        """([b, L] bool: the tokens that run the body; with a capacity the [b, k] positions
+        of those tokens in order, else None; in infer mode on a CPU with a capacity, their
+        (flat rows, weights) from the fused kernel, else None)."""
         n = x.shape[1]
         if self.route_all:
-            return torch.ones_like(p, dtype=torch.bool), None
+            return torch.ones_like(p, dtype=torch.bool), None, None
         if self.predictor is not None and (self.decode or ctx.mode == "train"):
             q = ctx.call(self.predictor, x.detach())
         if self.decode and self.predictor is not None:
-            return q >= 0.5, None
+            return q >= 0.5, None, None
         idx = None
         if self.capacity is None:
             route = p >= self.threshold
         else:
             k = min(n, math.ceil(self.capacity * n - 1e-9))
+            if ctx.kernels is not None and kernels.applies(p) and 0 < k:  # (~12 ATen ops)
+                idx, route, flat, w = ctx.kernels.top_tokens(p, k)
+                return route, idx, (flat, w)
             idx = p.detach().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
             route = torch.zeros_like(p, dtype=torch.bool).scatter_(1, idx, True)
         if self.predictor is not None and ctx.mode == "train":
             ctx.extras["token_predictors"].append({"prob": q, "target": route.float()})
-        return route, idx
+        return route, idx, None
 
-    def _through(self, ctx, x, p, groups: list, out) -> torch.Tensor:
+    def _through(self, ctx, x, p, groups: list, out, w=None) -> torch.Tensor:
         """Each group's tokens (`token_groups`) of `x` through the body, scaled by their
-        weight in `p`, written into their rows of `out` (in place in infer mode; else a new
-        tensor)."""
+        weight in `p` (one group: `w`, its weights, if given), written into their rows of `out`
+        (in place in infer mode; else a new tensor)."""
         b, n, d = x.shape
         for rows, flat, k in groups:
             xk = x.reshape(b * n, d).index_select(0, flat)
             y = ctx.call(self.body, xk.view(-1, k, d) if k else xk.view(1, -1, d), count=rows)
-            w = p.reshape(-1).index_select(0, flat).unsqueeze(1)
-            new = torch.lerp(xk, y.reshape(-1, d), w)  # xk + p·(y - xk)
+            wk = p.reshape(-1).index_select(0, flat).unsqueeze(1) if w is None else w
+            new = torch.lerp(xk, y.reshape(-1, d), wk)  # xk + p·(y - xk)
             if ctx.compacting:  # (one memcpy per row)
                 ctx.put(out.view(b * n, d), flat, new)
             else:
@@ -103,7 +108,7 @@ class TokenGateRuntime:
         itself where nothing reads it again (`live`: the values read after this node; None
         when `x` is one of them)."""
         p = ctx.call(self.policy, x)
-        route, idx = self.routed(ctx, x, p)
+        route, idx, fused = self.routed(ctx, x, p)
         ctx.record_tokens(self.body.index, self.name, route)
         if self.capacity is not None and not self.decode or self.route_all:
             ctx.record("gates", self.index, route.shape[1] if idx is None else idx.shape[1])
@@ -118,6 +123,8 @@ class TokenGateRuntime:
             )  # fmt: skip
         owned = ctx.compacting and live is not None and ctx.free(x, live)
         out = x if owned or not ctx.compacting else x.clone()
+        if fused is not None:  # (the kernel's flat rows and weights)
+            return self._through(ctx, x, p, [(None, fused[0], idx.shape[1])], out, fused[1])
         if counts is None:  # every sequence routes the same number of tokens
             b, n = route.shape
             if idx is None:

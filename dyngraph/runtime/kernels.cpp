@@ -12,6 +12,7 @@
 //   query_grid(active) -> (rows, slots, mask, width): the running tokens' query grid
 //   token_exit(t, rule, threshold, a, flat, active, exit_at, out, z, where) -> (go, active,
 //       exit_at, alive): a per-token exit's decision, its outputs and its bookkeeping
+//   top_tokens(p, k) -> (idx, route, flat, w): Mixture-of-Depths routing by capacity
 //   id_range(ids) -> (smallest, largest); pad_lengths(ids, pad) -> (lengths, well formed, whole):
 //       the checks of a batch of token ids (runtime/model.py, runtime/lengths.py)
 //
@@ -403,6 +404,45 @@ std::tuple<at::Tensor, bool, bool> pad_lengths(const at::Tensor& ids, int64_t pa
   return {lengths, ok, whole};
 }
 
+// Mixture-of-Depths routing by capacity (constructs/token_gate.py), in one call: each
+// sequence's top `k` tokens by router probability `p` [b, L] (at::topk and at::sort, as the
+// ATen path calls them, so that ties go the same way), in their original order [b, k]; the
+// route mask [b, L]; their flat rows [b·k] (sample x L + position); their weights [b·k, 1].
+template <typename T>
+void route_rows(const at::Tensor& p, const at::Tensor& idx, bool* route, int64_t* flat, T* w) {
+  const int64_t b = p.size(0), len = p.size(1), k = idx.size(1);
+  const T* pp = p.data_ptr<T>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t pos = ip[i * k + j], row = i * len + pos;
+      route[row] = true;
+      flat[i * k + j] = row;
+      w[i * k + j] = pp[row];
+    }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_tokens(const at::Tensor& p,
+                                                                      int64_t k) {
+  TORCH_CHECK(p.dim() == 2 && p.is_contiguous() && k >= 1 && k <= p.size(1),
+              "dyngraph::top_tokens: contiguous probabilities [b, L] and 1 <= k <= L");
+  at::Tensor idx = std::get<0>(at::sort(std::get<1>(at::topk(p, k, 1, true, false)), 1));
+  idx = idx.contiguous();
+  const int64_t b = p.size(0);
+  auto route = at::zeros(p.sizes(), p.options().dtype(at::kBool));
+  auto flat = at::empty({b * k}, idx.options());
+  auto w = at::empty({b * k, 1}, p.options());
+  bool* r = route.data_ptr<bool>();
+  int64_t* f = flat.data_ptr<int64_t>();
+  if (p.scalar_type() == at::kDouble) {
+    route_rows<double>(p, idx, r, f, w.data_ptr<double>());
+  } else {
+    TORCH_CHECK(p.scalar_type() == at::kFloat, "dyngraph::top_tokens: float32 or float64");
+    route_rows<float>(p, idx, r, f, w.data_ptr<float>());
+  }
+  return {idx, route, flat, w};
+}
+
 }  // namespace
 
 // A Python module of plain functions (pybind11), not torch.ops: a call through torch.ops
@@ -416,6 +456,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_rows_", &copy_rows_, "dst[dst_rows] = src[src_rows], in place");
   m.def("query_grid", &query_grid, "the running tokens' query grid");
   m.def("token_exit", &token_exit, "a per-token exit's decision and bookkeeping");
+  m.def("top_tokens", &top_tokens, "Mixture-of-Depths routing by capacity");
   m.def("id_range", &id_range, "the smallest and the largest token id");
   m.def("pad_lengths", &pad_lengths, "lengths before the trailing padding; checks");
 }

@@ -47,6 +47,7 @@ class Ops:
         self.copy_rows_ = module.copy_rows_
         self.query_grid = module.query_grid
         self.token_exit = module.token_exit
+        self.top_tokens = module.top_tokens
         self.id_range = module.id_range
         self.pad_lengths = module.pad_lengths
         self.file = getattr(module, "__file__", None)  # (an export copies it: runner/fused.py)

@@ -174,6 +174,24 @@ def test_token_exit_decides_and_marks_as_the_aten_ops_do(ops, everyone, rule):
     assert act is active and at is exit_at
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_tokens_routes_as_topk_then_sort(ops, dtype):
+    """Mixture-of-Depths capacity routing: each sequence's top k tokens in their order (ties
+    included: the same topk picks them), the route mask, flat rows and weights."""
+    g = torch.Generator().manual_seed(8)
+    p = torch.rand(7, 16, generator=g, dtype=dtype).round(decimals=1)  # many ties
+    p[3] = 0.5  # a sequence of equal probabilities
+    for k in (1, 5, 16):
+        idx, route, flat, w = ops.top_tokens(p, k)
+        want = p.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        assert torch.equal(idx, want)
+        assert torch.equal(route, torch.zeros_like(p, dtype=torch.bool).scatter_(1, want, True))
+        assert torch.equal(flat, (want + torch.arange(7).unsqueeze(1) * 16).view(-1))
+        assert torch.equal(w, p.reshape(-1)[flat].unsqueeze(1))
+    with pytest.raises(RuntimeError, match="1 <= k <= L"):
+        ops.top_tokens(p, 17)
+
+
 def test_the_id_checks_match_the_aten_ones(ops):
     """The range of token ids, and each sequence's length before its trailing padding, with
     the verdict that sends a malformed batch to the ATen ops that name its rows."""
