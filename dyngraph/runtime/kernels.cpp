@@ -287,12 +287,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> query_grid(const at::Ten
       if (!a[i * n + j]) continue;
       r[k] = i * n + j;
       s[k++] = i * width + q;
-      float* row = m + (i * width + q++) * n;
-      for (int64_t key = 0; key < n; ++key) row[key] = key <= j ? 0.0f : -inf;
+      float* row = m + (i * width + q++) * n;  // (two fills: they vectorize, a test does not)
+      std::fill(row, row + j + 1, 0.0f);
+      std::fill(row + j + 1, row + n, -inf);
     }
     for (; q < width; ++q) {  // padding: reads position 0 only
       float* row = m + (i * width + q) * n;
-      for (int64_t key = 0; key < n; ++key) row[key] = key == 0 ? 0.0f : -inf;
+      row[0] = 0.0f;
+      std::fill(row + 1, row + n, -inf);
     }
   }
   return {rows, slots, mask, width};
