@@ -124,8 +124,6 @@ class TokenExitRuntime:
         b, n, d = x.shape
         if t is None:
             t = ctx.token_rows = TokenRows.start(x)
-        if t.out is None:  # (with `start`'s tensors: small ops cost most right after a GEMM)
-            t.out = x.new_zeros((b, n, self.head_shape[-1]))
         ctx.record_tokens(self.head.index, f"{self.name} head tokens", t.active)
         if t.everyone:
             xs = x.reshape(b * n, d)
@@ -134,6 +132,8 @@ class TokenExitRuntime:
             ctx.events.append((self.head.index, ctx.idx, None))  # (ctx.call's log)
             xs = t.rows_of(x)
             z = self.head(xs.view(1, -1, d)).view(xs.shape[0], -1)
+        if t.out is None:  # (the head's dtype)
+            t.out = z.new_zeros((b, n, z.shape[1]))
         if ctx.kernels is not None and z.is_contiguous():
             return self._decide_fused(ctx, t, z, xs)
         go = None  # positions among the running tokens of those leaving (None: all)

@@ -82,13 +82,14 @@ class TokenRows:
         """The tokens at flat rows `leaving` leave at exit `where`. New tensors, not in place:
         the trace's log holds the old ones (no copy per record)."""
         shape = self.active.shape
-        self.active = self.active.view(-1).index_fill(0, leaving, False).view(shape)
-        self.exit_at = self.exit_at.view(-1).index_fill(0, leaving, where).view(shape)
-        self._flat = self._grid = self._kept = None
-        self.everyone = False
+        self.marked(
+            self.active.view(-1).index_fill(0, leaving, False).view(shape),
+            self.exit_at.view(-1).index_fill(0, leaving, where).view(shape),
+        )
 
     def marked(self, active: torch.Tensor, exit_at: torch.Tensor) -> None:
-        """Some tokens left (their marks made by the fused kernel, in new tensors)."""
+        """Some tokens left: `active` and `exit_at` mark them (new tensors: `stop`'s, or the
+        fused kernel's)."""
         self.active, self.exit_at = active, exit_at
         self._flat = self._grid = self._kept = None
         self.everyone = False
