@@ -95,10 +95,9 @@ class Attention(nn.Module):
         """The attention output [N, D] of the running tokens `grid` (`query_grid`) of `x`
         [b, L, D] (`xq` [N, D]: their rows of `x`, if the caller holds them), every token a
         key and a value: the KV rows of the QKV projection on every token, the Q rows on the
-        running ones. Attention runs on the query grid, padded to
-        `grid.width` per sample (a padded query reads position 0's key and is dropped): its
-        waste is (b·width - N) query rows of QK and AV products. No key or value is copied
-        per query."""
+        running ones. Attention runs on the query grid, padded to `grid.width` per sample (a
+        padded query reads position 0's key and is dropped): its waste is (b·width - N) query
+        rows of QK and AV products. No key or value is copied per query."""
         b, n, d = x.shape
         heads, dh = self.heads, d // self.heads
         w, bias = self.qkv.weight, self.qkv.bias

@@ -302,9 +302,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> query_grid(const at::Ten
 
 // The running tokens (rows of `t`, at flat positions `flat` of a [b, L] batch; none: every
 // token, in order) that do not meet `rule` (the rows that stay, as rows_where; kTrue: `t` is
-// bool; kNever: none stays) leave at exit `where`: each one's row of `z` is written to `out` [b·L, ...] at its
-// flat position, and copies of `active` / `exit_at` [b, L] mark it (the old tensors are left
-// as they were: the trace's log holds them; returned as they are when nobody leaves).
+// bool; kNever: none stays) leave at exit `where`: each one's row of `z` is written to `out`
+// [b·L, ...] at its flat position, and copies of `active` / `exit_at` [b, L] mark it (the old
+// tensors are left as they were: the trace's log holds them; returned as they are when nobody
+// leaves).
 // Returns (go: positions among the running tokens of those leaving, active, exit_at, alive:
 // the samples that keep a running token). constructs/token_exit.py's decide, in one call.
 template <typename T>
