@@ -169,7 +169,7 @@ def write(rows: list[dict], path: Path) -> str:
     return text
 
 
-SEQUENCES = ("deebert_transformer", "state_tagger", "mod_tagger", "composer_tokens")
+SEQUENCES = ("deebert_transformer", "state_tagger", "mod_tagger", "composer_tokens", "calm_tagger")
 
 
 @torch.no_grad()

@@ -20,8 +20,10 @@ when the input has ended), so every stage runs full batches.
 - Memory is bounded: the rows waiting in all queues never pass `max_rows`; before more input is
   admitted, the deepest non-empty queue runs, even short of a full batch, until there is room.
 - A sequence model streams each length separately (as `DynamicModel.forward` groups a batch by
-  length). After a per-token exit the remaining layers carry per-token state that is not per
-  row, so they run as one stage with the exit.
+  length). A per-token exit ends a stage like any exit (the sequences with no running token
+  leave there); the sequences that go on carry their tokens' state (which tokens run, where
+  each left, the outputs of those that did) among their states, so the layers after it run
+  full batches of sequences pooled across inputs too.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 from . import kernels
 from .context import RunContext
 from .model import DynamicOutput
+from .token_rows import TokenRows
 from .trace import Trace
 
 
@@ -111,7 +112,14 @@ class Queue:
         self.rows += n
 
     def pop(self, n: int) -> Rows:
-        """The first `n` rows (fewer if it holds fewer), as one batch."""
+        """The first `n` rows (fewer if it holds fewer), as one batch. A first block of whole
+        rows (a run's values as they are, no positions) that nearly fills a batch (7/8) is
+        taken alone: filling it up would copy all of it for the few rows it lacks."""
+        first = self.blocks[0] if self.blocks else None
+        if first is not None and first.pos is None and 7 * n <= 8 * len(first) <= 8 * n:
+            self.blocks.popleft()
+            self.rows -= len(first)
+            return first.src
         out, got = [], 0
         while self.blocks and got < n:
             b = self.blocks.popleft()
@@ -153,19 +161,16 @@ def stages_of(plan, pool_bodies: bool = False) -> list[Stage]:
     """The plan cut into stages: after every node where rows leave (`leaves_rows`: exits),
     and at every part of a node whose runtime splits it (`stream_parts(pool_bodies)`: a
     halting loop; a gate's body with `pool_bodies`); other nodes run inside a stage, as in a
-    batched pass. After a per-token exit, the rest runs as one stage."""
+    batched pass. A per-token exit ends a stage too (sequences with no running token leave
+    there)."""
     stages: list[Stage] = []
     pending: list[Callable] = []  # steps waiting for the next boundary
-    steps = plan.steps
-    for i, step in enumerate(steps):
-        if getattr(step, "freezes_tokens", False):
-            pending += [_op(s) for s in steps[i:]]
-            break
+    for step in plan.steps:
         split = getattr(step, "stream_parts", None)
         parts = split(pool_bodies) if split is not None else None
         if parts is None:
             pending.append(_op(step))
-            if getattr(step, "leaves_rows", False):
+            if getattr(step, "leaves_rows", False) or getattr(step, "freezes_tokens", False):
                 stages.append(Stage(pending, len(stages) + 1, step.live_after))
                 pending = []
             continue
@@ -253,6 +258,35 @@ def last_of(pieces: list[tuple[torch.Tensor, object]], n: int) -> torch.Tensor:
     )
 
 
+# After a per-token exit, each row (sequence) carries its tokens' state (runtime/token_rows.py)
+# from stage to stage among its states, under these names
+_TOKENS = {"active": "token_rows.active", "exit_at": "token_rows.exit_at", "out": "token_rows.out"}
+
+
+def _tokens_in(ctx) -> None:
+    """A stage after a per-token exit: its rows' tokens' state, from their states."""
+    if _TOKENS["active"] in ctx.states:
+        t = {k: ctx.states.pop(name) for k, name in _TOKENS.items()}
+        ctx.token_rows = TokenRows(**t, everyone=bool(t["active"].all()))
+
+
+def _tokens_out(ctx, n: int) -> dict[str, torch.Tensor]:
+    """The states of the values' `n` rows, with their tokens' state after a per-token exit.
+    The exit compacted that state to the rows that go on (`TokenRows.keep`); where the values'
+    own compaction is left to the queue (`pending`), it is put back at those rows' positions
+    (a few small tensors), so that one gather moves everything."""
+    t = ctx.token_rows
+    if t is None:
+        return ctx.states
+    state = {name: getattr(t, k) for k, name in _TOKENS.items()}
+    if ctx.pending is not None:
+        state = {
+            k: v.new_zeros((n, *v.shape[1:])).index_copy_(0, ctx.pending, v)
+            for k, v in state.items()
+        }
+    return ctx.states | state
+
+
 _NOTHING = torch.empty(0)  # the input of a run that does not read it (nothing to protect)
 
 
@@ -285,6 +319,7 @@ class Lane:
         ctx = StreamContext(x, "infer", plan.trace_sizes, out_column=plan.out_column)
         ctx.env, ctx.states = dict(rows.env), dict(rows.states)
         ctx.input = rows.env.get("input", _NOTHING)
+        _tokens_in(ctx)
         route, last = None, len(stage.ops) - 1
         for j, op in enumerate(stage.ops):
             if not ctx.rows:
@@ -300,7 +335,8 @@ class Lane:
             return
         # the values' rows (before a pending compaction) and the current rows among them
         at, pos = (ctx.idx, None) if ctx.pending is None else (ctx.before, ctx.pending)
-        here = Rows(rows.ids if at is None else rows.ids.index_select(0, at), ctx.env, ctx.states)
+        ids = rows.ids if at is None else rows.ids.index_select(0, at)
+        here = Rows(ids, ctx.env, _tokens_out(ctx, ids.shape[0]))
         if route is None:
             return self._send(here, k + 1, pos, stage)
         rest = route.pop(None, None)  # the part may name the rows going past itself

@@ -107,6 +107,20 @@ def test_every_stage_runs_full_batches_until_the_input_ends():
     assert all(n < b for t in batched for n in _sizes(t, deep))
 
 
+def test_the_sequences_that_go_on_past_a_per_token_exit_are_pooled_across_inputs():
+    model = compiled(BY_NAME["calm_tagger"], "none")
+    x = torch.randint(1, 7, (600, 16), generator=torch.Generator().manual_seed(0))  # (one length)
+    b = 32
+    with forced(model, exit=0.9):  # each token leaves at each exit with probability 0.9
+        out = dg.stream(model, x, batch_size=b)
+        batched = [model(x[i : i + b]).trace for i in range(0, 600, b)]
+        assert_same(model, out, model(x))
+    deep = [u.index for u in model.units if u.kind == "segment"][-2]
+    sizes = _sizes(out.trace, deep)  # full batches of the sequences left, until the end
+    assert sizes and sum(n < b for n in sizes) <= 1, sizes
+    assert all(n < b // 2 for t in batched for n in _sizes(t, deep))  # per batch: a few
+
+
 def test_a_halting_loop_refills_freed_slots_with_new_inputs():
     model = compiled(BY_NAME["act_parity"], "none")
     h = model.haltings[0]
