@@ -112,14 +112,7 @@ class Queue:
         self.rows += n
 
     def pop(self, n: int) -> Rows:
-        """The first `n` rows (fewer if it holds fewer), as one batch. A first block of whole
-        rows (a run's values as they are, no positions) that nearly fills a batch (7/8) is
-        taken alone: filling it up would copy all of it for the few rows it lacks."""
-        first = self.blocks[0] if self.blocks else None
-        if first is not None and first.pos is None and 7 * n <= 8 * len(first) <= 8 * n:
-            self.blocks.popleft()
-            self.rows -= len(first)
-            return first.src
+        """The first `n` rows (fewer if it holds fewer), as one batch."""
         out, got = [], 0
         while self.blocks and got < n:
             b = self.blocks.popleft()
