@@ -71,7 +71,7 @@ def _queues(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("max_rows", [16, 23, 100])
-@pytest.mark.parametrize("name", ["digits_early_exit", "skipnet_rnn", "act_parity"])
+@pytest.mark.parametrize("name", ["digits_early_exit", "skipnet_rnn", "act_parity", "calm_tagger"])
 def test_the_rows_waiting_never_pass_the_bound(monkeypatch, name, max_rows):
     model = compiled(BY_NAME[name], "none")
     queues, seen = _queues(monkeypatch), [0]
