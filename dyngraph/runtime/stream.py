@@ -4,7 +4,8 @@ A per-batch pass runs each stage after a decision on the rows that continue, so 
 small GEMMs, which this kind of CPU runs at a fraction of its rate. `stream` pools rows across
 inputs instead: the plan is cut into **stages** where rows leave or loop, each stage keeps a
 queue of rows waiting for it, and a stage runs only when its queue holds `batch_size` rows (or
-when the input has ended), so every stage runs full batches.
+when the input has ended), so every stage runs full batches. (Rows that go on past a stage
+and still fill 7/8 of a batch go on in the same run instead: stream_lane.Lane._through.)
 
 - A stage ends after every node where rows leave (an exit); the nodes before it (segments,
   gates, metalayers) run inside the stage, on all its rows, as in a batched pass. A construct
@@ -92,7 +93,7 @@ class Streamer:
 
     def _lane(self, key: int, shape: tuple, device) -> Lane:
         if key not in self.lanes:
-            self.lanes[key] = Lane(self.model, self.stages, shape, device, self.log_rows)
+            self.lanes[key] = Lane(self.model, self.stages, shape, device, self.log_rows, self.b)
         return self.lanes[key]
 
     def held(self) -> int:

@@ -185,6 +185,15 @@ class StreamContext(RunContext):
     pending: torch.Tensor | None = None  # positions of the current rows among the values
     before: torch.Tensor | None = None  # the row map when they were marked
 
+    def settle(self) -> None:
+        """Carry out the compaction left to the queue (the rows go on in this run after all):
+        the values and states gathered at `pending` in one call."""
+        names, n = list(self.env), len(self.env)
+        got = self.gather([*self.env.values(), *self.states.values()], self.pending)
+        self.env = dict(zip(names, got[:n], strict=True))
+        self.states = dict(zip(self.states, got[n:], strict=True))
+        self.pending = self.before = None
+
     def keep(self, rows: torch.Tensor, live_ids: set[str]) -> None:
         if not self.lazy or self.pending is not None:
             return super().keep(rows, live_ids)
@@ -286,8 +295,10 @@ _NOTHING = torch.empty(0)  # the input of a run that does not read it (nothing t
 class Lane:
     """The queues of one stream of rows of one shape (a sequence model: of one length)."""
 
-    def __init__(self, model, stages: list[Stage], shape: tuple, device, log_rows: bool) -> None:
-        self.model, self.stages = model, stages
+    def __init__(
+        self, model, stages: list[Stage], shape: tuple, device, log_rows: bool, batch_size: int
+    ) -> None:
+        self.model, self.stages, self.b = model, stages, batch_size
         self.queues = [Queue() for _ in stages]
         self.n = 0  # rows admitted
         self.where: list[torch.Tensor] = []  # their ids in the whole stream, by admission
@@ -305,20 +316,29 @@ class Lane:
         self.queues[0].push(Rows(ids, {"input": x}, {}), None)
 
     def run(self, k: int, n: int) -> None:
-        """Stage `k` on the first `n` rows of its queue."""
+        """Stage `k` on the first `n` rows of its queue, and on through the next stages while
+        the rows that go on nearly fill a batch (`_through`): the next queue would only add a
+        few rows to them at the price of copying them all (a per-token exit where no sequence
+        leaves, most of them in a trained model; early exits that keep 7/8 of the rows). Rows
+        waiting in that queue wait for the next that arrive."""
         rows = self.queues[k].pop(n)
-        stage, plan = self.stages[k], self.model._plan
+        plan = self.model._plan
         x = next(iter(rows.env.values()))
         ctx = StreamContext(x, "infer", plan.trace_sizes, out_column=plan.out_column)
         ctx.env, ctx.states = dict(rows.env), dict(rows.states)
         ctx.input = rows.env.get("input", _NOTHING)
         _tokens_in(ctx)
-        route, last = None, len(stage.ops) - 1
-        for j, op in enumerate(stage.ops):
-            if not ctx.rows:
+        while True:
+            stage = self.stages[k]
+            route, last = None, len(stage.ops) - 1
+            for j, op in enumerate(stage.ops):
+                if not ctx.rows:
+                    break
+                ctx.lazy = j == last
+                route = op(ctx)
+            if not self._through(k, ctx, route):
                 break
-            ctx.lazy = j == last
-            route = op(ctx)
+            k += 1
         self.log.add(rows.ids, ctx)
         if self.log_rows:
             self.done.append((rows.ids, time.perf_counter()))
@@ -341,6 +361,16 @@ class Lane:
         for offset, p in route.items():
             self._send(here, k + offset, p if pos is None else pos.index_select(0, p), stage)
         self._send(here, stage.past, rest if pos is None else pos.index_select(0, rest), stage)
+
+    def _through(self, k: int, ctx, route) -> bool:
+        """Whether the rows of a run of stage `k` go on into stage k + 1 in the same run:
+        past a plain stage (not a loop's part), a nearly full batch of them (7/8; their
+        compaction, if rows left, is carried out now)."""
+        if route is not None or k + 1 >= len(self.stages) or 8 * ctx.rows < 7 * self.b:
+            return False
+        if ctx.pending is not None:
+            ctx.settle()
+        return True
 
     def _send(self, here: Rows, to: int, pos: torch.Tensor | None, stage: Stage) -> None:
         """The rows of `here` at `pos` (None: all) wait for stage `to` now (past the last

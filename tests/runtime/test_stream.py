@@ -121,6 +121,20 @@ def test_the_sequences_that_go_on_past_a_per_token_exit_are_pooled_across_inputs
     assert all(n < b // 2 for t in batched for n in _sizes(t, deep))  # per batch: a few
 
 
+def test_rows_that_nearly_fill_a_batch_go_on_in_the_same_run():
+    model = compiled(BY_NAME["digits_early_exit"], "none")
+    x = random_batch(model, 640, seed=6)
+    b = 64
+    with forced(model, exit=0.04):  # 96% go on at each exit
+        out = dg.stream(model, x, batch_size=b)
+        assert_same(model, out, model(x))
+    blocks = [u.index for u in model.units if u.kind == "segment"]
+    sizes = [n for u in blocks[1:] for n in _sizes(out.trace, u)]
+    # compacted in the run (some rows left) and on at once, short of a full batch
+    assert any(7 * b <= 8 * n < 8 * b for n in sizes), sizes
+    assert out.stats["runs"] < len(blocks) * 640 // b
+
+
 def test_a_halting_loop_refills_freed_slots_with_new_inputs():
     model = compiled(BY_NAME["act_parity"], "none")
     h = model.haltings[0]
