@@ -9,7 +9,7 @@ import torch
 import dyngraph as dg
 from dyngraph.cli import main
 from dyngraph.forcing import forced
-from dyngraph.runtime import stream_lane
+from dyngraph.runtime import stream_queue
 
 from ..conftest import SPECS, compiled, forced_decisions, random_batch
 
@@ -60,13 +60,13 @@ def test_a_stream_gives_each_input_its_own_outputs_and_trace(path, pool):
 def _queues(monkeypatch) -> list:
     """Every queue made from now on (to count their rows independently of the stream)."""
     made = []
-    init = stream_lane.Queue.__init__
+    init = stream_queue.Queue.__init__
 
     def record(self):
         init(self)
         made.append(self)
 
-    monkeypatch.setattr(stream_lane.Queue, "__init__", record)
+    monkeypatch.setattr(stream_queue.Queue, "__init__", record)
     return made
 
 
@@ -75,13 +75,13 @@ def _queues(monkeypatch) -> list:
 def test_the_rows_waiting_never_pass_the_bound(monkeypatch, name, max_rows):
     model = compiled(BY_NAME[name], "none")
     queues, seen = _queues(monkeypatch), [0]
-    push = stream_lane.Queue.push
+    push = stream_queue.Queue.push
 
     def counted(self, src, pos):
         push(self, src, pos)
         seen[0] = max(seen[0], sum(len(b) for q in queues for b in q.blocks))
 
-    monkeypatch.setattr(stream_lane.Queue, "push", counted)
+    monkeypatch.setattr(stream_queue.Queue, "push", counted)
     x = random_batch(model, 300, seed=2)
     out = dg.stream(model, x, batch_size=16, max_rows=max_rows)
     assert_same(model, out, model(x))
