@@ -255,12 +255,9 @@ class Lane:
 
     def _through(self, k: int, ctx, route) -> bool:
         """Whether the rows of a run of stage `k` go on into stage k + 1 in the same run:
-        a nearly full batch of them (7/8; their compaction, if rows left, is carried out
-        now), past a node (not into a node's next part: a halting loop's queue is where new
-        rows join the rows going round)."""
-        if route is not None or self.stages[k].past != k + 1 or k + 1 >= len(self.stages):
-            return False
-        if 8 * ctx.rows < 7 * self.b:
+        past a plain stage (not a loop's part), a nearly full batch of them (7/8; their
+        compaction, if rows left, is carried out now)."""
+        if route is not None or k + 1 >= len(self.stages) or 8 * ctx.rows < 7 * self.b:
             return False
         if ctx.pending is not None:
             ctx.settle()
