@@ -254,9 +254,10 @@ class Lane:
         self._send(here, stage.past, rest if pos is None else pos.index_select(0, rest), stage)
 
     def _through(self, k: int, ctx, route) -> bool:
-        """Whether the rows of a run of stage `k` go on into stage k + 1 in the same run:
-        past a plain stage (not a loop's part), a nearly full batch of them (7/8; their
-        compaction, if rows left, is carried out now)."""
+        """Whether the rows of a run of stage `k` go on into stage k + 1 in the same run: a
+        nearly full batch of them (7/8; their compaction, if rows left, is carried out now),
+        after a stage that routes no rows itself (a loop's ponder part does: the rows going
+        round wait in its queue). A halting node's entry goes on into its first step."""
         if route is not None or k + 1 >= len(self.stages) or 8 * ctx.rows < 7 * self.b:
             return False
         if ctx.pending is not None:
