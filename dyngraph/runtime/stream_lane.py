@@ -77,13 +77,11 @@ class StreamContext(RunContext):
     before: torch.Tensor | None = None  # the row map when they were marked
 
     def settle(self) -> None:
-        """Carry out the compaction left to the queue (the rows go on in this run after all):
-        the values and states gathered at `pending` in one call."""
-        names, n = list(self.env), len(self.env)
-        got = self.gather([*self.env.values(), *self.states.values()], self.pending)
-        self.env = dict(zip(names, got[:n], strict=True))
-        self.states = dict(zip(self.states, got[n:], strict=True))
+        """Carry out the compaction left to the queue (the rows go on in this run after all),
+        as `RunContext.keep` would have done it then."""
+        rows, self.idx = self.pending, self.before
         self.pending = self.before = None
+        super().keep(rows, set(self.env))
 
     def keep(self, rows: torch.Tensor, live_ids: set[str]) -> None:
         if not self.lazy or self.pending is not None:
