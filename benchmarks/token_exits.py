@@ -9,14 +9,15 @@ one causal pre-LN transformer layer (4 heads, MLP 4x) and the last exit, B = 32,
 token goes on with probability c, drawn from its state, so sequences run different numbers of
 tokens, as a threshold would choose them. Timed in interleaved rounds, in the same run:
   static   = embedding, the layer on every token, a per-token head
-  dyngraph = the exit model's infer pass (both heads, the decisions, the query grid, the layer
+  dyngraph = the exit model's infer pass (both heads, the decisions, the running rows, the layer
              on the running tokens with every token a key and a value, the outputs assembled)
   masking  = its dense mode: the layer on every token, then where(running, new, old)
   oracle   = the same units called directly: embedding and the first head on every token,
-             the layer's GEMMs at their sizes on pre-made inputs (token_rows.oracle_layer), the
+             the layer's units at their sizes on pre-made inputs (token_rows.oracle_layer), the
              last head on the running tokens (no decisions, no index ops)
 Columns: f = MAC fraction (the model's MACs per input, both heads included, / the static
-model's), t = time fraction (dyngraph / static), and the oracle's and masking's fractions.
+model's), waste = MACs executed past the ideal over the ideal (`trace.query_padding_macs`),
+t = time fraction (dyngraph / static), and the oracle's and masking's fractions.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from pathlib import Path
 import torch
 
 import dyngraph as dg
-from dyngraph.blocks.sequence import query_grid
 from dyngraph.forcing import forced
+from dyngraph.runtime.token_rows import grid_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import token_cli  # noqa: E402
@@ -69,7 +70,7 @@ def measure(length: int, c: float, min_run_time: float) -> dict:
         running = out.trace.tokens["exit"] != 0  # the tokens that go on past exit 0
         f = float(model.per_input_macs(out.trace).double().mean()) / static.static_macs()
         x = embed(ids)[0]
-        grid = query_grid(running)
+        grid = grid_of(running)
         layer_oracle = oracle_layer(blk, x, grid)
         xr = torch.randn(1, grid.rows.numel(), D)
 
@@ -88,7 +89,7 @@ def measure(length: int, c: float, min_run_time: float) -> dict:
         "L": length,
         "c": c,
         "run": float(running.float().mean()),
-        "pad": 1 - grid.rows.numel() / (B * grid.width),
+        "waste": out.trace.query_padding_macs / float(model.per_input_macs(out.trace).sum()),
         "f": f,
         **token_cli.fractions(t, "static"),
     }

@@ -10,15 +10,18 @@ whole model), `TransformerBlock.forward_rows`, on one causal pre-LN layer (d = 1
 threshold would choose them: each token independently with probability c, so sequences run
 different numbers of tokens. Timed in interleaved rounds, in the same run:
   static   = the layer on every token
-  dyngraph = the query grid from the mask (`grid_of`, the fused kernel: rebuilt per layer,
-             as with an exit after every layer), `forward_rows`, the new states written back in place
+  dyngraph = the running tokens' rows from the mask (`grid_of`, the fused kernel: rebuilt per
+             layer, as with an exit after every layer), `forward_rows` (attention per sample,
+             runtime/attention.cpp), the new states written back in place
   masking  = the layer on every token, then `where(active, new, old)`
-  oracle   = the same GEMMs at their sizes on pre-made inputs: LN1 and the KV projection on
-             every token, the Q projection on the running tokens, attention on the padded query
-             grid, the output projection and the MLP on the running tokens (no index ops)
+  oracle   = the same units at their sizes on pre-made inputs: LN1 and the KV projection on
+             every token, the Q projection on the running tokens, the same attention kernel on
+             pre-made queries, the output projection and the MLP on the running tokens (no
+             index ops)
 Columns: f = ideal MAC fraction (linears, and attention per query row over the keys it reads,
-as the project counts it; the KV projection of every token included), pad = the padded query
-rows' share of the grid, t = time fraction (dyngraph / static).
+as the project counts it; the KV projection of every token included), waste = MACs executed
+past the ideal, over the ideal (attention's blocks reading keys past a query's own position;
+executed / ideal = 1 + waste), t = time fraction (dyngraph / static).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dyngraph.blocks.sequence import TransformerBlock, query_grid
+from dyngraph.blocks.sequence import QUERY_BLOCK, TransformerBlock
 from dyngraph.runtime import kernels
-from dyngraph.runtime.token_rows import grid_of
+from dyngraph.runtime.token_rows import grid_of, padding_macs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import token_cli  # noqa: E402
@@ -52,22 +55,31 @@ def ideal_macs(active: torch.Tensor, d: int = D, ratio: float = RATIO) -> int:
 
 
 def oracle_layer(blk: TransformerBlock, x: torch.Tensor, grid) -> Callable[[], torch.Tensor]:
-    """The layer's GEMMs at their sizes on pre-made inputs, for the running tokens `grid` of
+    """The layer's units at their sizes on pre-made inputs, for the running tokens `grid` of
     `x` [b, L, D]: LN1 and the KV projection on every token, the Q projection on the running
-    tokens, attention on the padded query grid, the output projection and the MLP on the
-    running tokens (no index ops, no grid)."""
+    tokens, attention as `grid.attend` runs it (per sample, or SDPA on the padded grid) on
+    pre-made queries, the output projection and the MLP on the running tokens (no index ops)."""
     b, n, d = x.shape
     heads, a, n_run = blk.attn.heads, blk.attn, grid.rows.numel()
     hq, xq = torch.randn(n_run, d), torch.randn(n_run, d)
-    grid_q = torch.randn(b, heads, grid.width, d // heads)
     y_run = torch.randn(n_run, d)
+    if grid.mask is None:
+        q = torch.randn(n_run, d)
+
+        def attend(kv):
+            rows = torch.ops.dyngraph.rows_attention
+            return rows(q, kv, grid.pos, grid.offsets, heads, QUERY_BLOCK, a.causal)
+    else:
+        grid_q = torch.randn(b, heads, grid.width, d // heads)
+
+        def attend(kv):
+            k, v = kv.view(b, n, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(grid_q, k, v, attn_mask=grid.mask)
 
     def oracle():
         h = blk.norm1(x)
-        kv = F.linear(h, a.qkv.weight[d:], a.qkv.bias[d:])
-        k, v = kv.view(b, n, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+        attend(F.linear(h, a.qkv.weight[d:], a.qkv.bias[d:]))
         F.linear(hq, a.qkv.weight[:d], a.qkv.bias[:d])
-        F.scaled_dot_product_attention(grid_q, k, v, attn_mask=grid.mask)
         z = xq + a.proj(y_run)
         return z + blk.fc2(blk.act(blk.fc1(blk.norm2(z))))
 
@@ -81,8 +93,8 @@ def measure(length: int, c: float, min_run_time: float) -> dict:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, length, D, generator=g)
     active = torch.rand(B, length, generator=g) < c
-    grid = query_grid(active)
-    n_run, width = grid.rows.numel(), grid.width
+    grid = grid_of(active)
+    n_run = grid.rows.numel()
     f = ideal_macs(active) / ideal_macs(torch.ones_like(active))
     state = x.clone()
 
@@ -107,7 +119,7 @@ def measure(length: int, c: float, min_run_time: float) -> dict:
         "L": length,
         "c": c,
         "run": n_run / active.numel(),
-        "pad": 1 - n_run / (B * width),
+        "waste": padding_macs([(blk, active, grid.padded)]) / ideal_macs(active),
         "f": f,
         **token_cli.fractions(t, "static"),
     }
@@ -115,14 +127,14 @@ def measure(length: int, c: float, min_run_time: float) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| L | c | tokens run | pad | f (MACs) | t (dyngraph) | oracle | masking | "
+        "| L | c | tokens run | waste | f (MACs) | t (dyngraph) | oracle | masking | "
         "dyngraph / oracle | <= 1.10x oracle | speedup vs masking / oracle's | static ms |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for r in rows:
         ratio = token_cli.speedup_share(r)
         lines.append(
-            f"| {r['L']} | {r['c']} | {r['run']:.3f} | {r['pad']:.3f} | {r['f']:.3f} | "
+            f"| {r['L']} | {r['c']} | {r['run']:.3f} | {r['waste']:.3f} | {r['f']:.3f} | "
             f"{r['t']:.3f} | {r['oracle']:.3f} | {r['masking']:.3f} | "
             f"{r['t'] / r['oracle']:.3f} | {'yes' if r['t'] <= 1.10 * r['oracle'] else 'NO'} | "
             f"{ratio:.3f} | {r['static_ms']:.2f} |"
@@ -131,7 +143,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    kernels.load()  # (as dg.compile does: the query grid's fused kernel)
+    kernels.load()  # (as dg.compile does: the running tokens' kernels)
     token_cli.main(
         __doc__,
         "Per-token threshold exits, the layer kernel (benchmarks/token_rows.py)",

@@ -53,7 +53,9 @@ def print_profile(model, origin, prof, out) -> None:
     if "dispatch_waste" in s:
         print(f"  executed/ideal MACs of the batched run: {s['dispatch_waste']:.4f}")
     if s.get("query_padding_macs"):
-        print(f"  of which padded queries (per-token exits): {s['query_padding_macs']:,} MACs")
+        print(
+            f"  of which attention past its keys (per-token exits): {s['query_padding_macs']:,} MACs"
+        )
     for w in prof.warnings:
         print(f"  warning: {w}")
     print(f"  wrote {out}/profile.json, report.md and plots")

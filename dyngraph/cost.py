@@ -108,9 +108,23 @@ FVCORE_HANDLES = {"aten::scaled_dot_product_attention": _sdpa_fvcore}
 TORCH_HANDLES = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
 
 
+def _rows_attention_flops(q, kv, pos, offsets, heads, block, causal, out_val=None) -> int:
+    # the pairs the kernel computes (runtime/attention.cpp), (d_q + d_v) per pair and head
+    from .blocks.sequence import blocked_pairs
+
+    return 2 * blocked_pairs(pos, offsets, kv.shape[1], causal, block) * 2 * q.shape[1]
+
+
+_rows_attention_flops._get_raw = True  # (FlopCounterMode hands it the tensors, not shapes)
+
+
 def flop_counter() -> FlopCounterMode:
-    """FlopCounterMode with dyngraph's handles (it counts 2 x MACs)."""
-    return FlopCounterMode(display=False, custom_mapping=TORCH_HANDLES)
+    """FlopCounterMode with dyngraph's handles (it counts 2 x MACs), the running tokens'
+    attention kernel's among them where it is built (`torch.ops.dyngraph.rows_attention`)."""
+    handles = dict(TORCH_HANDLES)
+    if hasattr(torch.ops.dyngraph, "rows_attention"):
+        handles[torch.ops.dyngraph.rows_attention] = _rows_attention_flops
+    return FlopCounterMode(display=False, custom_mapping=handles)
 
 
 _TORCH_COUNTED = frozenset(k.__name__ for k in flop_registry) | {k.__name__ for k in TORCH_HANDLES}

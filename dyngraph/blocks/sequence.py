@@ -95,19 +95,14 @@ class Attention(nn.Module):
         """The attention output [N, D] of the running tokens `grid` (`query_grid`) of `x`
         [b, L, D] (`xq` [N, D]: their rows of `x`, if the caller holds them), every token a
         key and a value: the KV rows of the QKV projection on every token, the Q rows on the
-        running ones. Attention runs on the query grid, padded to `grid.width` per sample (a
-        padded query reads position 0's key and is dropped): its waste is (b·width - N) query
-        rows of QK and AV products. No key or value is copied per query."""
+        running ones, then `grid.attend`. No key or value is copied per query."""
         b, n, d = x.shape
-        heads, dh = self.heads, d // self.heads
         w, bias = self.qkv.weight, self.qkv.bias
-        k, v = F.linear(x, w[d:], bias[d:]).view(b, n, 2, heads, dh).permute(2, 0, 3, 1, 4)
+        kv = F.linear(x, w[d:], bias[d:])  # [b, L, 2D]: keys, then values
         if xq is None:
             xq = grid.take(x.reshape(b * n, d))
-        q = grid.to_grid(F.linear(xq, w[:d], bias[:d])).view(b, grid.width, heads, dh)
-        q = q.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=grid.mask if self.causal else None)
-        return self.proj(grid.from_grid(y.transpose(1, 2).reshape(b * grid.width, d)))
+        q = F.linear(xq, w[:d], bias[:d])
+        return self.proj(grid.attend(q, kv, self.heads, self.causal))
 
 
 class AttentionParams(BlockParams):
@@ -156,21 +151,61 @@ class TransformerBlock(nn.Module):
         return xq + self.fc2(self.act(self.fc1(self.norm2(xq))))
 
 
+QUERY_BLOCK = 16  # a sample's queries per block of `rows_attention` (runtime/attention.cpp)
+
+
 @dataclass
 class QueryGrid:
     """Which tokens of a batch of sequences run a layer (`forward_rows` of `attention` and
-    `transformer_block`):
+    `transformer_block`), and how their attention runs (`attend`):
     `rows` [N] their flat positions (sample x L + position), grouped by sample and in order;
-    `slots` [N] their places in a [b, width] grid of queries (width: the most any sample runs);
-    `mask` [b, 1, width, L] an additive causal mask by original position (0 where a query
-    reads a key, -inf elsewhere; a padded query reads position 0). Built once, it serves
-    every layer until the running set changes."""
+    then either, per sample (the runtime's kernel, `rows_attention`: no padding),
+    `pos` [N] their positions and `offsets` [b + 1] each sample's first row,
+    or, on a padded grid (SDPA; without the kernel, and in exports),
+    `slots` [N] their places in a [b, width] grid of queries (width: the most any sample runs)
+    and `mask` [b, 1, width, L], an additive causal mask by original position (0 where a query
+    reads a key, -inf elsewhere; a padded query reads position 0).
+    Built once, it serves every layer until the running set changes."""
 
     rows: torch.Tensor
-    slots: torch.Tensor
+    slots: torch.Tensor | None
     width: int
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     ops: Any = None  # the runtime's row kernels (runtime/kernels.py), where they apply
+    pos: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+
+    @property
+    def padded(self) -> int | None:
+        """The width of its padded query grid; None where attention runs per sample."""
+        return None if self.mask is None else self.width
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+        """Multi-head attention [N, D] of the running tokens' queries `q` [N, D] over every
+        token's keys and values `kv` [b, L, 2D] (keys, then values; `causal`: a query at
+        position i reads keys 0..i). Per sample where the kernel takes them (each sample's
+        queries in blocks of QUERY_BLOCK, a block reading the keys up to its last query's
+        position); on the padded grid otherwise, where SDPA computes every (slot, key) pair."""
+        if self.mask is None:
+            if _kernel_takes(q, kv):
+                return torch.ops.dyngraph.rows_attention(
+                    q.contiguous(), kv, self.pos, self.offsets, heads, QUERY_BLOCK, causal
+                )
+            self._pad(kv.shape[1])  # (another dtype, or autograd: the grid from now on)
+        b, n, d = kv.shape[0], kv.shape[1], q.shape[1]
+        k, v = kv.view(b, n, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+        qg = self.to_grid(q).view(b, self.width, heads, d // heads).transpose(1, 2)
+        # (in the queries' dtype: SDPA misreads a float32 mask on float64 queries)
+        mask = self.mask.to(q.dtype) if causal else None
+        y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+        return self.from_grid(y.transpose(1, 2).reshape(b * self.width, d))
+
+    def _pad(self, n: int) -> None:
+        """Become the padded grid of the same tokens."""
+        b = self.offsets.numel() - 1
+        active = torch.zeros(b * n, dtype=torch.bool, device=self.rows.device)
+        g = query_grid(active.index_fill_(0, self.rows, True).view(b, n))
+        self.slots, self.width, self.mask, self.ops = g.slots, g.width, g.mask, None
 
     def take(self, *values: torch.Tensor):
         """The running tokens' rows [N, D] of each [b·L, D] value (one value: a tensor)."""
@@ -194,6 +229,31 @@ class QueryGrid:
         if self.ops is not None and y.is_contiguous():
             return self.ops.gather_rows([y], self.slots)[0]
         return y.index_select(0, self.slots)
+
+
+def _kernel_takes(q: torch.Tensor, kv: torch.Tensor) -> bool:
+    """Whether `rows_attention` (a CPU kernel outside autograd) reads these."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.float64)
+        and kv.dtype == q.dtype
+        and kv.is_contiguous()
+        and not (torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad))
+    )
+
+
+def blocked_pairs(
+    pos: torch.Tensor, offsets: torch.Tensor, n: int, causal: bool, block: int = QUERY_BLOCK
+) -> int:
+    """The (query, key) pairs `rows_attention` computes for queries at positions `pos` [N]
+    (each sample's from `offsets` [b + 1] on) over n keys: a block of up to `block` of a
+    sample's queries reads the keys up to its last query's position (causal), or all n."""
+    counts = offsets[1:] - offsets[:-1]
+    sample = torch.repeat_interleave(torch.arange(counts.numel(), device=pos.device), counts)
+    local = torch.arange(pos.numel(), device=pos.device) - offsets[:-1][sample]
+    last = (local % block == block - 1) | (local == counts[sample] - 1)
+    rows = local[last] % block + 1  # each block's queries
+    return int((rows * (pos[last] + 1 if causal else n)).sum())
 
 
 def query_grid(active: torch.Tensor) -> QueryGrid:

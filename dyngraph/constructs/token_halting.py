@@ -129,7 +129,7 @@ class TokenHaltingRuntime:
             else:
                 grid = grid_of(running)
                 new, p = self.unit.module.forward_rows(s, grid)
-                ctx.query_padding.append((self.unit.module.step, running, grid.width))
+                ctx.query_padding.append((self.unit.module.step, running, grid.padded))
             c = cum.reshape(-1).index_select(0, flat)
             halt = (
                 torch.ones_like(p, dtype=torch.bool) if t == last else self.halts(ctx, t, c, p, new)

@@ -231,7 +231,7 @@ def profile(
             executed_macs=executed, ideal_macs=ideal, dispatch_waste=executed / max(ideal, 1)
         )
         padding = sum(t.query_padding_macs for t in traces)
-        if padding:  # a padded query grid (layers after a per-token exit): the known waste
+        if padding:  # attention past each query's keys (after a per-token exit): the known waste
             summary["query_padding_macs"] = padding
 
     per_lat = None

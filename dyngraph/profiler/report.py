@@ -180,7 +180,9 @@ def report_md(prof) -> str:
             )
         )
     if s.get("query_padding_macs"):
-        rows.append(("of which padded queries (per-token exits)", _fmt(s["query_padding_macs"])))
+        rows.append(
+            ("of which attention past its keys (per-token exits)", _fmt(s["query_padding_macs"]))
+        )
     if (ip := s.get("infer_pass")) is not None:  # the data's pass: streamed or per batch
         how = "streamed" if ip["mode"] == "stream" else "in independent batches"
         rows.append(

@@ -103,7 +103,7 @@ class RunContext:
         # (unit index, name, rows, [rows, L] values, kind): per-token runs (`record_tokens`)
         self.tokens: list[tuple] = []
         self.token_rows = None  # after a per-token exit: its TokenRows (runtime/token_rows.py)
-        self.query_padding: list[tuple] = []  # padded query grids (runtime/token_rows.py)
+        self.query_padding: list[tuple] = []  # running tokens' attention (token_rows.py)
         self.extras: dict[str, Any] = defaultdict(list)
         self.trace_sizes = trace_sizes
         self.rows = b  # the number of rows the values in `env` have now (0: every row left)

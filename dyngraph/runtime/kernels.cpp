@@ -15,6 +15,7 @@
 //   top_tokens(p, k) -> (idx, route, flat, w): Mixture-of-Depths routing by capacity
 //   id_range(ids) -> (smallest, largest); pad_lengths(ids, pad) -> (lengths, well formed, whole):
 //       the checks of a batch of token ids (runtime/model.py, runtime/lengths.py)
+//   query_rows, rows_attention, blas: the running tokens' attention (attention.cpp)
 //
 // The scores are computed by the same inline functions in both ops, so a threshold chosen on
 // `confidence` (calibration) splits the samples exactly as `rows_where` does.
@@ -448,6 +449,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_tokens(const at::
 
 }  // namespace
 
+// attention.cpp
+bool blas();
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> query_rows(const at::Tensor& active);
+at::Tensor rows_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& pos,
+                          const at::Tensor& offsets, int64_t heads, int64_t block, bool causal);
+
 // A Python module of plain functions (pybind11), not torch.ops: a call through torch.ops
 // parses its arguments against the schema and costs 2-4 us here; through pybind11, 1 us. They
 // are called from the infer runtime only, outside autograd and torch.compile.
@@ -462,4 +469,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("top_tokens", &top_tokens, "Mixture-of-Depths routing by capacity");
   m.def("id_range", &id_range, "the smallest and the largest token id");
   m.def("pad_lengths", &pad_lengths, "lengths before the trailing padding; checks");
+  m.def("query_rows", &query_rows, "the running tokens' rows, positions and offsets");
+  m.def("rows_attention", &rows_attention, "the running tokens' attention, by sample");
+  m.def("blas", &blas, "whether rows_attention's BLAS is there");
 }

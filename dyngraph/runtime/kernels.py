@@ -1,4 +1,5 @@
-"""The fused decision kernels (kernels.cpp): built once per machine, used where they apply.
+"""The fused decision kernels (kernels.cpp, attention.cpp): built once per machine, used where
+they apply.
 
 A decision point of the infer runtime (an exit's criterion, then the positions of the rows that
 go on, then gathering those rows of every live value) is 5 to 10 ATen ops from Python, 2–5 µs
@@ -14,6 +15,10 @@ They apply to CPU tensors of float32/float64 in infer mode; everything else (CUD
 dtypes, dense and train mode, which need autograd) runs the same rules as ATen ops, and so does
 everything when they cannot be built (no C++ compiler: a warning says why) or when the
 environment sets `DYNGRAPH_KERNELS=0`.
+
+attention.cpp's `rows_attention` (the running tokens' attention after a per-token exit) is
+also an op, `torch.ops.dyngraph.rows_attention` (~2 us more a call than pybind11, once per
+layer), so that FlopCounterMode and the profiler see it (cost.py counts the pairs it computes).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
+SOURCES = [Path(__file__).with_name(f) for f in ("kernels.cpp", "attention.cpp")]
 # rules of rows_where, as in kernels.cpp (TRUE, NEVER: token_exit only; a bool per row, none)
 MAX_PROB_BELOW, ENTROPY_ABOVE, DRAW_AT_LEAST, DRAW_BELOW, AT_LEAST, TRUE, NEVER = range(7)
 # rules of choose
@@ -50,10 +55,13 @@ class Ops:
         self.top_tokens = module.top_tokens
         self.id_range = module.id_range
         self.pad_lengths = module.pad_lengths
+        # (None where torch exports no BLAS: the query grid and SDPA then)
+        self.query_rows = module.query_rows if module.blas() else None
+        self.rows_attention = module.rows_attention if module.blas() else None
         self.file = getattr(module, "__file__", None)  # (an export copies it: runner/fused.py)
 
 
-_state: dict = {"tried": False, "ops": None, "enabled": True}
+_state: dict = {"tried": False, "ops": None, "enabled": True, "per_sample": True}
 
 
 def load() -> bool:
@@ -69,13 +77,14 @@ def load() -> bool:
         with _ninja_on_path():
             module = build(
                 name="dyngraph_kernels",
-                sources=[str(SOURCE)],
+                sources=[str(p) for p in SOURCES],
                 build_directory=str(_build_directory()),
                 extra_cflags=["-O3", "-ffp-contract=off"],  # bit-equal to ATen's draws
                 is_python_module=True,
                 verbose=False,
             )
         _state["ops"] = Ops(module)
+        _define_ops()
     except Exception as e:  # no compiler, no ninja, a read-only cache: the ATen path still works
         first = (str(e).strip().splitlines() or [""])[0]
         warnings.warn(
@@ -85,6 +94,19 @@ def load() -> bool:
             stacklevel=2,
         )
     return _state["ops"] is not None
+
+
+def _define_ops() -> None:
+    """`torch.ops.dyngraph.rows_attention`, calling the built kernel (once per process)."""
+    if _state["ops"].rows_attention is None or hasattr(torch.ops.dyngraph, "rows_attention"):
+        return
+    lib = torch.library.Library("dyngraph", "FRAGMENT")
+    lib.define(
+        "rows_attention(Tensor q, Tensor kv, Tensor pos, Tensor offsets, int heads, int block, "
+        "bool causal) -> Tensor"
+    )
+    lib.impl("rows_attention", _state["ops"].rows_attention, "CPU")
+    _state["lib"] = lib  # (the registration lasts as long as the Library object)
 
 
 @contextlib.contextmanager
@@ -147,6 +169,23 @@ def draw_rows(k: Ops, x: torch.Tensor, rule: int, p: float, scale: float) -> tor
     """Positions of the rows whose forced draw (`pseudo_uniform` with multiplier `scale`) meets
     `rule` against `p`; None where the kernel does not read `x`."""
     return k.rows_where(x, rule, p, scale) if applies(x) else None
+
+
+def per_sample(k: Ops | None) -> bool:
+    """Whether the running tokens' attention runs per sample (attention.cpp) with kernels `k`."""
+    return k is not None and k.query_rows is not None and _state["per_sample"]
+
+
+@contextlib.contextmanager
+def padded_attention():
+    """Run the running tokens' attention on the padded query grid (SDPA) for a while, every
+    other kernel as it is (tests compare the decision kernels with ATen bit for bit)."""
+    before = _state["per_sample"]
+    _state["per_sample"] = False
+    try:
+        yield
+    finally:
+        _state["per_sample"] = before
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ step, a `RowsStep`, that updates only the tokens still running:
   running tokens of every sequence in one [1, N, D] call;
 - a block with partial queries (`forward_rows`: attention, transformer_block) computes keys
   and values for every token from its current state (a frozen token's is its state at its
-  exit) and everything else for the running tokens only, on a query grid padded per sample.
+  exit) and everything else for the running tokens only; attention runs per sample, each
+  sample's queries in blocks (`QueryGrid.attend`: runtime/attention.cpp), or on a query grid
+  padded per sample where that kernel does not apply.
 Dense mode gives the same answer by a masked update, `where(running, block(x), x)`: every
 token computed, the frozen ones' results dropped. Train mode runs every token through every
 layer (CALM and LayerSkip train each exit on every token).
@@ -15,8 +17,9 @@ layer (CALM and LayerSkip train each exit on every token).
 Costs, per token (exact; runtime/lengths.py): a running token at position i pays what the
 unit costs a sequence of i + 1 tokens beyond one of i (its keys, query, MLP, and attention
 over the i + 1 keys it reads under a causal mask; without one, an equal share of the
-whole); a frozen token pays its keys and values (`frozen_macs`). The query grid's padding
-is the only waste, reported on the trace (`trace.query_padding_macs`).
+whole); a frozen token pays its keys and values (`frozen_macs`). What attention computes
+past the keys each query reads (a block's, or the padded grid's) is the only waste, reported
+on the trace (`trace.query_padding_macs`).
 """
 
 from __future__ import annotations
@@ -101,13 +104,24 @@ class TokenRows:
         self._flat = self._grid = self._kept = None
 
 
+# Attention per sample from this length on. Below it a padded grid wastes little (a causal
+# mask's share grows with L) and one SDPA call beats 2 x heads BLAS calls per block of each
+# sample: calm_tagger (L = 16) ran 1.09-1.12x slower per sample where most tokens run, the
+# token benchmarks' model 0.96-1.02x at L = 64 and 0.90-0.93x at L = 256 (same-run A/Bs).
+PER_SAMPLE_FROM = 64
+
+
 def grid_of(active: torch.Tensor):
     """The query grid of the running tokens `active` [b, L] (blocks/sequence.py's
-    `query_grid`), built in one call of the fused kernel where it applies (~15 ATen ops,
-    0.3 ms at B = 32, L = 64 here, otherwise)."""
+    `QueryGrid`): where the kernels apply and L >= PER_SAMPLE_FROM, their rows, positions and
+    offsets for attention per sample (`query_rows`, attention.cpp), or else the padded grid in
+    one call of the fused kernel (~15 ATen ops, 0.3 ms at B = 32, L = 64 here, otherwise)."""
     from ..blocks.sequence import QueryGrid, query_grid
 
     k = kernels.for_device(active.device)
+    if kernels.per_sample(k) and active.shape[1] >= PER_SAMPLE_FROM:
+        rows, pos, offsets, width = k.query_rows(active)
+        return QueryGrid(rows, None, width, None, k, pos, offsets)
     if k is None or torch.get_default_dtype() != torch.float32:
         return query_grid(active)
     rows, slots, mask, width = k.query_grid(active)
@@ -169,7 +183,7 @@ class RowsStep:
             new = self.unit(x.reshape(b * n, d).index_select(0, flat).view(1, -1, d))[0]
         else:
             new = self.block.forward_rows(x, grid)
-            ctx.query_padding.append((self.block, t.active, t.grid.width))  # (counted later)
+            ctx.query_padding.append((self.block, t.active, t.grid.padded))  # (counted later)
         t._kept = None  # (y may be x: its rows change now)
         y = x if ctx.free(x, live) else x.clone()
         new = new.reshape(-1, d)
@@ -184,10 +198,14 @@ class RowsStep:
 
 
 def padding_macs(log: list[tuple]) -> int:
-    """The MACs the query grids of a pass wasted in attention (`ctx.query_padding`: (block,
-    running tokens [b, L], grid width) per call): the padded query slots, and under a causal
-    mask the keys a query reads past its own position (SDPA with a mask computes every
-    pair). Counted when the trace is read, not on the hot path."""
+    """The MACs the running tokens' attention of a pass computed past what its queries read
+    (`ctx.query_padding`: (block, running tokens [b, L], padded grid width or None) per call):
+    per sample (`QueryGrid.attend`), the keys a block of queries reads past its earlier
+    queries' positions; on a padded grid, the padded query slots, and under a causal mask the
+    keys a query reads past its own position (SDPA with a mask computes every pair). Counted
+    when the trace is read, not on the hot path."""
+    from ..blocks.sequence import blocked_pairs
+
     total = 0
     for block, active, width in log:
         attn = getattr(block, "attn", block)
@@ -196,5 +214,11 @@ def padding_macs(log: list[tuple]) -> int:
             read = int(((torch.arange(n, device=active.device) + 1) * active).sum())
         else:
             read = int(active.sum()) * n
-        total += (b * width * n - read) * 2 * attn.dim
+        if width is None:
+            counts = active.sum(1)
+            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            computed = blocked_pairs(active.nonzero()[:, 1], offsets, n, attn.causal)
+        else:
+            computed = b * width * n
+        total += (computed - read) * 2 * attn.dim
     return total  # QK and AV: d_head per pair and head, over every head

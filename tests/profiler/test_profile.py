@@ -16,7 +16,7 @@ BY_NAME = {p.stem: p for p in SPECS}
 
 
 def _alone_macs(model, x: torch.Tensor) -> list[int]:
-    """What each input executes alone, less the padded queries its trace reports (a per-token
+    """What each input executes alone, less the attention waste its trace reports (a per-token
     exit's later layers: runtime/token_rows.py)."""
     out = []
     for i in range(x.shape[0]):
@@ -33,7 +33,7 @@ def test_per_input_macs_equal_each_input_counted_alone(spec_path):
     assert prof.per_input_macs.tolist() == _alone_macs(model, x)
     s = prof.summary
     assert s["executed_macs"] - s.get("query_padding_macs", 0) == s["ideal_macs"]
-    assert s["dispatch_waste"] <= 1.05  # (#16: padded queries included)
+    assert s["dispatch_waste"] <= 1.05  # (#16: attention past its keys included)
     assert prof.summary["paths_seen"] >= 2
 
 

@@ -218,9 +218,11 @@ def _run_both(model, x):
 
 @pytest.mark.parametrize("forced", [False, True], ids=["criteria", "forced"])
 def test_every_spec_decides_alike_with_and_without_kernels(spec_path, forced):
-    """Same decisions, same executed units, same outputs (batch 64 and one sample)."""
+    """Same decisions, same executed units, same outputs (batch 64 and one sample), bit for
+    bit. (The running tokens' attention per sample sums in another order than SDPA: its own
+    test below; forced draws, which hash the values, would amplify that.)"""
     model = compiled(spec_path, "none")
-    with forced_decisions(model, forced):
+    with forced_decisions(model, forced), kernels.padded_attention():
         x = random_batch(model, 64, seed=5)
         for batch in (x, x[:1], x[1:2]):
             fast, slow = _run_both(model, batch)

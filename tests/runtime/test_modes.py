@@ -57,7 +57,8 @@ def test_nothing_wasted(spec_path):
     executed = fc.get_total_flops()
     assert executed % 2 == 0
     ideal = int(model.per_input_macs(out.trace, counter="torch").sum())
-    # (the only waste allowed: a padded query grid after a per-token exit, which it reports)
+    # (the only waste allowed: attention past each query's keys after a per-token exit,
+    # which the trace reports)
     assert executed // 2 == ideal + out.trace.query_padding_macs
     assert executed // 2 <= 1.05 * ideal
     full = model(x, mode="dense").trace.unit_counts.shape[0] * model.static_macs("torch")

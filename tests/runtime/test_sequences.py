@@ -50,7 +50,7 @@ def test_no_dispatch_waste_and_padding_costs_nothing(path):
     with torch.no_grad(), model.eager(), flop_counter() as fc:
         out = model(x)
     ideal = model.per_input_macs(out.trace, "torch")
-    # waste 1.00 beyond a padded query grid's, which the trace reports (per-token exits)
+    # waste 1.00 beyond attention past each query's keys, which the trace reports
     assert fc.get_total_flops() // 2 == int(ideal.sum()) + out.trace.query_padding_macs
     # a sequence padded to the longest length costs what it costs at its own length
     short = int(out.trace.lengths.argmin())
