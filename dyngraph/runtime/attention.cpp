@@ -19,6 +19,7 @@
 // earlier rows' positions (~1-3% of the layer's MACs at block 16), and no query is padded.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -144,17 +145,20 @@ void rows_attention_impl(const at::Tensor& q, const at::Tensor& kv, const int64_
   const T* kvp = kv.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const T scale = T(1) / std::sqrt(T(dh));
-  std::vector<T> s(block * L);
-  for (int64_t i = 0; i < b; ++i) {
-    const T* keys = kvp + i * L * 2 * D;
-    for (int64_t r0 = off[i]; r0 < off[i + 1]; r0 += block) {
-      const int64_t m = std::min(block, off[i + 1] - r0);
-      const int64_t P = causal ? pos[r0 + m - 1] + 1 : L;  // the keys the block's last reads
-      for (int64_t h = 0; h < heads; ++h)
-        attend_block<T>(qp + r0 * D + h * dh, D, keys + h * dh, keys + D + h * dh, 2 * D,
-                        op + r0 * D + h * dh, D, pos + r0, m, P, dh, scale, causal, s.data());
+  // samples split over torch's intra-op threads (as SDPA splits its grid; one thread: a loop)
+  at::parallel_for(0, b, 1, [&](int64_t first, int64_t last) {
+    std::vector<T> s(block * L);  // each thread's scores
+    for (int64_t i = first; i < last; ++i) {
+      const T* keys = kvp + i * L * 2 * D;
+      for (int64_t r0 = off[i]; r0 < off[i + 1]; r0 += block) {
+        const int64_t m = std::min(block, off[i + 1] - r0);
+        const int64_t P = causal ? pos[r0 + m - 1] + 1 : L;  // the keys its last query reads
+        for (int64_t h = 0; h < heads; ++h)
+          attend_block<T>(qp + r0 * D + h * dh, D, keys + h * dh, keys + D + h * dh, 2 * D,
+                          op + r0 * D + h * dh, D, pos + r0, m, P, dh, scale, causal, s.data());
+      }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -62,6 +62,9 @@ class Ops:
 
 
 _state: dict = {"tried": False, "ops": None, "enabled": True, "per_sample": True}
+# at::parallel_for (rows_attention) splits its work over torch's intra-op threads where the
+# kernels build with OpenMP (Linux, GCC: torch's own libgomp at run time); serial elsewhere
+_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
 def load() -> bool:
@@ -79,7 +82,9 @@ def load() -> bool:
                 name="dyngraph_kernels",
                 sources=[str(p) for p in SOURCES],
                 build_directory=str(_build_directory()),
-                extra_cflags=["-O3", "-ffp-contract=off"],  # bit-equal to ATen's draws
+                # -ffp-contract=off: bit-equal to ATen's draws
+                extra_cflags=["-O3", "-ffp-contract=off", *_OPENMP],
+                extra_ldflags=_OPENMP,
                 is_python_module=True,
                 verbose=False,
             )

@@ -82,6 +82,22 @@ def test_every_spec_with_partial_queries_runs_alike_on_the_grid(path):
     assert got.trace.query_padding_macs < want.trace.query_padding_macs
 
 
+def test_threads_split_the_samples_and_change_nothing():
+    torch.manual_seed(2)
+    blk = TransformerBlock(32, 4, 2.0, True, "gelu").eval()
+    x, active = torch.randn(9, 50, 32), _running(9, 50, 0.4, seed=4)
+    before = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = blk.attn.forward_rows(x, grid_of(active))
+            torch.set_num_threads(2)
+            two = blk.attn.forward_rows(x, grid_of(active))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # (each sample's arithmetic is the same on any thread)
+
+
 def test_no_running_token_is_an_empty_result():
     blk = TransformerBlock(16, 2, 2.0, True, "gelu").eval()
     with torch.no_grad():
