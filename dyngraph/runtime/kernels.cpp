@@ -31,6 +31,12 @@
 #include <tuple>
 #include <vector>
 
+// attention.cpp
+bool blas();
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> query_rows(const at::Tensor& active);
+at::Tensor rows_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& pos,
+                          const at::Tensor& offsets, int64_t heads, int64_t block, bool causal);
+
 namespace {
 
 enum Choice : int64_t {
@@ -262,35 +268,22 @@ std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> choose(const at::Tensor
 // additive causal mask [b, 1, width, L] (float32) by original position: 0 where a query reads
 // a key (key <= its position), -inf elsewhere; a padded query reads position 0.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> query_grid(const at::Tensor& active_in) {
-  TORCH_CHECK(active_in.dim() == 2 && active_in.scalar_type() == at::kBool,
-              "dyngraph::query_grid: a bool tensor [b, L]");
-  const at::Tensor active = active_in.contiguous();
-  const int64_t b = active.size(0), n = active.size(1);
-  const bool* a = active.data_ptr<bool>();
-  int64_t total = 0, width = 0;
-  for (int64_t i = 0; i < b; ++i) {
-    int64_t c = 0;
-    for (int64_t j = 0; j < n; ++j) c += a[i * n + j];
-    total += c;
-    width = std::max(width, c);
-  }
-  auto rows = at::empty({total}, active.options().dtype(at::kLong));
-  auto slots = at::empty({total}, rows.options());
-  auto mask = at::empty({b, 1, width, n}, active.options().dtype(at::kFloat));
-  int64_t* r = rows.data_ptr<int64_t>();
+  auto [rows, pos, offsets, width] = query_rows(active_in);  // (attention.cpp; checks `active`)
+  const int64_t b = offsets.numel() - 1, n = active_in.size(1);
+  auto slots = at::empty_like(rows);
+  auto mask = at::empty({b, 1, width, n}, active_in.options().dtype(at::kFloat));
+  const int64_t* p = pos.data_ptr<int64_t>();
+  const int64_t* o = offsets.data_ptr<int64_t>();
   int64_t* s = slots.data_ptr<int64_t>();
   float* m = mask.data_ptr<float>();
   const float inf = std::numeric_limits<float>::infinity();
-  int64_t k = 0;
   for (int64_t i = 0; i < b; ++i) {
     int64_t q = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      if (!a[i * n + j]) continue;
-      r[k] = i * n + j;
-      s[k++] = i * width + q;
-      float* row = m + (i * width + q++) * n;  // (two fills: they vectorize, a test does not)
-      std::fill(row, row + j + 1, 0.0f);
-      std::fill(row + j + 1, row + n, -inf);
+    for (int64_t k = o[i]; k < o[i + 1]; ++k, ++q) {
+      s[k] = i * width + q;
+      float* row = m + (i * width + q) * n;  // (two fills: they vectorize, a test does not)
+      std::fill(row, row + p[k] + 1, 0.0f);
+      std::fill(row + p[k] + 1, row + n, -inf);
     }
     for (; q < width; ++q) {  // padding: reads position 0 only
       float* row = m + (i * width + q) * n;
@@ -448,12 +441,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_tokens(const at::
 }
 
 }  // namespace
-
-// attention.cpp
-bool blas();
-std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> query_rows(const at::Tensor& active);
-at::Tensor rows_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& pos,
-                          const at::Tensor& offsets, int64_t heads, int64_t block, bool causal);
 
 // A Python module of plain functions (pybind11), not torch.ops: a call through torch.ops
 // parses its arguments against the schema and costs 2-4 us here; through pybind11, 1 us. They
