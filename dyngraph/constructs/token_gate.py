@@ -81,7 +81,7 @@ class TokenGateRuntime:
             if ctx.kernels is not None and kernels.applies(p) and 0 < k:  # (~12 ATen ops)
                 idx, route, flat, w = ctx.kernels.top_tokens(p, k)
                 return route, idx, (flat, w)
-            idx = p.detach().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+            idx = top_positions(p.detach(), k)
             route = torch.zeros_like(p, dtype=torch.bool).scatter_(1, idx, True)
         if self.predictor is not None and ctx.mode == "train":
             ctx.extras["token_predictors"].append({"prob": q, "target": route.float()})
@@ -152,6 +152,15 @@ class TokenGateRuntime:
         x, key = g.var(self.reads[0]), self.reads[0]
         live = "None" if key in self.live_after else f"[{g.values(g.live(self.live_after))}]"
         g.assign(self.writes, f"{g.bind(self, f'gate{self.index}')}.apply(ctx, {x}, {live})")
+
+
+def top_positions(p: torch.Tensor, k: int) -> torch.Tensor:
+    """Each sequence's top `k` tokens by router probability `p` [b, L], as their positions in
+    order [b, k]. Ties go to the earlier position (a stable sort; NaN ranks first), so that
+    every path routes the same tokens: the fused kernel (kernels.cpp `top_tokens`) and the
+    exported runner (runtime/runner/steps.py) take this order too, where `topk` leaves the
+    order of ties to its implementation."""
+    return p.sort(dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
 
 
 def token_groups(mask: torch.Tensor, per_token: bool) -> list[tuple]:

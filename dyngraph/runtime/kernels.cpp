@@ -25,7 +25,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -401,41 +403,72 @@ std::tuple<at::Tensor, bool, bool> pad_lengths(const at::Tensor& ids, int64_t pa
   return {lengths, ok, whole};
 }
 
+// A float's place in a total order of keys, ascending with the value: NaN above every
+// number, -0 equal to +0 (the order of a stable descending sort, token_gate.top_positions).
+inline uint32_t order_key(float v) {
+  if (std::isnan(v)) return 0xFFFFFFFFu;
+  v += 0.0f;  // (-0 -> +0)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+inline uint64_t order_key(double v) {
+  if (std::isnan(v)) return ~uint64_t(0);
+  v += 0.0;
+  uint64_t u;
+  std::memcpy(&u, &v, 8);
+  return (u >> 63) ? ~u : (u | (uint64_t(1) << 63));
+}
+
 // Mixture-of-Depths routing by capacity (constructs/token_gate.py), in one call: each
-// sequence's top `k` tokens by router probability `p` [b, L] (at::topk and at::sort, as the
-// ATen path calls them, so that ties go the same way), in their original order [b, k]; the
-// route mask [b, L]; their flat rows [b·k] (sample x L + position); their weights [b·k, 1].
+// sequence's top `k` tokens by router probability `p` [b, L], in their original order [b, k];
+// the route mask [b, L]; their flat rows [b·k] (sample x L + position); their weights [b·k, 1].
+// The order is token_gate.top_positions' (a stable descending sort): the higher probability
+// first, NaN above all, ties to the earlier position. Each row's selection is one
+// nth_element over packed (key, position) integers: no ATen op, whose dispatch on a cache
+// that the layers before have evicted cost 60-75 us a call in the pass (at::topk, at::sort).
 template <typename T>
-void route_rows(const at::Tensor& p, const at::Tensor& idx, bool* route, int64_t* flat, T* w) {
-  const int64_t b = p.size(0), len = p.size(1), k = idx.size(1);
-  const T* pp = p.data_ptr<T>();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  for (int64_t i = 0; i < b; ++i)
+void route_rows(const T* pp, int64_t b, int64_t len, int64_t k, int64_t* ip, bool* route,
+                int64_t* flat, T* w) {
+  using Key = unsigned __int128;  // (order key << 32) | (2^32 - 1 - position)
+  std::vector<Key> keys(len);
+  const auto position = [](Key key) { return int64_t(0xFFFFFFFFu - uint32_t(key)); };
+  for (int64_t i = 0; i < b; ++i) {
+    const T* r = pp + i * len;
+    for (int64_t j = 0; j < len; ++j)
+      keys[j] = (Key(order_key(r[j])) << 32) | Key(0xFFFFFFFFu - uint32_t(j));
+    if (k < len)
+      std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<Key>());
+    int64_t* out = ip + i * k;
+    for (int64_t j = 0; j < k; ++j) out[j] = position(keys[j]);
+    std::sort(out, out + k);
     for (int64_t j = 0; j < k; ++j) {
-      const int64_t pos = ip[i * k + j], row = i * len + pos;
+      const int64_t row = i * len + out[j];
       route[row] = true;
       flat[i * k + j] = row;
-      w[i * k + j] = pp[row];
+      w[i * k + j] = r[out[j]];
     }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_tokens(const at::Tensor& p,
                                                                       int64_t k) {
-  TORCH_CHECK(p.dim() == 2 && p.is_contiguous() && k >= 1 && k <= p.size(1),
+  TORCH_CHECK(p.dim() == 2 && p.is_contiguous() && k >= 1 && k <= p.size(1) &&
+                  p.size(1) <= 0xFFFFFFFFll,
               "dyngraph::top_tokens: contiguous probabilities [b, L] and 1 <= k <= L");
-  at::Tensor idx = std::get<0>(at::sort(std::get<1>(at::topk(p, k, 1, true, false)), 1));
-  idx = idx.contiguous();
-  const int64_t b = p.size(0);
+  const int64_t b = p.size(0), len = p.size(1);
+  auto idx = at::empty({b, k}, p.options().dtype(at::kLong));
   auto route = at::zeros(p.sizes(), p.options().dtype(at::kBool));
   auto flat = at::empty({b * k}, idx.options());
   auto w = at::empty({b * k, 1}, p.options());
+  int64_t* ip = idx.data_ptr<int64_t>();
   bool* r = route.data_ptr<bool>();
   int64_t* f = flat.data_ptr<int64_t>();
   if (p.scalar_type() == at::kDouble) {
-    route_rows<double>(p, idx, r, f, w.data_ptr<double>());
+    route_rows<double>(p.data_ptr<double>(), b, len, k, ip, r, f, w.data_ptr<double>());
   } else {
     TORCH_CHECK(p.scalar_type() == at::kFloat, "dyngraph::top_tokens: float32 or float64");
-    route_rows<float>(p, idx, r, f, w.data_ptr<float>());
+    route_rows<float>(p.data_ptr<float>(), b, len, k, ip, r, f, w.data_ptr<float>());
   }
   return {idx, route, flat, w};
 }

@@ -12,6 +12,7 @@ import torch
 
 import dyngraph as dg
 from dyngraph.constructs.exit import confidence
+from dyngraph.constructs.token_gate import top_positions
 from dyngraph.runtime import kernels
 from dyngraph.runtime.context import draw_scale, pseudo_uniform
 
@@ -175,19 +176,28 @@ def test_token_exit_decides_and_marks_as_the_aten_ops_do(ops, everyone, rule):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_top_tokens_routes_as_topk_then_sort(ops, dtype):
-    """Mixture-of-Depths capacity routing: each sequence's top k tokens in their order (ties
-    included: the same topk picks them), the route mask, flat rows and weights."""
+def test_top_tokens_routes_as_the_aten_path(ops, dtype):
+    """Mixture-of-Depths capacity routing: each sequence's top k tokens in their order, ties
+    to the earlier position as token_gate.top_positions takes them (NaN first, -0 = +0), the
+    route mask, flat rows and weights."""
     g = torch.Generator().manual_seed(8)
     p = torch.rand(7, 16, generator=g, dtype=dtype).round(decimals=1)  # many ties
     p[3] = 0.5  # a sequence of equal probabilities
-    for k in (1, 5, 16):
+    p[5, [2, 9]] = float("nan")  # (nonfinite = "propagate")
+    p[6] = torch.linspace(-1, 1, 16, dtype=dtype)
+    p[6, 4], p[6, 11] = 2.0, 2.0
+    p[6, 5], p[6, 12] = -0.0, 0.0  # equal: the earlier goes first
+    for k in range(1, 17):
         idx, route, flat, w = ops.top_tokens(p, k)
-        want = p.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        want = top_positions(p, k)
         assert torch.equal(idx, want)
         assert torch.equal(route, torch.zeros_like(p, dtype=torch.bool).scatter_(1, want, True))
         assert torch.equal(flat, (want + torch.arange(7).unsqueeze(1) * 16).view(-1))
-        assert torch.equal(w, p.reshape(-1)[flat].unsqueeze(1))
+        torch.testing.assert_close(w, p.reshape(-1)[flat].unsqueeze(1), equal_nan=True)
+        assert torch.equal(idx[3], torch.arange(k))  # all tied: the first k positions
+        assert {2, 9} & set(idx[5].tolist()) == ({2} if k == 1 else {2, 9})  # NaN first
+    # 2.0 at 4 and 11, then 1.0 down to 0.067 (positions 15 ... 8), then -0 (5) before +0 (12)
+    assert ops.top_tokens(p, 9)[0][6].tolist() == [4, 5, 8, 9, 10, 11, 13, 14, 15]
     with pytest.raises(RuntimeError, match="1 <= k <= L"):
         ops.top_tokens(p, 17)
 

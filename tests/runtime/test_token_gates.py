@@ -11,6 +11,8 @@ import torch
 
 import dyngraph as dg
 from dyngraph.cost import flop_counter
+from dyngraph.export import export, load_exported
+from dyngraph.runtime import kernels
 
 from ..conftest import ROOT, compiled, diversify, random_batch
 
@@ -70,6 +72,30 @@ def test_capacity_routes_the_top_k_tokens_through_a_shorter_sequence(model):
     # the body ran on sequences of k tokens, one call per length group: never on n tokens
     assert sorted(s[1] for s in seen) == sorted(math.ceil(C * n) for n in lengths.unique())
     assert sum(s[0] for s in seen) == x.shape[0]
+
+
+def test_tied_router_probabilities_route_the_earliest_tokens_on_every_path(tmp_path):
+    """Equal router probabilities (routers of zeros: 0.5 for every token) route each
+    sequence's first k tokens at every gate, whichever path runs it: infer with the fused
+    kernel or without, dense, and an export's runner (whose outputs then agree)."""
+    torch.manual_seed(0)
+    m = dg.compile(SPEC, backend="none").eval()
+    for g in m.gates:
+        for prm in g.policy.module.parameters():
+            prm.data.zero_()
+    x = random_batch(m, 12, seed=3)
+    lengths = (x != 0).sum(1).tolist()
+    with kernels.disabled():
+        aten = m(x)
+    runs = {"infer": m(x), "aten": aten, "dense": m(x, mode="dense")}
+    for name, out in runs.items():
+        for g in range(len(m.gates)):
+            routed = out.trace.tokens[f"gate {g}"] == 1
+            for i, n in enumerate(lengths):
+                first = torch.arange(math.ceil(C * n)).tolist()
+                assert routed[i].nonzero().flatten().tolist() == first, (name, g, i)
+    runner = load_exported(export(m, tmp_path / "export"))
+    torch.testing.assert_close(runner(x).logits, runs["infer"].logits, atol=1e-5, rtol=1e-4)
 
 
 def test_output_is_the_scaled_body_on_routed_tokens_and_identity_elsewhere(model):

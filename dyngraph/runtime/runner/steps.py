@@ -52,7 +52,8 @@ def _token_gate(p: Pass, s: dict) -> None:
         groups = _token_groups(mask, s["per_token"])
     elif s["capacity"] is not None:
         k = min(n, math.ceil(s["capacity"] * n - 1e-9))
-        idx = prob.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        # (ties to the earlier position, as constructs/token_gate.top_positions)
+        idx = prob.sort(dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
         mask = torch.zeros_like(prob, dtype=torch.bool).scatter_(1, idx, True)
         p.record("gates", s["index"], k)
         flat = (idx + torch.arange(b, device=x.device).unsqueeze(1) * n).view(-1)
