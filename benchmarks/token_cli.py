@@ -1,7 +1,8 @@
 """The command line and results file shared by the per-token benchmarks (tokens.py,
 token_rows.py, token_choices.py): B = 32 at L = 64 and 256, three fractions each, one thread;
 `--quick` times L = 64 only, shorter, into a `-quick` file that is not kept in git;
-`--steady-malloc` holds glibc's heap steady (steady_malloc) and writes a `-steady` file.
+`--steady-malloc` holds glibc's heap (`dg.hold_heap`: no pages given back and faulted in again
+between calls) and writes a `-steady` file; the committed default files keep glibc's defaults.
 Each point is measured in `--runs` processes (default 3; `--quick`: 1) and the row kept is the
 run with the median dyngraph / oracle: with glibc's defaults one process's ratios moved by
 +-10-25% from the next (median_run)."""
@@ -9,7 +10,6 @@ run with the median dyngraph / oracle: with glibc's defaults one process's ratio
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import platform
 import subprocess
@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+import dyngraph as dg
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,24 +38,6 @@ def speedup_share(r: dict) -> float:
     return r["oracle"] / r["t"]
 
 
-def steady_malloc() -> bool:
-    """Hold glibc's heap steady for the run (mallopt: freed memory is kept, and big blocks come
-    from the heap rather than from a fresh mmap): by default glibc returns a freed tensor's pages
-    to the system and faults them in again at the next call, in a pattern that differs from one
-    process to the next, so that the same comparison moved by +-10% between runs here; held
-    steady, by +-2%. The caching allocators that PyTorch's CPU tuning guide recommends for
-    serving (jemalloc, tcmalloc) keep memory the same way. Opt-in (`--steady-malloc`): it also
-    moves the baselines (the full layer, which allocates the most, gains the most), so the
-    committed results keep glibc's defaults, what a user gets. False where it cannot be set."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    ok = libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_top_pad, 64 << 20)
-    return bool(ok and libc.mallopt(m_mmap_threshold, 1 << 30))
-
-
 def main(
     doc: str,
     title: str,
@@ -67,14 +51,12 @@ def main(
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
-    ap.add_argument(
-        "--steady-malloc", action="store_true", help="hold glibc's heap steady (steady_malloc)"
-    )
+    ap.add_argument("--steady-malloc", action="store_true", help="hold glibc's heap (dg.hold_heap)")
     ap.add_argument("--runs", type=int, default=None, help="processes (default 3; --quick 1)")
     ap.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # (one run's rows)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    steady = args.steady_malloc and steady_malloc()
+    steady = args.steady_malloc and dg.hold_heap()
     runs = args.runs or (1 if args.quick else 3)
     if args.rows_json or runs == 1:
         lengths = [64] if args.quick else [64, 256]
@@ -97,8 +79,8 @@ def main(
                 else ""
             )
             + (
-                "; glibc's heap held steady (token_cli.steady_malloc: no pages returned and "
-                "faulted in again between calls)."
+                "; glibc's heap held (dg.hold_heap: no pages given back and faulted in again "
+                "between calls)."
                 if steady
                 else "."
             ),

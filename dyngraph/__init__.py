@@ -8,6 +8,7 @@ from .constructs import register_construct
 from .core.errors import Problem, SpecError
 from .export import ExportError, export, load_exported
 from .profiler import Profile, profile
+from .runtime.heap import hold_heap
 from .runtime.model import DynamicModel, DynamicOutput
 from .runtime.stream import StreamOutput, stream
 from .runtime.trace import Trace
@@ -27,6 +28,7 @@ __all__ = [
     "compile",
     "evaluate",
     "export",
+    "hold_heap",
     "load_exported",
     "load_spec",
     "profile",

@@ -12,10 +12,13 @@ def quality_text(model, res) -> str:
 
 def pass_text(p: dict) -> str:
     """The data's infer pass: how it ran, its throughput and per-input latency."""
+    from .runtime.heap import heap_state
+
     how = "streamed" if p["mode"] == "stream" else "in independent batches"
     return (
         f"  {how} (batch {p['batch_size']}): {p['throughput']:,.0f} inputs/s, latency per input "
-        f"(entry to result) p50 {p['latency_p50_ms']:.2f} ms, p99 {p['latency_p99_ms']:.2f} ms"
+        f"(entry to result) p50 {p['latency_p50_ms']:.2f} ms, p99 {p['latency_p99_ms']:.2f} ms; "
+        f"heap {heap_state()}"
     )
 
 

@@ -17,6 +17,7 @@ from .. import tasks
 from ..cost import flop_counter
 from ..data.inputs import as_data
 from ..progress import Progress
+from ..runtime.heap import heap_state
 from ..runtime.stream import infer_pass
 from . import tokens
 from .latency import measure
@@ -61,6 +62,7 @@ class Profile:
     meta: dict[str, torch.Tensor] = field(default_factory=dict)
     per_token_macs: torch.Tensor | None = None  # [N, L] a sequence model's (0: padding)
     per_token_depth: torch.Tensor | None = None  # [N, L] routed bodies run (-1: padding)
+    heap: str = "default"  # the malloc policy the timings ran under (runtime/heap.py)
 
     def to_json(self) -> dict[str, Any]:
         """The versioned, documented JSON form (docs/profile.md)."""
@@ -72,6 +74,7 @@ class Profile:
             "threads": self.threads,
             "batch_size": self.batch_size,
             "torch": torch.__version__,
+            "heap": self.heap,
             "metric": self.metric,
             "summary": self.summary,
             "warnings": self.warnings,
@@ -304,6 +307,7 @@ def profile(
         meta={k: v.cpu() for k, v in d.meta.items()},
         per_token_macs=None if per_token is None else per_token[0],
         per_token_depth=None if per_token is None else per_token[2],
+        heap=heap_state(),
     )
 
 

@@ -146,7 +146,8 @@ def report_md(prof) -> str:
         f"# Profile: {prof.name}",
         "",
         f"{s['inputs']:,} inputs · counter `{prof.counter}` (1 multiply-add = 1 MAC; decision units counted) · "
-        f"device `{prof.device}` · {prof.threads} thread(s) · batch {prof.batch_size} · torch {torch.__version__}",
+        f"device `{prof.device}` · {prof.threads} thread(s) · batch {prof.batch_size} · torch {torch.__version__} "
+        f"· heap `{prof.heap}`",
         "",
     ]
     if prof.warnings:

@@ -1,0 +1,93 @@
+"""dg.hold_heap: a model's passes stop faulting their temporaries' pages in again, and the
+timing commands say which malloc policy they ran under. Each case runs in a fresh process:
+the policy is process-wide and cannot be undone."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+from tests.conftest import SPECS
+
+GLIBC = platform.libc_ver()[0] == "glibc"
+
+# A per-token exit model at L = 64 (benchmarks/token_exits.py's): its pass frees a few MiB of
+# temporaries, more than glibc's defaults keep at the top of the heap.
+PASSES = """
+import json, resource, sys
+import torch
+import dyngraph as dg
+from dyngraph.runtime.heap import heap_state
+
+held = dg.hold_heap() if sys.argv[1] == "hold" else None
+head = {"type": "token_classifier", "classes": 8}
+spec = {
+    "dyngraph": 1, "name": "heap",
+    "input": {"shape": [64], "dtype": "int64", "vocab": 32, "pad_id": 0},
+    "task": {"type": "classification", "classes": 8, "per": "token"},
+    "graph": [
+        {"type": "embedding", "vocab": 32, "dim": 128},
+        {"exit": {"per": "token", "head": head,
+                  "criterion": {"type": "max_prob", "threshold": 0.2}}},
+        {"type": "transformer_block", "heads": 4, "mlp_ratio": 4, "causal": True},
+        {"exit": {"per": "token", "head": head}},
+    ],
+}
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = dg.compile(spec, backend="none").eval()
+ids = torch.randint(1, 32, (32, 64), generator=torch.Generator().manual_seed(1))
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+with torch.no_grad():
+    for _ in range(5):
+        model(ids)
+    before = faults()
+    for _ in range(20):
+        model(ids)
+print(json.dumps({"held": held, "state": heap_state(), "faults": (faults() - before) / 20}))
+"""
+
+
+def _env() -> dict[str, str]:
+    """This environment without malloc settings of its own (they would change the policy)."""
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+
+
+def _passes(policy: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", PASSES, policy], capture_output=True, text=True, env=_env()
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_a_held_heap_keeps_repeated_passes_from_faulting_pages_in():
+    held, default = _passes("hold"), _passes("default")
+    assert default["state"] == "default"
+    if not GLIBC:  # nothing to hold: nothing changed, and the report says so
+        assert (held["held"], held["state"]) == (False, "default")
+        return
+    assert held["held"] is True and held["state"] == "held"
+    assert held["faults"] < 4, held  # pages per pass (a pass touches ~1,300 of them)
+    # what it prevents: glibc's defaults give the pass's pages back at its end
+    assert default["faults"] > 100, default
+
+
+def test_the_timing_commands_hold_the_heap_unless_asked_not_to(tmp_path):
+    spec = str(next(p for p in SPECS if p.stem == "digits_early_exit"))
+    common = ["profile", spec, "--data", "digits", "--n", "120", "--no-latency", "--no-progress"]
+    for flag, want in (([], "held" if GLIBC else "default"), (["--glibc-heap"], "default")):
+        out = tmp_path / f"p{len(flag)}"
+        run = subprocess.run(
+            [sys.executable, "-m", "dyngraph", *common, "--out", str(out), *flag],
+            capture_output=True,
+            text=True,
+            env=_env(),
+        )
+        assert run.returncode == 0, run.stderr
+        assert f"heap {want}" in run.stdout  # the pass's throughput line
+        assert json.loads((out / "profile.json").read_text())["heap"] == want
+        assert f"heap `{want}`" in (out / "report.md").read_text()
