@@ -17,7 +17,7 @@ from .. import tasks
 from ..cost import flop_counter
 from ..data.inputs import as_data
 from ..progress import Progress
-from ..runtime.heap import heap_state
+from ..runtime.heap import heap_state, page_faults
 from ..runtime.stream import infer_pass
 from . import tokens
 from .latency import measure
@@ -246,6 +246,14 @@ def profile(
             t, _ = measure(lambda: model(xb), device, threads)
             summary["throughput_per_s"] = xb.shape[0] / t
             summary["throughput_batch"] = xb.shape[0]
+            faults = _faults_per_pass(lambda: model(xb))
+            summary["page_faults_per_pass"] = faults
+            if faults is not None and faults > FAULTS_NOTED and heap_state() == "default":
+                warnings.append(
+                    f"the timed batch pass faulted {faults:,.0f} pages in per call (glibc gave "
+                    "its memory back between calls), so its time includes page faults: call "
+                    "dg.hold_heap() before profiling (as `dyngraph profile` does)"
+                )
             timed = paths[:max_paths]
             with Progress(len(timed), f"{model.name}: latency", progress) as bar:
                 for ps in timed:
@@ -309,6 +317,19 @@ def profile(
         per_token_depth=None if per_token is None else per_token[2],
         heap=heap_state(),
     )
+
+
+FAULTS_NOTED = 256  # pages (1 MiB) faulted in per timed pass past which a profile says so
+
+
+def _faults_per_pass(fn, calls: int = 5) -> float | None:
+    """The pages a warm call of `fn` faults in, on average (None where not counted)."""
+    before = page_faults()
+    if before is None:
+        return None
+    for _ in range(calls):
+        fn()
+    return (page_faults() - before) / calls
 
 
 def _macs_summary(model, per_macs: torch.Tensor, counter: str) -> dict[str, Any]:

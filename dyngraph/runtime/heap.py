@@ -66,6 +66,16 @@ def hold_heap() -> bool:
     return _state["held"]
 
 
+def page_faults() -> int | None:
+    """The minor page faults this process has taken so far (None where the platform does not
+    count them): their growth over a pass is the pages it faulted in."""
+    try:
+        import resource
+    except ImportError:  # (Windows)
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def heap_state() -> str:
     """What a timing in this process ran under, for reports: "held" (`hold_heap`), the
     allocator or malloc settings the environment set up ("LD_PRELOAD=...",

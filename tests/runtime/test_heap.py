@@ -16,7 +16,7 @@ GLIBC = platform.libc_ver()[0] == "glibc"
 
 # A per-token exit model at L = 64 (benchmarks/token_exits.py's): its pass frees a few MiB of
 # temporaries, more than glibc's defaults keep at the top of the heap.
-PASSES = """
+MODEL = """
 import json, resource, sys
 import torch
 import dyngraph as dg
@@ -39,6 +39,10 @@ spec = {
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = dg.compile(spec, backend="none").eval()
+"""
+PASSES = (
+    MODEL
+    + """
 ids = torch.randint(1, 32, (32, 64), generator=torch.Generator().manual_seed(1))
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 with torch.no_grad():
@@ -49,6 +53,7 @@ with torch.no_grad():
         model(ids)
 print(json.dumps({"held": held, "state": heap_state(), "faults": (faults() - before) / 20}))
 """
+)
 
 
 def _env() -> dict[str, str]:
@@ -74,6 +79,31 @@ def test_a_held_heap_keeps_repeated_passes_from_faulting_pages_in():
     assert held["faults"] < 4, held  # pages per pass (a pass touches ~1,300 of them)
     # what it prevents: glibc's defaults give the pass's pages back at its end
     assert default["faults"] > 100, default
+
+
+PROFILE = (
+    MODEL
+    + """
+ids = torch.randint(1, 32, (256, 64), generator=torch.Generator().manual_seed(1))
+prof = dg.profile(model, ids, batch_size=256, max_paths=1, curve=False, check_waste=False)
+print(json.dumps({"faults": prof.summary["page_faults_per_pass"], "warnings": prof.warnings}))
+"""
+)
+
+
+def test_a_profile_says_when_its_timed_pass_faulted_pages_in():
+    runs = {}
+    for policy in ("hold", "default"):
+        out = subprocess.run(
+            [sys.executable, "-c", PROFILE, policy], capture_output=True, text=True, env=_env()
+        )
+        assert out.returncode == 0, out.stderr
+        runs[policy] = json.loads(out.stdout)
+    noted = [w for w in runs["default"]["warnings"] if "dg.hold_heap()" in w]
+    if not GLIBC:
+        return
+    assert runs["hold"]["faults"] < 4 and not any("faulted" in w for w in runs["hold"]["warnings"])
+    assert runs["default"]["faults"] > 256 and len(noted) == 1, runs["default"]
 
 
 def test_the_timing_commands_hold_the_heap_unless_asked_not_to(tmp_path):
