@@ -13,8 +13,9 @@ tokens, as a threshold would choose them. Timed in interleaved rounds, in the sa
              on the running tokens with every token a key and a value, the outputs assembled)
   masking  = its dense mode: the layer on every token, then where(running, new, old)
   oracle   = the same units called directly: embedding and the first head on every token,
-             the layer's units at their sizes on pre-made inputs (token_rows.oracle_layer), the
-             last head on the running tokens (no decisions, no index ops)
+             the layer's units at their sizes on the embedding's output and pre-made running
+             rows (token_rows.oracle_layer), the last head on the running tokens (no
+             decisions, no index ops)
 Columns: f = MAC fraction (the model's MACs per input, both heads included, / the static
 model's), waste = MACs executed past the ideal over the ideal (`trace.query_padding_macs`),
 t = time fraction (dyngraph / static), and the oracle's and masking's fractions.
@@ -75,9 +76,9 @@ def measure(length: int, c: float, min_run_time: float) -> dict:
         xr = torch.randn(1, grid.rows.numel(), D)
 
         def oracle():
-            embed(ids)
-            head0(x)
-            layer_oracle()
+            h = embed(ids)[0]  # (the embedding's own output, as the pass reads it)
+            head0(h)
+            layer_oracle(h)
             return head1(xr)
 
         t = time_interleaved(

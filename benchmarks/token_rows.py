@@ -56,7 +56,7 @@ def ideal_macs(active: torch.Tensor, d: int = D, ratio: float = RATIO) -> int:
 
 def oracle_layer(blk: TransformerBlock, x: torch.Tensor, grid) -> Callable[[], torch.Tensor]:
     """The layer's units at their sizes on pre-made inputs, for the running tokens `grid` of
-    `x` [b, L, D]: LN1 and the KV projection on every token, the Q projection on the running
+    `x` [b, L, D] (or of the x it is called with, the same shape): LN1 and the KV projection on every token, the Q projection on the running
     tokens, attention as `grid.attend` runs it (per sample, or SDPA on the padded grid) on
     pre-made queries, the output projection and the MLP on the running tokens (no index ops)."""
     b, n, d = x.shape
@@ -76,7 +76,7 @@ def oracle_layer(blk: TransformerBlock, x: torch.Tensor, grid) -> Callable[[], t
             k, v = kv.view(b, n, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
             return F.scaled_dot_product_attention(grid_q, k, v, attn_mask=grid.mask)
 
-    def oracle():
+    def oracle(x: torch.Tensor = x):
         h = blk.norm1(x)
         attend(F.linear(h, a.qkv.weight[d:], a.qkv.bias[d:]))
         F.linear(hq, a.qkv.weight[:d], a.qkv.bias[:d])
