@@ -17,7 +17,7 @@ from .. import tasks
 from ..cost import flop_counter
 from ..data.inputs import as_data
 from ..progress import Progress
-from ..runtime.heap import heap_state, page_faults
+from ..runtime.heap import heap_state, holdable, page_faults
 from ..runtime.stream import infer_pass
 from . import tokens
 from .latency import measure
@@ -250,9 +250,13 @@ def profile(
             summary["page_faults_per_pass"] = faults
             if faults is not None and faults > FAULTS_NOTED and heap_state() == "default":
                 warnings.append(
-                    f"the timed batch pass faulted {faults:,.0f} pages in per call (glibc gave "
-                    "its memory back between calls), so its time includes page faults: call "
-                    "dg.hold_heap() before profiling (as `dyngraph profile` does)"
+                    f"the timed batch pass faulted {faults:,.0f} pages in per call (its memory "
+                    "was given back between calls), so its time includes page faults"
+                    + (
+                        ": call dg.hold_heap() before profiling (as `dyngraph profile` does)"
+                        if holdable()
+                        else ""
+                    )
                 )
             timed = paths[:max_paths]
             with Progress(len(timed), f"{model.name}: latency", progress) as bar:

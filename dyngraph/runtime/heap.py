@@ -49,6 +49,11 @@ def _libc():
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
+def holdable() -> bool:
+    """Whether `hold_heap` can hold this process's heap (its C library is glibc)."""
+    return _libc() is not None
+
+
 def hold_heap() -> bool:
     """Keep freed memory in the process and serve big blocks from the heap (module doc), so
     that a pass does not fault its temporaries' pages in again at every call. Process-wide
