@@ -10,6 +10,7 @@ import platform
 import subprocess
 import sys
 
+from dyngraph.profiler.profile import FAULTS_NOTED
 from tests.conftest import SPECS
 
 GLIBC = platform.libc_ver()[0] == "glibc"
@@ -76,7 +77,7 @@ def test_a_held_heap_keeps_repeated_passes_from_faulting_pages_in():
         assert (held["held"], held["state"]) == (False, "default")
         return
     assert held["held"] is True and held["state"] == "held"
-    assert held["faults"] < 4, held  # pages per pass (a pass touches ~1,300 of them)
+    assert held["faults"] < 16, held  # pages per pass (a pass touches ~1,300 of them)
     # what it prevents: glibc's defaults give the pass's pages back at its end
     assert default["faults"] > 100, default
 
@@ -102,8 +103,10 @@ def test_a_profile_says_when_its_timed_pass_faulted_pages_in():
     noted = [w for w in runs["default"]["warnings"] if "dg.hold_heap()" in w]
     if not GLIBC:
         return
-    assert runs["hold"]["faults"] < 4 and not any("faulted" in w for w in runs["hold"]["warnings"])
-    assert runs["default"]["faults"] > 256 and len(noted) == 1, runs["default"]
+    # (a pass at B = 256 touches ~10,000 pages; held, a few come fresh from a growing heap)
+    assert runs["hold"]["faults"] < FAULTS_NOTED, runs["hold"]
+    assert not any("faulted" in w for w in runs["hold"]["warnings"])
+    assert runs["default"]["faults"] > FAULTS_NOTED and len(noted) == 1, runs["default"]
 
 
 def test_the_timing_commands_hold_the_heap_unless_asked_not_to(tmp_path):
