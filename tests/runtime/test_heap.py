@@ -15,14 +15,21 @@ from tests.conftest import SPECS
 
 GLIBC = platform.libc_ver()[0] == "glibc"
 
-# A per-token exit model at L = 64 (benchmarks/token_exits.py's): its pass frees a few MiB of
-# temporaries, more than glibc's defaults keep at the top of the heap.
+# A per-token exit model at L = 64 (benchmarks/token_exits.py's) in a process whose heap gives
+# its big blocks back when they are freed, as glibc's defaults do for blocks past a threshold
+# they move with the process's history (so whether a given pass faults under the plain
+# defaults differs from one process to the next; here it always does), then held or not.
 MODEL = """
 import json, resource, sys
 import torch
 import dyngraph as dg
 from dyngraph.runtime.heap import heap_state
 
+import ctypes, ctypes.util
+from dyngraph.runtime.heap import holdable
+
+if holdable():  # a heap that gives big blocks back: each is a fresh map (glibc's mmap threshold)
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 1 << 16)
 held = dg.hold_heap() if sys.argv[1] == "hold" else None
 head = {"type": "token_classifier", "classes": 8}
 spec = {
@@ -47,7 +54,7 @@ PASSES = (
 ids = torch.randint(1, 32, (32, 64), generator=torch.Generator().manual_seed(1))
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 with torch.no_grad():
-    for _ in range(5):
+    for _ in range(10):
         model(ids)
     before = faults()
     for _ in range(20):
@@ -71,15 +78,16 @@ def _passes(policy: str) -> dict:
 
 
 def test_a_held_heap_keeps_repeated_passes_from_faulting_pages_in():
-    held, default = _passes("hold"), _passes("default")
-    assert default["state"] == "default"
+    held, giving = _passes("hold"), _passes("give back")
+    assert giving["state"] == "default"
     if not GLIBC:  # nothing to hold: nothing changed, and the report says so
         assert (held["held"], held["state"]) == (False, "default")
         return
     assert held["held"] is True and held["state"] == "held"
-    assert held["faults"] < 16, held  # pages per pass (a pass touches ~1,300 of them)
-    # what it prevents: glibc's defaults give the pass's pages back at its end
-    assert default["faults"] > 100, default
+    # pages per pass: a pass touches ~1,300; held, a few still come fresh while the heap grows
+    assert held["faults"] < 64, held
+    # what it prevents: a heap that gives the pass's pages back faults them in at every pass
+    assert giving["faults"] > 1000, giving
 
 
 PROFILE = (
@@ -94,20 +102,20 @@ print(json.dumps({"faults": prof.summary["page_faults_per_pass"], "warnings": pr
 
 def test_a_profile_says_when_its_timed_pass_faulted_pages_in():
     runs = {}
-    for policy in ("hold", "default"):
+    for policy in ("hold", "give back"):
         out = subprocess.run(
             [sys.executable, "-c", PROFILE, policy], capture_output=True, text=True, env=_env()
         )
         assert out.returncode == 0, out.stderr
         runs[policy] = json.loads(out.stdout)
-    noted = [w for w in runs["default"]["warnings"] if "dg.hold_heap()" in w]
+    noted = [w for w in runs["give back"]["warnings"] if "dg.hold_heap()" in w]
     if not GLIBC:  # nothing to hold: a warning, if any, does not name the call
         assert noted == []
         return
     # (a pass at B = 256 touches ~10,000 pages; held, a few come fresh from a growing heap)
     assert runs["hold"]["faults"] < FAULTS_NOTED, runs["hold"]
     assert not any("faulted" in w for w in runs["hold"]["warnings"])
-    assert runs["default"]["faults"] > FAULTS_NOTED and len(noted) == 1, runs["default"]
+    assert runs["give back"]["faults"] > FAULTS_NOTED and len(noted) == 1, runs["give back"]
 
 
 def test_the_timing_commands_hold_the_heap_unless_asked_not_to(tmp_path):
