@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 # mallopt's parameters (malloc.h)
@@ -41,6 +42,7 @@ TUNABLES = (
 _state = {"held": False}
 
 
+@functools.cache  # (find_library may run `ldconfig -p`: once per process)
 def _libc():
     """glibc's handle, or None (musl's mallopt does nothing; macOS has none)."""
     try:

@@ -25,11 +25,10 @@ import torch
 import dyngraph as dg
 from dyngraph.runtime.heap import heap_state
 
-import ctypes, ctypes.util
-from dyngraph.runtime.heap import holdable
+from dyngraph.runtime.heap import _libc
 
-if holdable():  # a heap that gives big blocks back: each is a fresh map (glibc's mmap threshold)
-    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 1 << 16)
+if _libc() is not None:  # a heap that gives big blocks back: each is a fresh map (mmap threshold)
+    _libc().mallopt(-3, 1 << 16)
 held = dg.hold_heap() if sys.argv[1] == "hold" else None
 head = {"type": "token_classifier", "classes": 8}
 spec = {
