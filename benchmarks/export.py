@@ -17,7 +17,6 @@ export loaded with `DYNGRAPH_KERNELS=0` (decisions as ATen ops) is timed beside 
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+import machine  # noqa: E402
 from run import time_interleaved  # noqa: E402
 
 from dyngraph.export import export, load_exported  # noqa: E402
@@ -81,7 +81,7 @@ def main() -> None:
     lines = [
         "# Exported runner against the compiled model (benchmarks/export.py)",
         "",
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread. "
+        f"{machine.describe()}, torch {torch.__version__}, one thread. "
         "Times are medians of interleaved rounds, every ratio taken in the same run. The runner "
         "takes its decisions with the fused kernels the export carries (runner/fused.py); "
         "'ATen decisions': the same export loaded with DYNGRAPH_KERNELS=0.",

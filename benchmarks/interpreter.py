@@ -25,9 +25,9 @@ A second table times `model(x)` generated and interpreted on one setting of each
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
+import machine
 import torch
 from run import case_model, inputs, oracle, time_interleaved, unit_calls
 
@@ -141,7 +141,7 @@ def main() -> None:
     lines = [
         "# The interpreter's share of the control overhead",
         "",
-        f"`python benchmarks/interpreter.py` — {platform.processor() or platform.machine()}, 1 thread, "
+        f"`python benchmarks/interpreter.py` — {machine.describe()}, 1 thread, "
         f"torch {torch.__version__}, eager. Each column: time / the oracle's, medians over "
         "interleaved rounds (B = 1: 64 inputs, one at a time). What each column runs: the "
         "docstring of interpreter.py.",

@@ -15,11 +15,11 @@ Writes benchmarks/OVERHEAD.md.
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from pathlib import Path
 
+import machine
 import torch
 from run import case_specs, force, inputs, oracle, time_interleaved, unit_calls
 
@@ -147,7 +147,7 @@ def main() -> None:
     lines = [
         "# Control overhead, decomposed",
         "",
-        f"`python benchmarks/overhead.py` — {platform.machine()}, 1 thread, torch {torch.__version__}, "
+        f"`python benchmarks/overhead.py` — {machine.describe()}, 1 thread, torch {torch.__version__}, "
         "eager. µs per call (B = 256, 64: one batch; B = 1: one input, the mean over 64); "
         "medians over interleaved rounds. `in units`: time spent inside the units' calls. "
         "`dyngraph (ATen decisions)`: the same pass with the fused decision kernels off (where a "

@@ -27,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import machine
 import torch
 from torch._dynamo.utils import counters
 
@@ -312,7 +313,7 @@ QUICK = [
 
 
 def write_results(rows: list[dict], profiler: dict | None, path: Path, quick: bool) -> str:
-    cpu = platform.processor() or platform.machine()
+    cpu = machine.describe()
     lines = [
         "# Benchmark results",
         "",

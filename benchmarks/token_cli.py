@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import machine
 import torch
 
 import dyngraph as dg
@@ -70,7 +70,7 @@ def main(
         [
             f"# {title}",
             "",
-            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one "
+            f"{machine.describe()}, torch {torch.__version__}, one "
             f"thread, {setup} Times are medians of interleaved rounds, every ratio taken in the "
             "same run"
             + (
