@@ -6,6 +6,11 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+#: what a results header says when the benchmark held the heap (`--steady-malloc`)
+HEAP_HELD = (
+    "glibc's heap held (dg.hold_heap: no pages given back and faulted in again between calls)"
+)
+
 
 def describe() -> str:
     """e.g. 'x86_64, AMD EPYC (family 25, model 17), AVX-512, L3 32 MiB'; on a system without
@@ -14,8 +19,7 @@ def describe() -> str:
         info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
         return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.splitlines())}
     parts = [platform.machine()]
     name = fields.get("model name")
     if name:

@@ -128,12 +128,7 @@ def write(rows: list[dict], path: Path, steady: bool = False) -> str:
         "fraction over time fraction, against the static model). `oracle`: the per-batch "
         "runs' units on pre-sliced inputs; `stream oracle`: the stream's. Latency: entry to "
         "result (the stream: per input; per batch: every input of a batch waits for it)."
-        + (
-            " glibc's heap held (dg.hold_heap, as `dyngraph eval` and `profile` hold it: no "
-            "pages given back and faulted in again between calls)."
-            if steady
-            else ""
-        ),
+        + (f" {machine.HEAP_HELD}, as `dyngraph eval` and `profile` hold it." if steady else ""),
         "",
         "| case | c | B | N | f | E per batch | E stream | E per-batch oracle | E stream oracle "
         "| stream / per batch (speed) | stream overhead | full runs | latency p50 / p99 ms "

@@ -78,12 +78,7 @@ def main(
                 if runs > 1
                 else ""
             )
-            + (
-                "; glibc's heap held (dg.hold_heap: no pages given back and faulted in again "
-                "between calls)."
-                if steady
-                else "."
-            ),
+            + (f"; {machine.HEAP_HELD}." if steady else "."),
             "",
             table(rows),
             "",
